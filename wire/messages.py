@@ -1,0 +1,172 @@
+"""Control-plane messages: plain dataclasses <-> JSON bytes, with validation.
+
+Sans-I/O: everything here works on bytes and objects.  ``decode_*`` raise
+``MessageError`` for anything malformed or oversized, so a broken or hostile
+peer costs one log line, never a crash.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import DevstreamsError
+from .names import DEVICE_ID_RE, STREAM_NAME_RE
+
+MAX_MESSAGE_BYTES = 16 * 1024
+
+
+class MessageError(DevstreamsError):
+    """A control message that cannot be understood."""
+
+
+class Outcome(str, Enum):
+    """How a create-stream request ended, as the hub tells the service."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    NOT_FOUND = "not-found"
+    OFFLINE = "offline"
+    DISABLED = "disabled"
+    TIMEOUT = "timeout"
+    LIMIT = "limit"
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad-request"
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """Hub -> device: a service wants a stream."""
+
+    rid: str
+    stream_id: str
+    name: str
+    url: str
+    token: str
+    expires: float  # epoch seconds; a request seen after this is stale and ignored
+
+
+@dataclass(frozen=True)
+class StreamResponse:
+    """Device -> hub: 200 accepts, 400 rejects (with a reason)."""
+
+    rid: str
+    status: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Device -> hub (retained; the offline one is the last will)."""
+
+    online: bool
+    conn: str  # a nonce per connection, so a late will of an old connection is ignored
+
+
+@dataclass(frozen=True)
+class ServiceRequest:
+    """Service -> hub: create a stream to a device."""
+
+    rid: str
+    device: str
+    name: str
+    response_timeout: float = 60.0
+    connect_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ServiceResponse:
+    """Hub -> service: the outcome; url/token/stream_id only when accepted."""
+
+    rid: str
+    outcome: Outcome
+    reason: str = ""
+    url: str = ""
+    token: str = ""
+    stream_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(message: Any) -> bytes:
+    data = asdict(message)
+    for key, value in data.items():
+        if isinstance(value, Enum):
+            data[key] = value.value
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _load(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise MessageError("message is not JSON") from None
+    if not isinstance(data, dict):
+        raise MessageError("message is not a JSON object")
+    return data
+
+
+def _str(data: dict[str, Any], key: str, limit: int = 256, required: bool = True) -> str:
+    value = data.get(key, None if required else "")
+    if not isinstance(value, str) or len(value) > limit or (required and not value):
+        raise MessageError(f"field {key!r} missing or invalid")
+    return value
+
+
+def _num(data: dict[str, Any], key: str, default: float | None = None) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise MessageError(f"field {key!r} must be a number")
+    return float(value)
+
+
+def decode_stream_request(payload: bytes) -> StreamRequest:
+    d = _load(payload)
+    return StreamRequest(rid=_str(d, "rid", 64), stream_id=_str(d, "stream_id", 64),
+                         name=_str(d, "name", 64), url=_str(d, "url", 1024),
+                         token=_str(d, "token", 4096), expires=_num(d, "expires"))
+
+
+def decode_stream_response(payload: bytes) -> StreamResponse:
+    d = _load(payload)
+    status = d.get("status")
+    if status not in (200, 400):
+        raise MessageError("field 'status' must be 200 or 400")
+    return StreamResponse(rid=_str(d, "rid", 64), status=status, reason=_str(d, "reason", 1024, required=False))
+
+
+def decode_presence(payload: bytes) -> Presence:
+    d = _load(payload)
+    if not isinstance(d.get("online"), bool):
+        raise MessageError("field 'online' must be true or false")
+    return Presence(online=d["online"], conn=_str(d, "conn", 64))
+
+
+def decode_service_request(payload: bytes) -> ServiceRequest:
+    d = _load(payload)
+    device, name = _str(d, "device", 128), _str(d, "name", 64)
+    if not DEVICE_ID_RE.match(device):
+        raise MessageError(f"invalid device ID {device!r}")
+    if not STREAM_NAME_RE.match(name):
+        raise MessageError(f"invalid stream name {name!r}")
+    response_timeout = _num(d, "response_timeout", 60.0)
+    connect_timeout = _num(d, "connect_timeout", 60.0)
+    if not (0 < response_timeout <= 3600 and 0 < connect_timeout <= 3600):
+        raise MessageError("timeouts must be between 0 and 3600 seconds")
+    return ServiceRequest(rid=_str(d, "rid", 64), device=device, name=name,
+                          response_timeout=response_timeout, connect_timeout=connect_timeout)
+
+
+def decode_service_response(payload: bytes) -> ServiceResponse:
+    d = _load(payload)
+    try:
+        outcome = Outcome(d.get("outcome"))
+    except ValueError:
+        raise MessageError("field 'outcome' is unknown") from None
+    extra = d.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise MessageError("field 'extra' must be an object")
+    return ServiceResponse(rid=_str(d, "rid", 64), outcome=outcome, reason=_str(d, "reason", 1024, False),
+                           url=_str(d, "url", 1024, False), token=_str(d, "token", 4096, False),
+                           stream_id=_str(d, "stream_id", 64, False), extra=extra)

@@ -1,0 +1,217 @@
+"""An asyncio face for paho-mqtt, shared by the controller, the agent and the service SDK.
+
+paho runs its network loop in a thread (``loop_start``) and reconnects by itself
+with backoff.  Callbacks there only hand work to the asyncio loop with
+``call_soon_threadsafe`` inside a ``try``: an exception in a paho callback would
+silently kill its thread.  Before every connect the password (a short-lived SAS
+token) and the last will (with a fresh connection nonce) are renewed, and on
+every connect all subscriptions are made again (``session_present`` is false
+after a broker restart).
+"""
+
+import asyncio
+import logging
+import ssl
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from .errors import HubUnavailableError, UnauthorizedError
+
+log = logging.getLogger(__name__)
+
+# CONNACK reasons that mean "your credentials are refused" (MQTT 3.1.1 rc 4 and 5 as paho maps them).
+AUTH_REFUSED = {134, 135}
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: Callable[[str], bytes]  # built from the connection nonce
+    retain: bool = True
+
+
+class MqttSession:
+    """One MQTT connection that stays up: ``await start()``, ``publish()``, ``await stop()``."""
+
+    def __init__(self, *, client_id: str, host: str, port: int, username: str,
+                 password: Callable[[], str], ssl_context: ssl.SSLContext,
+                 subscriptions: tuple[str, ...] = (), on_message: Callable[[str, bytes], None] | None = None,
+                 on_connected: Callable[[str], None] | None = None,
+                 on_disconnected: Callable[[], None] | None = None,
+                 will: Will | None = None, keepalive: int = 30,
+                 reconnect_min: float = 1.0, reconnect_max: float = 30.0):
+        self.client_id = client_id
+        self.host, self.port = host, port
+        self._username = username
+        self._password = password
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._will = will
+        self._keepalive = keepalive
+        self.conn_id = ""
+        self.connected = False
+        self.ever_connected = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future | None = None
+        self._pending_subs: dict[int, str] = {}
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   clean_session=True, protocol=paho.MQTTv311)
+        self._client.tls_set_context(ssl_context)
+        self._client.reconnect_delay_set(min_delay=max(1, int(reconnect_min)), max_delay=int(reconnect_max))
+        self._client.suppress_exceptions = True
+        self._client.on_connect = self._paho_on_connect
+        self._client.on_disconnect = self._paho_on_disconnect
+        self._client.on_subscribe = self._paho_on_subscribe
+        self._client.on_message = self._paho_on_message
+        self._client.on_connect_fail = self._paho_on_connect_fail
+
+    # -- lifecycle (asyncio side) ---------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Connect and subscribe; raise UnauthorizedError or HubUnavailableError."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._renew()
+        try:
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise HubUnavailableError(f"cannot reach the hub at {self.host}:{self.port}: {exc}") from None
+        self._client.loop_start()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise HubUnavailableError(
+                f"no answer from the hub at {self.host}:{self.port} within {timeout:g} s: "
+                "check the host, port and that 'devstreams hub up' is running") from None
+        except BaseException:
+            await self.stop()
+            raise
+
+    def keep_retrying(self) -> None:
+        """Stop treating connect failures as fatal (used once the first connect succeeded)."""
+        self.ever_connected = True
+
+    async def stop(self) -> None:
+        client = self._client
+        try:
+            client.disconnect()
+        except Exception:  # already gone
+            pass
+        await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """Queue a message; False if it could not be queued (not connected)."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    # -- paho thread ----------------------------------------------------------------------------
+
+    def _renew(self) -> None:
+        """Fresh token and will nonce before each (re)connect."""
+        self.conn_id = uuid.uuid4().hex[:16]
+        self._client.username_pw_set(self._username, self._password())
+        if self._will is not None:
+            self._client.will_set(self._will.topic, self._will.payload(self.conn_id), qos=1,
+                                  retain=self._will.retain)
+
+    def _post(self, fn: Callable, *args) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closing
+            pass
+
+    def _settle(self, exc: BaseException | None) -> None:
+        fut = self._ready
+        if fut is None or fut.done():
+            return
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+    def _paho_on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                self._connect_refused(reason_code)
+                return
+            self.connected = True
+            log.info("connected to %s:%s as %s", self.host, self.port, self.client_id)
+            self._pending_subs.clear()
+            for topic in self._subscriptions:
+                rc, mid = client.subscribe(topic, qos=1)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._pending_subs[mid] = topic
+            if not self._subscriptions:
+                self._post(self._connected_ready)
+        except Exception:
+            log.exception("error in MQTT connect handler")
+
+    def _connect_refused(self, reason_code) -> None:
+        value = getattr(reason_code, "value", 0)
+        if value in AUTH_REFUSED:
+            msg = (f"the hub refused the credentials of {self.client_id!r} ({reason_code}): "
+                   "check the connection string and that the device is registered and enabled")
+            log.error("%s", msg)
+            if not self.ever_connected:
+                self._post(self._settle, UnauthorizedError(msg))
+                self._client.disconnect()  # no point retrying a wrong key
+        else:
+            log.warning("hub refused the connection: %s", reason_code)
+
+    def _connected_ready(self) -> None:
+        self.ever_connected = True
+        self._settle(None)
+        if self._on_connected is not None:
+            try:
+                self._on_connected(self.conn_id)
+            except Exception:
+                log.exception("error in on_connected handler")
+
+    def _paho_on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        try:
+            topic = self._pending_subs.pop(mid, None)
+            if any(rc.is_failure for rc in reason_codes):
+                log.error("the hub refused the subscription to %s", topic)
+                if not self.ever_connected:
+                    self._post(self._settle, UnauthorizedError(f"the hub refused the subscription to {topic}"))
+                return
+            if not self._pending_subs:
+                self._post(self._connected_ready)
+        except Exception:
+            log.exception("error in MQTT subscribe handler")
+
+    def _paho_on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            was = self.connected
+            self.connected = False
+            if was:
+                log.warning("lost the connection to the hub (%s); reconnecting", reason_code)
+                if self._on_disconnected is not None:
+                    self._post(self._on_disconnected)
+            self._renew()
+        except Exception:
+            log.exception("error in MQTT disconnect handler")
+
+    def _paho_on_connect_fail(self, client, userdata) -> None:
+        try:
+            log.debug("connect to %s:%s failed; will retry", self.host, self.port)
+            self._renew()
+        except Exception:
+            log.exception("error in MQTT connect-fail handler")
+
+    def _paho_on_message(self, client, userdata, message) -> None:
+        try:
+            if self._on_message is not None:
+                self._post(self._on_message, message.topic, bytes(message.payload))
+        except Exception:
+            log.exception("error in MQTT message handler")

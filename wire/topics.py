@@ -1,0 +1,92 @@
+"""MQTT topics of the control plane (see docs/protocol.md).
+
+The reference system used ``$iothub/streams/...``; MQTT reserves ``$`` topics
+for the broker, so devstreams uses the same shape under ``devstreams/``.
+Every identity can touch only topics that carry its own ID; the broker's ACL
+enforces that with :func:`allowed`.
+"""
+
+from enum import Enum
+
+ROOT = "devstreams"
+CONTROLLER_USER = "hub:controller"
+SERVICE_CLIENT_PREFIX = "svc:"
+
+
+def device_requests(device_id: str) -> str:
+    """Hub -> device: stream requests."""
+    return f"{ROOT}/devices/{device_id}/streams/req"
+
+
+def device_responses(device_id: str) -> str:
+    """Device -> hub: accept (200) or reject (400)."""
+    return f"{ROOT}/devices/{device_id}/streams/res"
+
+
+def device_status(device_id: str) -> str:
+    """Device -> hub: retained presence, with a last will saying offline."""
+    return f"{ROOT}/devices/{device_id}/status"
+
+
+def service_requests(client_id: str) -> str:
+    """Service -> hub: create-stream requests."""
+    return f"{ROOT}/services/{client_id}/req"
+
+
+def service_responses(client_id: str) -> str:
+    """Hub -> service: the outcome of each request."""
+    return f"{ROOT}/services/{client_id}/res"
+
+
+# What the controller listens to.
+ALL_DEVICE_RESPONSES = f"{ROOT}/devices/+/streams/res"
+ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
+ALL_SERVICE_REQUESTS = f"{ROOT}/services/+/req"
+
+
+def split(topic: str) -> list[str]:
+    return topic.split("/")
+
+
+def device_of(topic: str) -> str | None:
+    """The device ID in a ``devstreams/devices/<id>/...`` topic, else None."""
+    parts = split(topic)
+    if len(parts) >= 3 and parts[0] == ROOT and parts[1] == "devices":
+        return parts[2]
+    return None
+
+
+def service_of(topic: str) -> str | None:
+    parts = split(topic)
+    if len(parts) == 4 and parts[0] == ROOT and parts[1] == "services":
+        return parts[2]
+    return None
+
+
+class Role(str, Enum):
+    DEVICE = "device"
+    SERVICE = "service"
+    CONTROLLER = "controller"
+
+
+class Action(str, Enum):
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+    RECEIVE = "receive"
+
+
+def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
+    """The per-identity ACL.  Exact topics only: no wildcards for devices or services."""
+    if role is Role.CONTROLLER:
+        return True
+    if role is Role.DEVICE:
+        if action is Action.PUBLISH:
+            return topic in (device_responses(client_id), device_status(client_id))
+        if action is Action.SUBSCRIBE:
+            return topic == device_requests(client_id)
+        return topic == device_requests(client_id)
+    if role is Role.SERVICE:
+        if action is Action.PUBLISH:
+            return topic == service_requests(client_id)
+        return topic == service_responses(client_id)
+    return False
