@@ -57,6 +57,7 @@ class MqttSession:
         self.conn_id = ""
         self.connected = False
         self.ever_connected = False
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._pending_subs: dict[int, str] = {}
@@ -99,6 +100,7 @@ class MqttSession:
         self.ever_connected = True
 
     async def stop(self) -> None:
+        self._stopping = True
         client = self._client
         try:
             client.disconnect()
@@ -194,11 +196,12 @@ class MqttSession:
         try:
             was = self.connected
             self.connected = False
-            if was:
+            if was and not self._stopping:
                 log.warning("lost the connection to the hub (%s); reconnecting", reason_code)
-                if self._on_disconnected is not None:
-                    self._post(self._on_disconnected)
-            self._renew()
+            if was and self._on_disconnected is not None:
+                self._post(self._on_disconnected)
+            if not self._stopping:
+                self._renew()
         except Exception:
             log.exception("error in MQTT disconnect handler")
 

@@ -90,3 +90,25 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
             return topic == service_requests(client_id)
         return topic == service_responses(client_id)
     return False
+
+
+# -- identities: who may log in as what --------------------------------------------------------
+
+SERVICE_USER_PREFIX = "svc:"
+
+
+def service_username(policy: str) -> str:
+    return f"{SERVICE_USER_PREFIX}{policy}"
+
+
+def new_service_client_id(suffix: str) -> str:
+    return f"{SERVICE_CLIENT_PREFIX}{suffix}"
+
+
+def role_of(username: str | None) -> Role:
+    """The role an authenticated username stands for (the gate checked the password)."""
+    if username == CONTROLLER_USER:
+        return Role.CONTROLLER
+    if username and username.startswith(SERVICE_USER_PREFIX):
+        return Role.SERVICE
+    return Role.DEVICE

@@ -1,0 +1,97 @@
+"""Who may log in to the broker, decided from the CONNECT alone.
+
+- a device: username = client id = its device ID, password = SAS token from its key;
+- a service: username ``svc:<policy>``, client id ``svc:<anything>``, password = SAS
+  token from the policy key;
+- the stream controller: username = client id = ``hub:controller``, token from
+  the hub's controller key.
+Anything else is refused with the MQTT 3.1.1 CONNACK code that fits.
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+
+from wire import sas
+from wire.errors import TokenError
+from wire.names import is_device_id
+from wire.topics import CONTROLLER_USER, SERVICE_CLIENT_PREFIX, SERVICE_USER_PREFIX, Role
+
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+CONNACK_IDENTIFIER_REJECTED = 2
+CONNACK_BAD_CREDENTIALS = 4
+CONNACK_NOT_AUTHORIZED = 5
+
+SERVICE_CLIENT_RE = re.compile(r"^svc:[A-Za-z0-9._-]{1,60}$")
+CONTROLLER_RESOURCE = "hub/controller"
+
+
+class AuthRefused(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: Role
+    client_id: str
+
+
+class Authenticator:
+    def __init__(self, registry: Registry, controller_key: bytes):
+        self._registry = registry
+        self._controller_key = controller_key
+
+    def authenticate(self, client_id: str, username: str | None, password: str | None) -> Identity:
+        if not username or not password:
+            raise AuthRefused(CONNACK_NOT_AUTHORIZED, "username and password are required")
+        if username == CONTROLLER_USER:
+            return self._controller(client_id, password)
+        if username.startswith(SERVICE_USER_PREFIX):
+            return self._service(client_id, username[len(SERVICE_USER_PREFIX):], password)
+        return self._device(client_id, username, password)
+
+    def _check(self, key: bytes, password: str, resource: str, now: float | None = None) -> None:
+        try:
+            sas.verify_token(key, password, resource, now=now)
+        except TokenError as exc:
+            raise AuthRefused(CONNACK_BAD_CREDENTIALS, exc.reason) from None
+
+    def _controller(self, client_id: str, password: str) -> Identity:
+        if client_id != CONTROLLER_USER:
+            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "controller client id mismatch")
+        self._check(self._controller_key, password, CONTROLLER_RESOURCE)
+        return Identity(Role.CONTROLLER, client_id)
+
+    def _service(self, client_id: str, policy: str, password: str) -> Identity:
+        if not SERVICE_CLIENT_RE.match(client_id or "") or not client_id.startswith(SERVICE_CLIENT_PREFIX):
+            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "service client id must look like svc:<id>")
+        key = self._registry.policy_key(policy)
+        if key is None:
+            raise AuthRefused(CONNACK_NOT_AUTHORIZED, f"no service policy {policy!r}")
+        self._check(key, password, sas.service_resource(policy))
+        return Identity(Role.SERVICE, client_id)
+
+    def _device(self, client_id: str, device_id: str, password: str, now: float | None = None) -> Identity:
+        if client_id != device_id or not is_device_id(device_id):
+            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "device client id must equal the device ID")
+        device = self._registry.get(device_id)
+        if device is None:
+            raise AuthRefused(CONNACK_NOT_AUTHORIZED, "unknown device")
+        if not device.enabled:
+            raise AuthRefused(CONNACK_NOT_AUTHORIZED, "device is disabled")
+        self._check(device.key, password, sas.device_resource(device_id), now=now)
+        return Identity(Role.DEVICE, client_id)
+
+    def still_valid(self, client_id: str, password: str) -> bool:
+        """Re-check a live device against the registry (after disable, remove, rotate-key)."""
+        try:
+            self._device(client_id, client_id, password, now=0)  # expiry only matters at login
+            return True
+        except AuthRefused:
+            return False

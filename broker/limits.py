@@ -1,0 +1,64 @@
+"""Admission limits for new streams: plain objects, clock passed in, no I/O."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    """At most ``rate`` admissions per second on average, ``burst`` at once."""
+
+    rate: float
+    burst: int
+    _tokens: float = field(init=False)
+    _stamp: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._tokens = float(self.burst)
+
+    def take(self, now: float) -> bool:
+        if self._stamp is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class StreamSlots:
+    """Streams being negotiated or open, per hub and per device (pending only)."""
+
+    max_streams: int
+    max_pending_per_device: int
+    _held: set[str] = field(default_factory=set)
+    _pending_by_device: dict[str, int] = field(default_factory=dict)
+
+    def refusal(self, device: str) -> str | None:
+        """Why a new stream to ``device`` cannot start now, or None."""
+        if len(self._held) >= self.max_streams:
+            return f"the hub's limit of {self.max_streams} concurrent streams is reached"
+        if self._pending_by_device.get(device, 0) >= self.max_pending_per_device:
+            return (f"device has {self.max_pending_per_device} unanswered stream requests "
+                    "(max_pending_per_device)")
+        return None
+
+    def hold(self, stream_id: str, device: str) -> None:
+        self._held.add(stream_id)
+        self._pending_by_device[device] = self._pending_by_device.get(device, 0) + 1
+
+    def answered(self, device: str) -> None:
+        left = self._pending_by_device.get(device, 0) - 1
+        if left > 0:
+            self._pending_by_device[device] = left
+        else:
+            self._pending_by_device.pop(device, None)
+
+    def release(self, stream_id: str) -> bool:
+        if stream_id in self._held:
+            self._held.discard(stream_id)
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._held)

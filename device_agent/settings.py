@@ -1,0 +1,13 @@
+"""Device-side limits, all named, all with defaults."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    keepalive: int = 30                # MQTT keepalive; the hub notices a dead device after 1.5x this
+    reconnect_min: float = 1.0         # backoff after the hub goes away ...
+    reconnect_max: float = 30.0        # ... doubling up to this
+    token_ttl: float = 3600.0          # lifetime of the login token made from the device key
+    max_streams: int = 64              # streams served at once; more are rejected as busy
+    gateway_connect_timeout: float = 30.0

@@ -1,0 +1,5 @@
+"""Device-side commands: ``agent``."""
+
+
+def register(groups, common) -> None:
+    pass

@@ -1,0 +1,72 @@
+"""``devstreams``: one command, a subcommand group per role.
+
+Every error a user can cause ends as one line on stderr and a non-zero exit:
+our own exceptions carry a message that says what to do next.
+"""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from wire.errors import DevstreamsError
+
+from . import hubcmds, servicecmds, agentcmds
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like argparse but without the usage dump
+        self.exit(2, f"devstreams: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="how much to log on stderr (default: warning; info for servers)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(prog="devstreams", description="Self-hosted device streams: reach a device "
+                     "behind a firewall by its ID, through a hub it reaches with outbound TLS only.",
+                     parents=[common])
+    groups = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    groups.required = True
+    hubcmds.register(groups, common)
+    agentcmds.register(groups, common)
+    servicecmds.register(groups, common)
+    return parser
+
+
+def _setup_logging(level: str | None, default: str) -> None:
+    logging.basicConfig(level=(level or default).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (level or default) != "debug":
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", None), getattr(args, "default_log_level", "warning"))
+    try:
+        result = args.run(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except DevstreamsError as exc:
+        print(f"devstreams: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Hub-side commands: ``hub``, ``device``, ``logs`` (and ``gateway up``)."""
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+
+from broker import datadir
+from broker.registry import SERVICE_POLICY, open_registry
+from broker.settings import HubSettings, load, validate
+from wire.connstr import ConnectionString
+from wire.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(groups, common) -> None:
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", default=None,
+                      help=f"the hub's state (default: ${datadir.DATA_DIR_ENV} or ~/.local/share/devstreams)")
+
+    hub = groups.add_parser("hub", help="run and inspect the hub").add_subparsers(dest="hub_command",
+                                                                                 metavar="COMMAND")
+    hub.required = True
+    up = hub.add_parser("up", parents=[common, data], help="run the hub (broker, controller, gateway)")
+    up.add_argument("--host", action="append", default=None,
+                    help="a name clients use for this hub (repeatable; the first is advertised)")
+    up.add_argument("--bind", default=None, help="address to listen on (default 0.0.0.0)")
+    up.add_argument("--mqtt-port", type=int, default=None, help="MQTT over TLS port (default 8883; 0 = any)")
+    up.add_argument("--gateway-port", type=int, default=None, help="streaming gateway port (default 8443)")
+    up.add_argument("--gateway-url", action="append", default=None,
+                    help="use external gateways (wss://…) instead of the built-in one (repeatable)")
+    up.add_argument("--response-timeout", type=float, default=None,
+                    help="longest a device may take to answer a stream request (s, default 60)")
+    up.add_argument("--max-streams", type=int, default=None, dest="max_concurrent_streams",
+                    help="concurrent streams per hub (default 1000)")
+    up.add_argument("--max-new-streams-per-second", type=float, default=None,
+                    help="new streams per second (default 200)")
+    up.set_defaults(run=hub_up, default_log_level="info")
+
+    show = hub.add_parser("show", parents=[common, data], help="print the hub's endpoints as JSON")
+    show.set_defaults(run=hub_show)
+    cs = hub.add_parser("connection-string", parents=[common, data], help="print the service connection string")
+    cs.add_argument("--rotate", action="store_true", help="make a new service key first (old one stops working)")
+    cs.set_defaults(run=hub_connection_string)
+
+    device = groups.add_parser("device", help="manage registered devices").add_subparsers(
+        dest="device_command", metavar="COMMAND")
+    device.required = True
+    for name, fn, helptext in (("add", device_add, "register a device and print its connection string"),
+                               ("show", device_show, "show one device and its connection string"),
+                               ("remove", device_remove, "delete a device (drops its connection)"),
+                               ("disable", device_disable, "refuse a device's logins (drops its connection)"),
+                               ("enable", device_enable, "allow a disabled device again"),
+                               ("rotate-key", device_rotate, "give a device a new key and print its new "
+                                                             "connection string")):
+        p = device.add_parser(name, parents=[common, data], help=helptext)
+        p.add_argument("device_id", metavar="ID")
+        if name == "show":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(run=fn)
+    listing = device.add_parser("list", parents=[common, data], help="list devices, online/offline, last seen")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=device_list)
+
+    logs = groups.add_parser("logs", parents=[common, data], help="print the activity log")
+    logs.add_argument("--device", default=None, help="only this device")
+    logs.add_argument("--limit", type=int, default=200, help="newest N entries (default 200)")
+    logs.add_argument("--json", action="store_true", help="one JSON object per line")
+    logs.set_defaults(run=show_logs)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _settings(args) -> HubSettings:
+    return load(datadir.resolve(args.data_dir))
+
+
+def _registry(args):
+    return open_registry(datadir.require(datadir.resolve(args.data_dir)))
+
+
+def _address(args) -> tuple[str, int]:
+    """Host and MQTT port clients should use: the running hub's, else the configured ones."""
+    path = datadir.resolve(args.data_dir)
+    running = datadir.read_endpoints(path)
+    if running:
+        return running["hostName"], running["mqttPort"]
+    settings = _settings(args)
+    return settings.advertised_host(), settings.mqtt_port
+
+
+def _device_cs(args, device) -> str:
+    host, port = _address(args)
+    return str(ConnectionString(host=host, port=port, device_id=device.id, key=device.key))
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _device_json(device) -> dict:
+    return {"deviceId": device.id, "enabled": device.enabled, "online": device.online,
+            "lastSeen": device.last_seen, "created": device.created}
+
+
+# -- hub -----------------------------------------------------------------------------------------
+
+async def hub_up(args) -> int:
+    from broker.hub import Hub
+    path = datadir.ensure(datadir.resolve(args.data_dir))
+    overrides = {k: getattr(args, k) for k in ("bind", "mqtt_port", "gateway_port", "response_timeout",
+                                               "max_concurrent_streams", "max_new_streams_per_second")}
+    overrides["hosts"] = tuple(args.host) if args.host else None
+    overrides["gateway_urls"] = tuple(args.gateway_url) if args.gateway_url else None
+    settings = validate(load(path).replace(**overrides))
+    hub = Hub(path, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await hub.start()
+    except OSError as exc:
+        raise ConfigError(f"cannot start the hub: {exc.strerror or exc} (is another hub using the port? "
+                          "use --mqtt-port/--gateway-port or another --data-dir)") from None
+    ep = hub.endpoints
+    print("devstreams hub is up", flush=True)
+    print(f"  MQTT endpoint:       {ep['mqttEndpoint']}")
+    for url in ep["streamingEndpoints"]:
+        print(f"  streaming endpoint:  {url}")
+    print(f"  CA certificate:      {ep['caFile']}  (clients: --ca-file or DEVSTREAMS_CA_FILE)")
+    print(f"  data dir:            {ep['dataDir']}")
+    print("  next: devstreams device add <ID>   |   devstreams hub connection-string", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        print("devstreams hub: shutting down", file=sys.stderr, flush=True)
+        await hub.stop()
+    return 0
+
+
+def hub_show(args) -> int:
+    path = datadir.resolve(args.data_dir)
+    running = datadir.read_endpoints(path)
+    if running and _alive(running.get("pid")):
+        info = {k: v for k, v in running.items() if k not in ("pid", "started")} | {"running": True}
+    else:
+        settings = _settings(args)
+        host = settings.advertised_host()
+        gateways = list(settings.gateway_urls) or [f"wss://{host}:{settings.gateway_port}"]
+        info = {"hostName": host, "mqttEndpoint": f"mqtts://{host}:{settings.mqtt_port}",
+                "mqttPort": settings.mqtt_port, "streamingEndpoints": gateways,
+                "caFile": str(path / "tls" / "ca.pem"), "dataDir": str(path), "running": False}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def hub_connection_string(args) -> int:
+    registry = _registry(args)
+    key = registry.rotate_policy_key() if args.rotate else registry.policy_key(create=True)
+    host, port = _address(args)
+    print(ConnectionString(host=host, port=port, policy=SERVICE_POLICY, key=key))
+    return 0
+
+
+# -- devices -------------------------------------------------------------------------------------
+
+def device_add(args) -> int:
+    path = datadir.ensure(datadir.resolve(args.data_dir))
+    device = open_registry(path).add_device(args.device_id)
+    print(_device_cs(args, device))
+    return 0
+
+
+def device_show(args) -> int:
+    device = _registry(args).require(args.device_id)
+    info = _device_json(device) | {"connectionString": _device_cs(args, device)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if key in ("lastSeen", "created"):
+                value = _when(value)
+            print(f"{key + ':':18} {value}")
+    return 0
+
+
+def device_list(args) -> int:
+    devices = _registry(args).all()
+    if args.json:
+        print(json.dumps([_device_json(d) for d in devices], indent=2))
+        return 0
+    print(f"{'DEVICE':32} {'STATE':9} {'CONNECTION':10} LAST SEEN")
+    for d in devices:
+        print(f"{d.id:32} {'enabled' if d.enabled else 'disabled':9} "
+              f"{'online' if d.online else 'offline':10} {_when(d.last_seen)}")
+    return 0
+
+
+def device_remove(args) -> int:
+    _registry(args).remove(args.device_id)
+    print(f"removed device {args.device_id}")
+    return 0
+
+
+def device_disable(args) -> int:
+    _registry(args).set_enabled(args.device_id, False)
+    print(f"disabled device {args.device_id}")
+    return 0
+
+
+def device_enable(args) -> int:
+    _registry(args).set_enabled(args.device_id, True)
+    print(f"enabled device {args.device_id}")
+    return 0
+
+
+def device_rotate(args) -> int:
+    device = _registry(args).rotate_key(args.device_id)
+    print(_device_cs(args, device))
+    return 0
+
+
+# -- activity log --------------------------------------------------------------------------------
+
+def show_logs(args) -> int:
+    if args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    entries = _registry(args).activity(device=args.device, limit=args.limit)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
+    for e in entries:
+        when = _when(e["time"])
+        if e["kind"] == "request":
+            detail = f"{e['outcome']:12} {e['latency_ms']:8.1f} ms"
+        else:
+            detail = (f"{'closed':12} {e['duration_s']:8.1f} s  to-device {e['bytes_to_device']} B, "
+                      f"to-service {e['bytes_to_service']} B")
+        reason = f"  ({e['reason']})" if e["reason"] else ""
+        print(f"{when}  {e['kind']:7}  {e['device']:24} {e['name']:12} {detail}{reason}")
+    return 0
+
+

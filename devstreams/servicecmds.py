@@ -1,0 +1,5 @@
+"""Service-side commands: ``echo``, ``proxy``, ``connect``."""
+
+
+def register(groups, common) -> None:
+    pass

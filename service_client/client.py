@@ -1,0 +1,158 @@
+"""The service side: ask the hub for a stream to a device by its ID.
+
+    async with ServiceClient(connection_string, ca_file="ca.pem") as hub:
+        info = await hub.create_stream("pump-7", "ssh")      # raises on anything but accept
+        async with await info.open() as stream:
+            await stream.send(b"hello")
+
+Errors (all in ``wire.errors``, re-exported here): DeviceNotFoundError,
+DeviceOfflineError, DeviceDisabledError, StreamRejectedError (with the
+device's reason), StreamTimeoutError, UnauthorizedError, LimitExceededError,
+HubUnavailableError.
+"""
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from wire import connstr, sas, topics
+from wire import messages as msg
+from wire.errors import (ConfigError, DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError,
+                         HubUnavailableError, LimitExceededError, StreamError, StreamRejectedError,
+                         StreamTimeoutError, UnauthorizedError)
+from wire.messages import Outcome
+from wire.mqtt import MqttSession
+from wire.names import check_device_id, check_stream_name
+from wire.stream import Stream, open_stream
+from wire.tls import client_context
+
+log = logging.getLogger(__name__)
+
+TOKEN_TTL = 3600.0
+ANSWER_GRACE = 5.0  # the hub answers a timeout itself; this covers a hub that went silent
+
+_ERRORS = {
+    Outcome.NOT_FOUND: DeviceNotFoundError,
+    Outcome.OFFLINE: DeviceOfflineError,
+    Outcome.DISABLED: DeviceDisabledError,
+    Outcome.TIMEOUT: StreamTimeoutError,
+    Outcome.LIMIT: LimitExceededError,
+    Outcome.UNAUTHORIZED: UnauthorizedError,
+    Outcome.BAD_REQUEST: ConfigError,
+}
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """An accepted stream: where to connect and with what token."""
+
+    device_id: str
+    stream_name: str
+    stream_id: str
+    url: str
+    token: str = field(repr=False)
+    ssl_context: object = field(repr=False, compare=False, default=None)
+    accepted: bool = True
+
+    async def open(self, open_timeout: float = 30.0) -> Stream:
+        """Connect the service side of the stream at the gateway."""
+        return await open_stream(self.url, self.token, ssl_context=self.ssl_context, open_timeout=open_timeout)
+
+
+class ServiceClient:
+    def __init__(self, connection_string: str | connstr.ConnectionString, *, ca_file: str | None = None):
+        self.cs = connection_string if isinstance(connection_string, connstr.ConnectionString) \
+            else connstr.parse(connection_string)
+        if self.cs.is_device:
+            raise ConfigError("this is a device connection string; services need the hub's service "
+                              "connection string ('devstreams hub connection-string' prints it)")
+        self.ssl_context = client_context(ca_file)
+        self.client_id = topics.new_service_client_id(uuid.uuid4().hex[:20])
+        self._pending: dict[str, asyncio.Future] = {}
+        self._connect_lock = asyncio.Lock()
+        cs = self.cs
+        self._mqtt = MqttSession(
+            client_id=self.client_id, host=cs.host, port=cs.port, username=topics.service_username(cs.policy),
+            password=lambda: sas.make_token(cs.key, sas.service_resource(cs.policy), TOKEN_TTL),
+            ssl_context=self.ssl_context, subscriptions=(topics.service_responses(self.client_id),),
+            on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30)
+        self._started = False
+
+    async def connect(self, timeout: float = 60.0) -> None:
+        async with self._connect_lock:
+            if not self._started:
+                await self._mqtt.start(timeout=timeout)
+                self._started = True
+
+    async def close(self) -> None:
+        self._fail_all(HubUnavailableError("the service client was closed"))
+        if self._started:
+            self._started = False
+            await self._mqtt.stop()
+
+    async def __aenter__(self) -> "ServiceClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def create_stream(self, device_id: str, stream_name: str, response_timeout: float = 60.0,
+                            connect_timeout: float = 60.0) -> StreamInfo:
+        """Ask the device (through the hub) for a stream; return it when accepted, else raise."""
+        check_device_id(device_id)
+        check_stream_name(stream_name)
+        if not (0 < response_timeout <= 3600 and 0 < connect_timeout <= 3600):
+            raise ConfigError("timeouts must be between 0 and 3600 seconds")
+        await self.connect(timeout=connect_timeout)
+        rid = uuid.uuid4().hex[:16]
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        request = msg.ServiceRequest(rid=rid, device=device_id, name=stream_name,
+                                     response_timeout=response_timeout, connect_timeout=connect_timeout)
+        try:
+            if not self._mqtt.publish(topics.service_requests(self.client_id), msg.encode(request), qos=1):
+                raise HubUnavailableError("not connected to the hub; retry when it is back")
+            response = await asyncio.wait_for(future, response_timeout + ANSWER_GRACE)
+        except asyncio.TimeoutError:
+            raise StreamTimeoutError(f"no answer from the hub about device {device_id} within "
+                                     f"{response_timeout + ANSWER_GRACE:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        return self._result(device_id, stream_name, response)
+
+    async def connect_stream(self, device_id: str, stream_name: str, response_timeout: float = 60.0,
+                             connect_timeout: float = 60.0) -> Stream:
+        """``create_stream`` and ``open`` in one call."""
+        info = await self.create_stream(device_id, stream_name, response_timeout, connect_timeout)
+        return await info.open(open_timeout=connect_timeout)
+
+    def _result(self, device_id: str, stream_name: str, response: msg.ServiceResponse) -> StreamInfo:
+        if response.outcome is Outcome.ACCEPTED:
+            return StreamInfo(device_id=device_id, stream_name=stream_name, stream_id=response.stream_id,
+                              url=response.url, token=response.token, ssl_context=self.ssl_context)
+        if response.outcome is Outcome.REJECTED:
+            raise StreamRejectedError(f"device {device_id} rejected stream {stream_name!r}: {response.reason}",
+                                      reason=response.reason)
+        raise _ERRORS.get(response.outcome, StreamError)(response.reason or response.outcome.value)
+
+    # -- MQTT callbacks (on the event loop) ------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            response = msg.decode_service_response(payload)
+        except msg.MessageError as exc:
+            log.warning("ignoring a malformed answer from the hub: %s", exc)
+            return
+        future = self._pending.get(response.rid)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    def _on_disconnected(self) -> None:
+        self._fail_all(HubUnavailableError("lost the connection to the hub while waiting for an answer"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
