@@ -10,3 +10,9 @@ def hub(tmp_path):
         yield h
     finally:
         h.stop()
+
+
+def pytest_configure(config):
+    import logging
+    for noisy in ("transitions", "amqtt", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
