@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as exc:  # a bug of ours: still one line, details with --log-level debug
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"devstreams: internal error: {type(exc).__name__}: {exc} "
+              "(run with --log-level debug for details, and please report it)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":
