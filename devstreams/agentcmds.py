@@ -1,5 +1,70 @@
-"""Device-side commands: ``agent``."""
+"""Device-side command: ``agent`` (the device-local proxy)."""
+
+import asyncio
+import logging
+import os
+import signal
+import tomllib
+
+from wire.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEVICE_CS_ENV = "DEVSTREAMS_DEVICE_CONNECTION_STRING"
 
 
 def register(groups, common) -> None:
-    pass
+    p = groups.add_parser("agent", parents=[common], help="run the device agent (device-local proxy)",
+                          description="Stay connected to the hub and serve streams: echo and/or "
+                                      "local TCP targets from an allow-list.")
+    p.add_argument("--connection-string", default=None,
+                   help=f"the device connection string (or ${DEVICE_CS_ENV}, or 'connection_string' in --config)")
+    p.add_argument("--ca-file", default=None, help="the hub's CA certificate (or $DEVSTREAMS_CA_FILE)")
+    p.add_argument("--allow", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="serve stream NAME by connecting to HOST:PORT (repeatable), e.g. ssh=127.0.0.1:22")
+    p.add_argument("--echo", action="store_true", help="serve stream 'echo' by echoing bytes back")
+    p.add_argument("--config", default=None, help="a TOML file with connection_string, ca_file, echo, "
+                                                  "[allow] name = \"host:port\"")
+    p.set_defaults(run=run_agent, default_log_level="info")
+
+
+def _load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+
+
+async def run_agent(args) -> int:
+    from device_agent import DeviceAgent
+    from device_agent.targets import make_handler, parse_allow
+
+    config = _load_config(args.config)
+    cs = args.connection_string or os.environ.get(DEVICE_CS_ENV) or config.get("connection_string")
+    if not cs:
+        raise ConfigError(f"no device connection string: pass --connection-string, set {DEVICE_CS_ENV}, "
+                          "or put connection_string in --config")
+    allow_specs = [f"{k}={v}" for k, v in (config.get("allow") or {}).items()] + list(args.allow)
+    allow = dict(parse_allow(spec) for spec in allow_specs)
+    echo_enabled = bool(args.echo or config.get("echo"))
+    if not allow and not echo_enabled:
+        raise ConfigError("nothing to serve: add --allow NAME=HOST:PORT and/or --echo")
+    agent = DeviceAgent(cs, make_handler(echo_enabled=echo_enabled, allow=allow),
+                        ca_file=args.ca_file or config.get("ca_file"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start(timeout=None)
+    offered = sorted(allow) + (["echo"] if echo_enabled else [])
+    log.info("agent for device %s serving: %s", agent.device_id, ", ".join(offered))
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()
+    return 0
+
+
