@@ -76,7 +76,8 @@ class ServiceClient:
             client_id=self.client_id, host=cs.host, port=cs.port, username=topics.service_username(cs.policy),
             password=lambda: sas.make_token(cs.key, sas.service_resource(cs.policy), TOKEN_TTL),
             ssl_context=self.ssl_context, subscriptions=(topics.service_responses(self.client_id),),
-            on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30)
+            on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30,
+            retry_first_connect=False)
         self._started = False
 
     async def connect(self, timeout: float = 60.0) -> None:

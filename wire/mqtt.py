@@ -43,7 +43,7 @@ class MqttSession:
                  on_connected: Callable[[str], None] | None = None,
                  on_disconnected: Callable[[], None] | None = None,
                  will: Will | None = None, keepalive: int = 30,
-                 reconnect_min: float = 1.0, reconnect_max: float = 30.0):
+                 reconnect_min: float = 1.0, reconnect_max: float = 30.0, retry_first_connect: bool = True):
         self.client_id = client_id
         self.host, self.port = host, port
         self._username = username
@@ -54,6 +54,7 @@ class MqttSession:
         self._on_disconnected = on_disconnected
         self._will = will
         self._keepalive = keepalive
+        self._retry_first = retry_first_connect  # devices wait for the hub; a service call should not
         self.conn_id = ""
         self.connected = False
         self.ever_connected = False
@@ -207,6 +208,12 @@ class MqttSession:
 
     def _paho_on_connect_fail(self, client, userdata) -> None:
         try:
+            if not self.ever_connected and not self._retry_first:
+                self._post(self._settle, HubUnavailableError(
+                    f"cannot connect to the hub at {self.host}:{self.port}: check the host and port in the "
+                    "connection string and that 'devstreams hub up' is running"))
+                client.disconnect()
+                return
             log.debug("connect to %s:%s failed; will retry", self.host, self.port)
             self._renew()
         except Exception:
