@@ -1,0 +1,102 @@
+"""Load generators: blocking sockets against a TCP address (the path under test ends there)."""
+
+import hashlib
+import os
+import socket
+import statistics
+import threading
+import time
+
+from .target import BUF, RESULT
+
+
+def _connect(port: int, mode: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(mode)
+    return sock
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def bulk(port: int, total: int) -> dict:
+    """Send ``total`` bytes; the sink times them at the receiver."""
+    block = os.urandom(BUF)
+    with _connect(port, b"S") as sock:
+        sent = 0
+        while sent < total:
+            n = min(BUF, total - sent)
+            sock.sendall(memoryview(block)[:n])
+            sent += n
+        sock.shutdown(socket.SHUT_WR)
+        received, seconds = RESULT.unpack(_recv_exact(sock, RESULT.size))
+    if received != total:
+        raise AssertionError(f"sink received {received} of {total} bytes")
+    return {"bytes": total, "seconds": seconds, "MBps": total / seconds / 1e6 if seconds else 0.0}
+
+
+def ping_pong(port: int, rounds: int, size: int = 64) -> dict:
+    payload = os.urandom(size)
+    samples = []
+    with _connect(port, b"E") as sock:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sock.sendall(payload)
+            if _recv_exact(sock, size) != payload:
+                raise AssertionError("ping-pong payload changed on the way")
+            samples.append((time.perf_counter() - start) * 1000)
+    return percentiles(samples) | {"rounds": rounds}
+
+
+def percentiles(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "mean_ms": statistics.fmean(ordered)}
+
+
+def _two_way(port: int, size: int, results: list, index: int) -> None:
+    """Send ``size`` random bytes to the echo target while reading them back; compare digests."""
+    try:
+        data = os.urandom(size)
+        with _connect(port, b"E") as sock:
+            def writer() -> None:
+                view = memoryview(data)
+                for off in range(0, size, 256 * 1024):
+                    sock.sendall(view[off:off + 256 * 1024])
+                sock.shutdown(socket.SHUT_WR)
+            t = threading.Thread(target=writer)
+            t.start()
+            digest, got = hashlib.sha256(), 0
+            while True:
+                chunk = sock.recv(BUF)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+            t.join()
+        results[index] = got == size and digest.digest() == hashlib.sha256(data).digest()
+    except Exception as exc:  # recorded as a failure, reported by the caller
+        results[index] = exc
+
+
+def concurrent(port: int, connections: int, size: int) -> dict:
+    results: list = [None] * connections
+    threads = [threading.Thread(target=_two_way, args=(port, size, results, i)) for i in range(connections)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    intact = sum(1 for r in results if r is True)
+    errors = [repr(r) for r in results if r is not True][:3]
+    return {"connections": connections, "bytes_each_way": size, "intact": intact, "seconds": seconds,
+            "aggregate_MBps": 2 * size * connections / seconds / 1e6, "errors": errors}

@@ -1,0 +1,165 @@
+"""The streaming gateway: a TLS WebSocket server that pairs the two sides of each stream.
+
+Tokens are checked in ``process_request`` so a refusal is an HTTP 401/403 with
+the reason as body, before any WebSocket exists; nothing a refused client does
+reaches a stream that is already flowing.  The first side to arrive waits for
+its peer up to ``connect_timeout``; the second side's handler runs the relay.
+"""
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from wire import streamtoken
+from wire.errors import TokenError
+from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, stream_id_from_path
+from wire.streamtoken import Side
+
+from .pairing import Pairing, Refusal, StreamEntry
+from .relay import StreamRecord, relay
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class _Meeting:
+    """Per stream: the sockets, the moment both are there, and the end of the relay."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[Side, ServerConnection] = {}
+        self.paired = asyncio.Event()
+        self.done = asyncio.Event()
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, signing_key: bytes, ssl_context: ssl.SSLContext | None,
+                 on_stream_closed: Callable[[StreamRecord], None] | None = None,
+                 on_stream_opened: Callable[[str], None] | None = None):
+        self.settings = settings
+        self._key = signing_key
+        self._ssl = ssl_context
+        self._on_closed = on_stream_closed
+        self._on_opened = on_stream_opened
+        self._pairing = Pairing(settings.max_streams)
+        self._meetings: dict[str, _Meeting] = {}
+        self._server: Server | None = None
+        self.port = 0
+        self.public_url = settings.public_url or ""
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(self._handler, s.host, s.port, ssl=self._ssl, compression=None,
+                                   process_request=self._check, max_size=s.max_message_bytes,
+                                   max_queue=s.max_queue, write_limit=s.write_limit,
+                                   ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
+                                   close_timeout=s.close_timeout, open_timeout=s.open_timeout,
+                                   server_header="devstreams-gateway")
+        self.port = self._server.sockets[0].getsockname()[1]
+        scheme = "wss" if self._ssl else "ws"
+        self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port)
+        log.info("gateway listening on %s:%s as %s", s.host, self.port, self.public_url)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        for meeting in list(self._meetings.values()):
+            for ws in meeting.sockets.values():
+                await ws.close(CLOSE_GOING_AWAY, "gateway shutting down")
+        await self._server.wait_closed()
+        self._server = None
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._pairing)
+
+    # -- admission (HTTP upgrade) ----------------------------------------------------------------
+
+    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+        stream_id = stream_id_from_path(request.path)
+        if stream_id is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, "not a stream URL: expected /streams/<id>\n")
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing Authorization: Bearer <token>\n")
+        try:
+            claims = streamtoken.verify(self._key, header[7:].strip(), audience=self.public_url,
+                                        stream_id=stream_id)
+            self._pairing.reserve(claims, connection, time.time())
+        except (TokenError, Refusal) as exc:
+            log.info("refused a socket for stream %s: %s", stream_id[:8], exc)
+            return connection.respond(getattr(exc, "status", 401), f"{exc}\n")
+        # If the upgrade never completes, give the side back after the open timeout.
+        asyncio.get_running_loop().call_later(self.settings.open_timeout + 1, self._unclaimed, connection)
+        return None
+
+    def _unclaimed(self, connection: ServerConnection) -> None:
+        found = self._pairing.find(connection)
+        if found is not None:
+            self._pairing.release(*found)
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        found = self._pairing.find(ws)
+        if found is None:  # reserved too long ago; should not happen
+            await ws.close(CLOSE_PEER_TIMEOUT, "stream reservation expired")
+            return
+        entry, side = found
+        self._pairing.attach(entry, side)
+        meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
+        meeting.sockets[side] = ws
+        if len(meeting.sockets) == 1:
+            if self._on_opened is not None:
+                self._on_opened(entry.stream_id)
+            await self._wait_for_peer(entry, side, ws, meeting)
+        else:
+            meeting.paired.set()
+            await self._run(entry, meeting)
+
+    async def _wait_for_peer(self, entry: StreamEntry, side: Side, ws: ServerConnection,
+                             meeting: _Meeting) -> None:
+        timeout = self.settings.connect_timeout
+        paired = asyncio.create_task(meeting.paired.wait())
+        gone = asyncio.create_task(ws.wait_closed())
+        await asyncio.wait({paired, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        paired.cancel()
+        gone.cancel()
+        if meeting.paired.is_set():
+            await meeting.done.wait()  # the peer's handler relays; keep this socket open till then
+            return
+        peer = side.peer.value
+        reason = (f"{side.value} left before the {peer} arrived" if ws.close_code is not None
+                  else f"the {peer} did not connect within {timeout:g} s")
+        if ws.close_code is None:
+            await ws.close(CLOSE_PEER_TIMEOUT, reason[:120])
+        self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
+                                      started=time.time(), close_reason=reason))
+
+    async def _run(self, entry: StreamEntry, meeting: _Meeting) -> None:
+        record = StreamRecord(entry.stream_id, entry.device_id, entry.stream_name, started=time.time())
+        log.info("stream %s (%s/%s) paired", entry.stream_id[:8], entry.device_id, entry.stream_name)
+        try:
+            await relay(meeting.sockets[Side.DEVICE], meeting.sockets[Side.SERVICE], record,
+                        self.settings.max_lifetime)
+        finally:
+            meeting.done.set()
+            self._end(entry, record)
+
+    def _end(self, entry: StreamEntry, record: StreamRecord) -> None:
+        if not self._pairing.finish(entry, time.time()):
+            return
+        self._meetings.pop(entry.stream_id, None)
+        log.info("stream %s ended after %.1f s: %s (to device %d B, to service %d B)", entry.stream_id[:8],
+                 record.duration, record.close_reason, record.bytes_to_device, record.bytes_to_service)
+        if self._on_closed is not None:
+            try:
+                self._on_closed(record)
+            except Exception:
+                log.exception("stream-closed callback failed")

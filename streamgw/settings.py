@@ -1,0 +1,22 @@
+"""Gateway limits, all named, with defaults."""
+
+from dataclasses import dataclass
+
+from wire.streamproto import MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "0.0.0.0"
+    port: int = 8443                    # 0 = the OS picks
+    public_url: str | None = None       # what tokens name as audience; default wss://localhost:<port>
+    connect_timeout: float = 60.0       # how long the first side waits for its peer
+    ping_interval: float = 10.0         # a silently dead peer is noticed within interval + timeout
+    ping_timeout: float = 10.0
+    close_timeout: float = 5.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_queue: int = 8                  # messages buffered per direction before reading pauses
+    write_limit: int = 256 * 1024       # bytes buffered for sending before the relay waits
+    max_streams: int = 1000             # streams open or waiting at once
+    max_lifetime: float = 0.0           # seconds; 0 = unlimited
+    open_timeout: float = 10.0          # TLS + HTTP upgrade must finish within this
