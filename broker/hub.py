@@ -83,6 +83,7 @@ class Hub:
         s = self.settings
         settings = GatewaySettings(host=s.bind, port=s.gateway_port, connect_timeout=s.gateway_peer_timeout,
                                    ping_interval=s.gateway_ping_interval, ping_timeout=s.gateway_ping_timeout,
+                                   close_timeout=s.gateway_close_timeout,
                                    max_lifetime=s.max_stream_lifetime,
                                    public_url=f"wss://{s.advertised_host()}:{{port}}")  # port filled in at bind
         self.gateway = Gateway(settings, signing_key, server_ssl, on_stream_closed=self._on_stream_closed,

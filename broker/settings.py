@@ -36,6 +36,7 @@ class HubSettings:
     gateway_peer_timeout: float = 60.0    # how long the first side waits for its peer
     gateway_ping_interval: float = 10.0
     gateway_ping_timeout: float = 10.0
+    gateway_close_timeout: float = 2.0    # dead peer noticed within ping interval + ping timeout + this
     max_stream_lifetime: float = 0.0      # 0 = unlimited
     # Activity log.
     activity_retention_days: int = 30
@@ -83,7 +84,7 @@ def load(data_dir: Path, base: HubSettings | None = None) -> HubSettings:
 def validate(s: HubSettings) -> HubSettings:
     for name in ("response_timeout", "connect_timeout", "max_new_streams_per_second",
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
-                 "gateway_ping_timeout", "connect_packet_timeout"):
+                 "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections"):

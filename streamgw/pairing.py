@@ -74,12 +74,12 @@ class Pairing:
         if claims.stream_id in self._ended:
             raise Refusal(403, "this stream has already ended: create a new stream")
         entry = self._streams.get(claims.stream_id)
-        if entry is not None and claims.side in entry.sides:
-            raise Refusal(403, f"the {claims.side.value} side of this stream is already connected")
         if entry is None and len(self._streams) >= self.max_streams:
             raise Refusal(503, f"the gateway's limit of {self.max_streams} streams is reached")
         if not self.replays.use(claims.jti, claims.expires_at, now):
             raise Refusal(403, "this stream token was already used")
+        if entry is not None and claims.side in entry.sides:
+            raise Refusal(403, f"the {claims.side.value} side of this stream is already connected")
         if entry is None:
             entry = StreamEntry(claims.stream_id, claims.device_id, claims.stream_name, now)
             self._streams[claims.stream_id] = entry

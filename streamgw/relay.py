@@ -44,7 +44,8 @@ async def _pump(src: Connection, dst: Connection, record: StreamRecord, to_servi
 
 
 def _ended_normally(ws: Connection) -> bool:
-    return ws.close_rcvd is not None and ws.close_rcvd.code in NORMAL_CLOSES
+    rcvd = ws.protocol.close_rcvd
+    return rcvd is not None and rcvd.code in NORMAL_CLOSES
 
 
 async def relay(device: Connection, service: Connection, record: StreamRecord, max_lifetime: float = 0) -> None:

@@ -125,22 +125,24 @@ class Gateway:
 
     async def _wait_for_peer(self, entry: StreamEntry, side: Side, ws: ServerConnection,
                              meeting: _Meeting) -> None:
+        """Hold the first side until its peer comes.
+
+        A side that writes and closes before its peer arrives is kept (its data
+        stays queued, bounded by max_queue) and relayed when the peer comes, as
+        TCP would deliver it.
+        """
         timeout = self.settings.connect_timeout
-        paired = asyncio.create_task(meeting.paired.wait())
-        gone = asyncio.create_task(ws.wait_closed())
-        await asyncio.wait({paired, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        paired.cancel()
-        gone.cancel()
-        if meeting.paired.is_set():
-            await meeting.done.wait()  # the peer's handler relays; keep this socket open till then
+        try:
+            await asyncio.wait_for(meeting.paired.wait(), timeout)
+        except asyncio.TimeoutError:
+            peer = side.peer.value
+            reason = f"the {peer} did not connect within {timeout:g} s"
+            if ws.close_code is None:
+                await ws.close(CLOSE_PEER_TIMEOUT, reason[:120])
+            self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
+                                          started=time.time(), close_reason=reason))
             return
-        peer = side.peer.value
-        reason = (f"{side.value} left before the {peer} arrived" if ws.close_code is not None
-                  else f"the {peer} did not connect within {timeout:g} s")
-        if ws.close_code is None:
-            await ws.close(CLOSE_PEER_TIMEOUT, reason[:120])
-        self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
-                                      started=time.time(), close_reason=reason))
+        await meeting.done.wait()  # the peer's handler relays; keep this socket open till then
 
     async def _run(self, entry: StreamEntry, meeting: _Meeting) -> None:
         record = StreamRecord(entry.stream_id, entry.device_id, entry.stream_name, started=time.time())

@@ -13,7 +13,7 @@ class GatewaySettings:
     connect_timeout: float = 60.0       # how long the first side waits for its peer
     ping_interval: float = 10.0         # a silently dead peer is noticed within interval + timeout
     ping_timeout: float = 10.0
-    close_timeout: float = 5.0
+    close_timeout: float = 2.0          # how long a closing handshake may take before the socket is cut
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_queue: int = 8                  # messages buffered per direction before reading pauses
     write_limit: int = 256 * 1024       # bytes buffered for sending before the relay waits
