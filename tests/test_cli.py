@@ -108,7 +108,8 @@ def test_hub_up_port_in_use_is_one_line(data_dir, tmp_path):
     s.listen()
     port = s.getsockname()[1]
     try:
-        result = cli("hub", "up", "--data-dir", data_dir, "--bind", "127.0.0.1", "--mqtt-port", str(port),
+        result = cli("hub", "up", "--log-level", "warning", "--data-dir", data_dir, "--bind", "127.0.0.1",
+                     "--mqtt-port", str(port),
                      "--gateway-port", "0", timeout=60)
         assert "cannot start the hub" in one_line_error(result)
     finally:
