@@ -11,7 +11,7 @@ import sys
 
 from wire.errors import DevstreamsError
 
-from . import hubcmds, servicecmds, agentcmds
+from . import agentcmds, gatewaycmds, hubcmds, servicecmds
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups.required = True
     hubcmds.register(groups, common)
+    gatewaycmds.register(groups, common)
     agentcmds.register(groups, common)
     servicecmds.register(groups, common)
     return parser

@@ -68,11 +68,14 @@ class Gateway:
     async def stop(self) -> None:
         if self._server is None:
             return
-        self._server.close(close_connections=False)
-        for meeting in list(self._meetings.values()):
-            for ws in meeting.sockets.values():
-                await ws.close(CLOSE_GOING_AWAY, "gateway shutting down")
-        await self._server.wait_closed()
+        closing = [ws.close(CLOSE_GOING_AWAY, "gateway shutting down")
+                   for meeting in list(self._meetings.values()) for ws in meeting.sockets.values()]
+        await asyncio.gather(*closing, return_exceptions=True)
+        self._server.close()  # any other socket (mid-handshake) gets 1001 too
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), self.settings.close_timeout + 1)
+        except asyncio.TimeoutError:
+            log.warning("some connections did not close in time")
         self._server = None
 
     @property

@@ -1,0 +1,74 @@
+"""Several standalone gateways behind one hub: no shared database, tokens bound to their gateway."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from device_agent import DeviceAgent
+from helpers import REPO, HubThread, run, wait_for
+from service_client import ServiceClient
+from wire.errors import TokenError
+from wire.stream import open_stream
+
+
+async def echo(request):
+    async with await request.accept() as stream:
+        async for chunk in stream:
+            await stream.send(chunk)
+
+
+def start_gateway(data_dir) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "devstreams", "gateway", "up", "--data-dir", str(data_dir),
+                             "--bind", "127.0.0.1", "--port", "0", "--log-level", "warning"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "gateway listening" in line, line + proc.stderr.read()
+    return proc, line.rsplit(" as ", 1)[1].strip()
+
+
+@pytest.mark.timeout(90)
+def test_hub_spreads_streams_over_standalone_gateways(tmp_path):
+    data = tmp_path / "hub"
+    HubThread(data).start().stop()  # make the keys and certificates
+    gateways = [start_gateway(data) for _ in range(2)]
+    urls = tuple(url for _, url in gateways)
+    hub = HubThread(data, gateway_urls=urls).start()
+    try:
+        assert hub.hub.gateway is None  # no built-in gateway when external ones are given
+
+        async def main():
+            async with DeviceAgent(hub.add_device("spread"), echo, ca_file=hub.ca_file), \
+                    ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+                await wait_for(lambda: "spread" in hub.hub.controller.online_devices, what="online")
+                used = []
+                for n in range(4):
+                    info = await svc.create_stream("spread", "echo")
+                    used.append(info.url.split("/streams/")[0])
+                    async with await info.open() as stream:
+                        await stream.send(b"via %d" % n)
+                        assert await stream.recv() == b"via %d" % n
+                assert sorted(set(used)) == sorted(urls)
+                # a token minted for one gateway is refused by the other
+                info = await svc.create_stream("spread", "echo")
+                other = [u for u in urls if not info.url.startswith(u)][0]
+                with pytest.raises(TokenError, match="another gateway"):
+                    await open_stream(other + "/streams/" + info.stream_id, info.token, ssl_context=svc.ssl_context)
+        run(main())
+        time.sleep(0.5)
+        closed = [e for e in hub.registry().activity(device="spread") if e["kind"] == "stream"]
+        assert len(closed) >= 4, "standalone gateways write closed streams to the hub's activity log"
+    finally:
+        hub.stop()
+        for proc, _ in gateways:
+            proc.terminate()
+            proc.wait(10)
+            assert proc.returncode == 0
+
+
+def test_gateway_up_without_key_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "devstreams", "gateway", "up", "--data-dir", str(tmp_path),
+                             "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "stream-signing key" in result.stderr
