@@ -9,5 +9,5 @@ class AgentSettings:
     reconnect_min: float = 1.0         # backoff after the hub goes away ...
     reconnect_max: float = 30.0        # ... doubling up to this
     token_ttl: float = 3600.0          # lifetime of the login token made from the device key
-    max_streams: int = 64              # streams served at once; more are rejected as busy
+    max_streams: int = 256             # streams served at once; more are rejected as busy
     gateway_connect_timeout: float = 30.0

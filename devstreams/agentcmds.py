@@ -23,6 +23,8 @@ def register(groups, common) -> None:
     p.add_argument("--allow", action="append", default=[], metavar="NAME=HOST:PORT",
                    help="serve stream NAME by connecting to HOST:PORT (repeatable), e.g. ssh=127.0.0.1:22")
     p.add_argument("--echo", action="store_true", help="serve stream 'echo' by echoing bytes back")
+    p.add_argument("--max-streams", type=int, default=None,
+                   help="streams served at once; more are rejected as busy (default 256)")
     p.add_argument("--config", default=None, help="a TOML file with connection_string, ca_file, echo, "
                                                   "[allow] name = \"host:port\"")
     p.set_defaults(run=run_agent, default_log_level="info")
@@ -39,7 +41,7 @@ def _load_config(path: str | None) -> dict:
 
 
 async def run_agent(args) -> int:
-    from device_agent import DeviceAgent
+    from device_agent import AgentSettings, DeviceAgent
     from device_agent.targets import make_handler, parse_allow
 
     config = _load_config(args.config)
@@ -52,8 +54,12 @@ async def run_agent(args) -> int:
     echo_enabled = bool(args.echo or config.get("echo"))
     if not allow and not echo_enabled:
         raise ConfigError("nothing to serve: add --allow NAME=HOST:PORT and/or --echo")
+    max_streams = args.max_streams or config.get("max_streams") or AgentSettings.max_streams
+    if not isinstance(max_streams, int) or max_streams < 1:
+        raise ConfigError("max_streams must be a whole number of at least 1")
     agent = DeviceAgent(cs, make_handler(echo_enabled=echo_enabled, allow=allow),
-                        ca_file=args.ca_file or config.get("ca_file"))
+                        ca_file=args.ca_file or config.get("ca_file"),
+                        settings=AgentSettings(max_streams=max_streams))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,144 @@
+"""The benchmark: three paths to one target, measured one after another in one run.
+
+1. direct       client -> target (loopback TCP: the physical limit here)
+2. ssh -R       client -> sshd's forwarded port -> ssh -> target (the everyday bastion)
+3. devstreams   client -> devstreams proxy -> gateway -> agent -> target (TLS on, default settings)
+"""
+
+import getpass
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from . import measure, streams
+from .openssh import Sshd, wait_port
+from .procs import Processes, first_line, wait_file_json
+
+DEVICE = "bench-dev"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    bulk_bytes: int
+    pingpong_rounds: int
+    concurrent_connections: int
+    concurrent_bytes: int
+    setup_streams: int
+    rate_seconds: float
+    idle_devices: int
+
+
+FULL = Sizes(1 << 30, 2000, 200, 4 << 20, 200, 10.0, 2000)
+QUICK = Sizes(32 << 20, 200, 20, 1 << 20, 20, 2.0, 100)
+
+
+class Rig:
+    """All processes of the three paths, started in a temporary directory."""
+
+    def __init__(self, procs: Processes, work: Path, log):
+        self.procs, self.work, self.log = procs, work, log
+        self.data = work / "hub"
+
+    def start(self) -> dict[str, int]:
+        hub = self.procs.devstreams("hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1",
+                                    "--mqtt-port", "0", "--gateway-port", "0")
+        self.hub_proc = hub
+        wait_file_json(self.data / "hub.json", hub)
+        self.ca = str(self.data / "tls" / "ca.pem")
+        self.service_cs = self._cli("hub", "connection-string")
+        device_cs = self._cli("device", "add", DEVICE)
+        target = self.procs.python("-m", "bench.target")
+        self.target_port = int(first_line(target, "target"))
+        self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
+                              "--allow", f"bench=127.0.0.1:{self.target_port}", "--max-streams", "2000")
+        self._wait_online(DEVICE)
+        proxy = self.procs.devstreams("proxy", "--connection-string", self.service_cs, "--ca-file", self.ca,
+                                      "--device", DEVICE, "--stream", "bench", "--port", "0")
+        proxy_port = int(first_line(proxy, "proxy").split(":")[1].split()[0])
+        self.sshd = Sshd(self.work / "sshd")
+        tunnel, ssh_port = self.sshd.reverse_tunnel(getpass.getuser(), self.target_port)
+        self.procs.add(tunnel)
+        self.procs.add(self.sshd.proc)
+        wait_port(proxy_port)
+        return {"direct": self.target_port, "ssh -R": ssh_port, "devstreams": proxy_port}
+
+    def _cli(self, *args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "devstreams", *args, "--data-dir", str(self.data)],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode:
+            raise RuntimeError(result.stderr)
+        return result.stdout.strip()
+
+    def _wait_online(self, device: str, timeout: float = 30) -> None:
+        from broker.registry import open_registry
+        registry = open_registry(self.data)
+        deadline = time.monotonic() + timeout
+        while not (registry.get(device) and registry.get(device).online):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{device} did not come online")
+            time.sleep(0.1)
+        registry.close()
+
+    def idle_devices(self, count: int, setup_samples: int) -> dict:
+        """Connect ``count`` idle devices; hub memory per device and stream setup while they are there."""
+        from broker.registry import open_registry
+        from wire.connstr import ConnectionString
+        hub_info = wait_file_json(self.data / "hub.json", self.hub_proc)
+        registry = open_registry(self.data)
+        lines = []
+        for i in range(count):
+            device = registry.add_device(f"idle-{i:05d}")
+            lines.append(str(ConnectionString(host="localhost", port=hub_info["mqttPort"], device_id=device.id,
+                                              key=device.key)))
+        registry.close()
+        path = self.work / "idle.txt"
+        path.write_text("\n".join(lines))
+        hub = psutil.Process(self.hub_proc.pid)
+        before = hub.memory_info().rss
+        sim = self.procs.python("-m", "bench.simdevices", "localhost", str(hub_info["mqttPort"]), self.ca,
+                                str(path), stdin=subprocess.PIPE)
+        started = time.perf_counter()
+        line = first_line(sim, "simulated devices")
+        connect_seconds = time.perf_counter() - started
+        time.sleep(3)  # let presence updates settle
+        after = hub.memory_info().rss
+        setup = streams.setup_times(self.service_cs, self.ca, DEVICE, setup_samples)
+        sim.stdin.close()
+        return {"devices": int(line.split()[1]), "connect_seconds": connect_seconds,
+                "hub_rss_before_MiB": before / 2**20, "hub_rss_after_MiB": after / 2**20,
+                "hub_KiB_per_device": (after - before) / count / 1024, "setup_with_idle_devices": setup}
+
+
+def run(sizes: Sizes, log=print) -> dict:
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+                     "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+                     "sizes": sizes.__dict__, "paths": {}}
+    with Processes() as procs, tempfile.TemporaryDirectory(prefix="devstreams-bench-") as tmp:
+        rig = Rig(procs, Path(tmp), log)
+        ports = rig.start()
+        for name, port in ports.items():
+            log(f"[{name}] bulk {sizes.bulk_bytes >> 20} MiB ...")
+            path = {"bulk": measure.bulk(port, sizes.bulk_bytes)}
+            log(f"[{name}]   {path['bulk']['MBps']:.0f} MB/s; ping-pong {sizes.pingpong_rounds} rounds ...")
+            path["pingpong"] = measure.ping_pong(port, sizes.pingpong_rounds)
+            log(f"[{name}]   p50 {path['pingpong']['p50_ms']:.3f} ms; {sizes.concurrent_connections} "
+                f"concurrent x {sizes.concurrent_bytes >> 20} MiB ...")
+            path["concurrent"] = measure.concurrent(port, sizes.concurrent_connections, sizes.concurrent_bytes)
+            log(f"[{name}]   {path['concurrent']['intact']}/{sizes.concurrent_connections} intact, "
+                f"{path['concurrent']['aggregate_MBps']:.0f} MB/s")
+            results["paths"][name] = path
+        log(f"[devstreams] stream setup x{sizes.setup_streams} ...")
+        results["setup"] = streams.setup_times(rig.service_cs, rig.ca, DEVICE, sizes.setup_streams)
+        log(f"[devstreams]   p50 {results['setup']['p50_ms']:.1f} ms; new streams for {sizes.rate_seconds:g} s ...")
+        results["rate"] = streams.stream_rate(rig.service_cs, rig.ca, DEVICE, sizes.rate_seconds)
+        log(f"[devstreams]   {results['rate']['streams_per_s']:.0f} streams/s; {sizes.idle_devices} idle devices ...")
+        results["idle"] = rig.idle_devices(sizes.idle_devices, min(50, sizes.setup_streams))
+        log(f"[devstreams]   {results['idle']['hub_KiB_per_device']:.1f} KiB per device")
+    return results
