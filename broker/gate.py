@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 
 LISTENER = "default"  # the amqtt listener of type "external" the gate feeds
 CONNECT_PACKET_TYPE = 1
+TLS_READ_BUFFER = 4 * 1024  # MQTT control traffic is small; OpenSSL buffers partial records
+
+
+def shrink_tls_buffer(writer: asyncio.StreamWriter) -> None:
+    """Give an idle-most-of-the-time TLS connection a 4 KiB read buffer instead of 256 KiB.
+
+    CPython's asyncio keeps a ``SSLProtocol.max_size`` (256 KiB) bytearray per TLS
+    connection: with thousands of idle devices that is most of the hub's memory.
+    This reaches into asyncio internals, so it does nothing if they look different.
+    """
+    proto = getattr(writer.transport, "_ssl_protocol", None)
+    if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
+        return
+    proto.max_size = TLS_READ_BUFFER
+    proto._ssl_buffer = bytearray(TLS_READ_BUFFER)
+    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
 
 
 class _ReplayReader(StreamReaderAdapter):
@@ -132,6 +148,7 @@ class Gate:
             self._handlers.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        shrink_tls_buffer(writer)
         peer = writer.get_extra_info("peername")
         if len(self._handlers) > self._max_connections:
             log.warning("refusing %s: %d connections is the limit", peer, self._max_connections)

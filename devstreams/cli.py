@@ -7,7 +7,9 @@ our own exceptions carry a message that says what to do next.
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import warnings
 
 from wire.errors import DevstreamsError
 
@@ -51,10 +53,25 @@ def _setup_logging(level: str | None, default: str) -> None:
         logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
+def _event_loop() -> str:
+    """uvloop when installed (faster TLS and sockets); DEVSTREAMS_NO_UVLOOP=1 opts out."""
+    if os.environ.get("DEVSTREAMS_NO_UVLOOP"):
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "log_level", None), getattr(args, "default_log_level", "warning"))
+    logging.getLogger(__name__).debug("event loop: %s", _event_loop())
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):

@@ -11,6 +11,7 @@ after a broker restart).
 
 import asyncio
 import logging
+import socket
 import ssl
 import uuid
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class MqttSession:
         self._client.on_subscribe = self._paho_on_subscribe
         self._client.on_message = self._paho_on_message
         self._client.on_connect_fail = self._paho_on_connect_fail
+        self._client.on_socket_open = self._paho_on_socket_open
 
     # -- lifecycle (asyncio side) ---------------------------------------------------------------
 
@@ -141,6 +143,15 @@ class MqttSession:
             fut.set_result(None)
         else:
             fut.set_exception(exc)
+
+    @staticmethod
+    def _paho_on_socket_open(client, userdata, sock) -> None:
+        # paho leaves Nagle on: each small control packet would wait for the peer's
+        # delayed ACK (~40 ms per hop, ~150 ms per stream request).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
 
     def _paho_on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
