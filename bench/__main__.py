@@ -4,6 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from wire.errors import DevstreamsError
+
 from . import report
 from .run import FULL, QUICK, run
 
@@ -18,7 +20,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; all processes stopped", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, DevstreamsError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     files = report.write(results, Path(args.out), "quick" if args.quick else "latest")

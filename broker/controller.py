@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from wire import messages as msg
 from wire import sas, streamtoken, topics
 from wire.messages import Outcome
-from wire.mqtt import MqttSession
+from wire.mqtt import CONTROL_QOS, MqttSession
 from wire.streamproto import stream_url
 
 from .auth import CONTROLLER_RESOURCE
@@ -196,7 +196,7 @@ class StreamController:
                                          expires=time.time() + response_timeout)
         pending.timer = asyncio.get_running_loop().call_later(
             response_timeout, self._expire, rid, response_timeout)
-        if not self._mqtt.publish(topics.device_requests(request.device), msg.encode(wire_request), qos=1):
+        if not self._mqtt.publish(topics.device_requests(request.device), msg.encode(wire_request), qos=CONTROL_QOS):
             self._finish(pending, Outcome.OFFLINE, "the hub could not deliver the request to the device")
 
     def _expire(self, rid: str, waited: float) -> None:
@@ -246,7 +246,7 @@ class StreamController:
     # -- outbound --------------------------------------------------------------------------------
 
     def _answer(self, service: str, response: msg.ServiceResponse) -> None:
-        self._mqtt.publish(topics.service_responses(service), msg.encode(response), qos=1)
+        self._mqtt.publish(topics.service_responses(service), msg.encode(response), qos=CONTROL_QOS)
 
     def _log(self, device: str, name: str, stream_id: str | None, outcome: Outcome, reason: str,
              started: float) -> None:

@@ -26,7 +26,7 @@ class HubSettings:
     max_concurrent_streams: int = 1000    # streams being negotiated or open, per hub
     max_new_streams_per_second: float = 200.0
     new_streams_burst: int = 200
-    max_pending_per_device: int = 64      # unanswered requests one device may have at once
+    max_pending_per_device: int = 256     # unanswered requests one device may have at once
     # Broker.
     max_connections: int = 10000
     max_connect_packet_bytes: int = 8192

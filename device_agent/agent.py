@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from wire import connstr, sas, topics
 from wire import messages as msg
 from wire.errors import ConfigError, DevstreamsError, StreamError
-from wire.mqtt import MqttSession, Will
+from wire.mqtt import CONTROL_QOS, MqttSession, Will
 from wire.stream import Stream, open_stream
 from wire.tls import client_context
 
@@ -116,7 +116,7 @@ class DeviceAgent:
     async def stop(self) -> None:
         if self._mqtt.connected:
             self._mqtt.publish(topics.device_status(self.device_id),
-                               msg.encode(msg.Presence(online=False, conn=self._mqtt.conn_id)), qos=1, retain=True)
+                               msg.encode(msg.Presence(online=False, conn=self._mqtt.conn_id)), qos=CONTROL_QOS, retain=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,10 +143,10 @@ class DeviceAgent:
 
     def _on_connected(self, conn: str) -> None:
         self._mqtt.publish(topics.device_status(self.device_id),
-                           msg.encode(msg.Presence(online=True, conn=conn)), qos=1, retain=True)
+                           msg.encode(msg.Presence(online=True, conn=conn)), qos=CONTROL_QOS, retain=True)
 
     def respond(self, response: msg.StreamResponse) -> None:
-        if not self._mqtt.publish(topics.device_responses(self.device_id), msg.encode(response), qos=1):
+        if not self._mqtt.publish(topics.device_responses(self.device_id), msg.encode(response), qos=CONTROL_QOS):
             log.warning("could not send the answer to request %s: not connected", response.rid)
 
     def _on_message(self, topic: str, payload: bytes) -> None:

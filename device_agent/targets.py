@@ -38,7 +38,8 @@ async def echo(request) -> None:
     async with await request.accept() as stream:
         async for chunk in stream:
             await stream.send(chunk)
-        await stream.send_eof()
+        if stream.close_code is None:  # the peer half-closed and may still read
+            await stream.send_eof()
 
 
 def make_handler(*, echo_enabled: bool = False, allow: dict[str, tuple[str, int]] | None = None,

@@ -3,10 +3,11 @@
 import asyncio
 import logging
 import os
-import signal
 import tomllib
 
 from wire.errors import ConfigError
+
+from .signals import until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,20 @@ async def run_agent(args) -> int:
     agent = DeviceAgent(cs, make_handler(echo_enabled=echo_enabled, allow=allow),
                         ca_file=args.ca_file or config.get("ca_file"),
                         settings=AgentSettings(max_streams=max_streams))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await agent.start(timeout=None)
-    offered = sorted(allow) + (["echo"] if echo_enabled else [])
-    log.info("agent for device %s serving: %s", agent.device_id, ", ".join(offered))
+    # The hub may be unreachable for a long time at boot: a signal must still stop us.
+    stopping = asyncio.create_task(until_stopped())
+    starting = asyncio.create_task(agent.start(timeout=None))
     try:
-        await stop.wait()
+        await asyncio.wait({stopping, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a refused key ends here, with its message
+            offered = sorted(allow) + (["echo"] if echo_enabled else [])
+            log.info("agent for device %s serving: %s", agent.device_id, ", ".join(offered))
+            await stopping
     finally:
+        for task in (stopping, starting):
+            task.cancel()
+        await asyncio.gather(stopping, starting, return_exceptions=True)
         await agent.stop()
     return 0
 

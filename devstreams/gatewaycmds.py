@@ -5,13 +5,13 @@ come from the hub's data dir (same machine, or a copy of those files).  Point
 the hub at it with ``devstreams hub up --gateway-url <its public URL>``.
 """
 
-import asyncio
 import logging
-import signal
 from pathlib import Path
 
 from broker import datadir
 from wire.errors import ConfigError
+
+from .signals import until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,8 @@ async def gateway_up(args) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
     print(f"gateway listening on {args.bind}:{gateway.port} as {gateway.public_url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
         await gateway.stop()
     return 0

@@ -1,12 +1,10 @@
 """Hub-side commands: ``hub``, ``device``, ``logs`` (and ``gateway up``)."""
 
 import argparse
-import asyncio
 import datetime
 import json
 import logging
 import os
-import signal
 import sys
 
 from broker import datadir
@@ -14,6 +12,8 @@ from broker.registry import SERVICE_POLICY, open_registry
 from broker.settings import HubSettings, load, validate
 from wire.connstr import ConnectionString
 from wire.errors import ConfigError
+
+from .signals import until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,6 @@ async def hub_up(args) -> int:
     overrides["gateway_urls"] = tuple(args.gateway_url) if args.gateway_url else None
     settings = validate(load(path).replace(**overrides))
     hub = Hub(path, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await hub.start()
     except OSError as exc:
@@ -139,7 +135,7 @@ async def hub_up(args) -> int:
     print(f"  data dir:            {ep['dataDir']}")
     print("  next: devstreams device add <ID>   |   devstreams hub connection-string", flush=True)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
         print("devstreams hub: shutting down", file=sys.stderr, flush=True)
         await hub.stop()

@@ -3,13 +3,14 @@
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 import tomllib
 from pathlib import Path
 
 from wire.errors import ConfigError, DevstreamsError, StreamError
+
+from .signals import until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,23 @@ async def run_connect(args) -> int:
     return 0
 
 
+LIMIT_RETRY_SECONDS = 10.0
+
+
+async def _create_with_retry(hub, device: str, stream: str, response_timeout: float):
+    """A burst of local connections may hit a hub limit: wait a little instead of dropping them."""
+    from wire.errors import LimitExceededError
+    delay, deadline = 0.05, time.monotonic() + LIMIT_RETRY_SECONDS
+    while True:
+        try:
+            return await hub.create_stream(device, stream, response_timeout=response_timeout)
+        except LimitExceededError:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 async def run_proxy(args) -> int:
     from wire.stream import pipe_tcp
     hub = _client(args)
@@ -117,7 +135,7 @@ async def run_proxy(args) -> int:
     async def serve(reader, writer) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            info = await hub.create_stream(args.device, args.stream, response_timeout=args.response_timeout)
+            info = await _create_with_retry(hub, args.device, args.stream, args.response_timeout)
             stream = await info.open()
         except DevstreamsError as exc:
             log.warning("connection from %s closed: %s", peer, exc)
@@ -138,12 +156,8 @@ async def run_proxy(args) -> int:
         raise ConfigError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
     port = server.sockets[0].getsockname()[1]
     print(f"proxy listening on {args.bind}:{port} -> device {args.device}, stream {args.stream}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
         server.close()
         for task in list(active):

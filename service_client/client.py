@@ -22,7 +22,7 @@ from wire.errors import (ConfigError, DeviceDisabledError, DeviceNotFoundError, 
                          HubUnavailableError, LimitExceededError, StreamError, StreamRejectedError,
                          StreamTimeoutError, UnauthorizedError)
 from wire.messages import Outcome
-from wire.mqtt import MqttSession
+from wire.mqtt import CONTROL_QOS, MqttSession
 from wire.names import check_device_id, check_stream_name
 from wire.stream import Stream, open_stream
 from wire.tls import client_context
@@ -113,7 +113,7 @@ class ServiceClient:
         request = msg.ServiceRequest(rid=rid, device=device_id, name=stream_name,
                                      response_timeout=response_timeout, connect_timeout=connect_timeout)
         try:
-            if not self._mqtt.publish(topics.service_requests(self.client_id), msg.encode(request), qos=1):
+            if not self._mqtt.publish(topics.service_requests(self.client_id), msg.encode(request), qos=CONTROL_QOS):
                 raise HubUnavailableError("not connected to the hub; retry when it is back")
             response = await asyncio.wait_for(future, response_timeout + ANSWER_GRACE)
         except asyncio.TimeoutError:

@@ -24,6 +24,11 @@ from .errors import HubUnavailableError, UnauthorizedError
 
 log = logging.getLogger(__name__)
 
+# Control messages travel at QoS 0: nothing relies on MQTT redelivery (a request not
+# answered in time fails), and amqtt's QoS 1 adds a PUBACK round trip per message and
+# stalls up to 5 s on a late PUBACK.  TCP already orders and delivers while connected.
+CONTROL_QOS = 0
+
 # CONNACK reasons that mean "your credentials are refused" (MQTT 3.1.1 rc 4 and 5 as paho maps them).
 AUTH_REFUSED = {134, 135}
 
@@ -123,7 +128,7 @@ class MqttSession:
         self.conn_id = uuid.uuid4().hex[:16]
         self._client.username_pw_set(self._username, self._password())
         if self._will is not None:
-            self._client.will_set(self._will.topic, self._will.payload(self.conn_id), qos=1,
+            self._client.will_set(self._will.topic, self._will.payload(self.conn_id), qos=CONTROL_QOS,
                                   retain=self._will.retain)
 
     def _post(self, fn: Callable, *args) -> None:
@@ -162,7 +167,7 @@ class MqttSession:
             log.info("connected to %s:%s as %s", self.host, self.port, self.client_id)
             self._pending_subs.clear()
             for topic in self._subscriptions:
-                rc, mid = client.subscribe(topic, qos=1)
+                rc, mid = client.subscribe(topic, qos=CONTROL_QOS)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     self._pending_subs[mid] = topic
             if not self._subscriptions:
