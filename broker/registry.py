@@ -5,6 +5,7 @@ commands: the CLI writes (add, disable, remove …) and the hub notices through
 ``PRAGMA data_version`` within ``registry_poll_interval``.
 """
 
+import os
 import secrets
 import sqlite3
 import time
@@ -78,11 +79,13 @@ class Registry:
     def __init__(self, path: Path):
         self.path = path
         try:
+            if not path.exists():  # it holds device and service keys: owner-only from the start
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot open the registry {path}: {exc}") from None
 
     def close(self) -> None:

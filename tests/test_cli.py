@@ -82,7 +82,8 @@ def test_hub_up_show_connection_string_and_clean_shutdown(data_dir):
         assert shown["streamingEndpoints"][0].startswith("wss://hub.example:")
         ca = os.path.join(data_dir, "tls", "ca.pem")
         assert shown["caFile"] == ca
-        for secret in ("tls/ca.key", "tls/server.key", "keys/stream-signing.key", "keys/controller.key"):
+        for secret in ("tls/ca.key", "tls/server.key", "keys/stream-signing.key", "keys/controller.key",
+                       "registry.db"):
             mode = stat.S_IMODE(os.stat(os.path.join(data_dir, secret)).st_mode)
             assert mode == 0o600, f"{secret} is {oct(mode)}"
 

@@ -212,7 +212,11 @@ def test_agent_reconnects_after_hub_restart(tmp_path):
         cs = hub.add_device("phoenix")
 
         async def main():
-            a = DeviceAgent(cs, rejecting(lambda r: "still here"), ca_file=hub.ca_file,
+            async def echo_once(request):
+                async with await request.accept() as stream:
+                    await stream.send(await stream.recv())
+
+            a = DeviceAgent(cs, echo_once, ca_file=hub.ca_file,
                             settings=AgentSettings(reconnect_min=1, reconnect_max=2))
             await a.start()
             try:
@@ -223,8 +227,9 @@ def test_agent_reconnects_after_hub_restart(tmp_path):
                 await wait_for(lambda: a.connected and "phoenix" in hub.hub.controller.online_devices,
                                timeout=30, what="agent back after restart")
                 async with service(hub) as svc:
-                    with pytest.raises(StreamRejectedError, match="still here"):
-                        await svc.create_stream("phoenix", "ssh")
+                    async with await (await svc.create_stream("phoenix", "ssh")).open() as stream:
+                        await stream.send(b"back")
+                        assert await stream.recv() == b"back"
             finally:
                 await a.stop()
         run(main(), timeout=80)

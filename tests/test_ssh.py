@@ -130,6 +130,15 @@ def ssh(sshd, *args, env=None, timeout=40) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, cwd=REPO, env=_clean_env(env))
 
 
+def stream_events(hub, device_id) -> list[dict]:
+    """The streams the hub logged for device_id (each logged when it ends)."""
+    registry = hub.registry()
+    try:
+        return [e for e in registry.activity(device=device_id) if e["kind"] == "stream"]
+    finally:
+        registry.close()
+
+
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -142,7 +151,7 @@ def test_ssh_through_proxy_runs_a_command(hub, sshd, tmp_path):
     # the command ran on the "device" and its output and exit status came back unchanged
     assert result.stdout == "hello-42\n", result.stderr
     assert result.returncode == 3, result.stderr
-    run(wait_for(lambda: any(e["kind"] == "stream" for e in hub.registry().activity(device="pump-1")),
+    run(wait_for(lambda: stream_events(hub, "pump-1"),
                  timeout=10, what="the session in the hub's activity log"), timeout=15)
 
 
@@ -167,10 +176,10 @@ def test_scp_20_mib_each_way_through_proxycommand_is_byte_exact(hub, sshd, tmp_p
     assert local_down.stat().st_size == size and sha256(local_down) == sha256(remote_down)
 
     def streamed():
-        events = [e for e in hub.registry().activity(device="pump-7") if e["kind"] == "stream"]
+        events = stream_events(hub, "pump-7")
         return len(events) == 2 and all(e["bytes_to_device"] and e["bytes_to_service"] for e in events)
     run(wait_for(streamed, timeout=10, what="two streams in the hub's activity log"), timeout=15)
-    events = [e for e in hub.registry().activity(device="pump-7") if e["kind"] == "stream"]
+    events = stream_events(hub, "pump-7")
     assert sum(e["bytes_to_device"] for e in events) > size
     assert sum(e["bytes_to_service"] for e in events) > size
 
