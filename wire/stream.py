@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
-from .streamproto import (CHUNK_BYTES, CLOSE_NORMAL, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_PEER_TIMEOUT,
+from .streamproto import (CHUNK_BYTES, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
                           CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
 
 log = logging.getLogger(__name__)
@@ -184,4 +184,4 @@ async def pipe_tcp(stream: Stream, reader: asyncio.StreamReader, writer: asyncio
             await writer.wait_closed()
 
 
-__all__ = ["Stream", "open_stream", "pipe_tcp", "CLOSE_PEER_LOST", "CLOSE_PEER_TIMEOUT"]
+__all__ = ["Stream", "open_stream", "pipe_tcp"]
