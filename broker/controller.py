@@ -170,7 +170,7 @@ class StreamController:
 
     def _pick_gateway(self) -> str:
         gateways = self._gateways()
-        return gateways[next(self._gateway_cycle) % len(gateways)]
+        return gateways[next(self._gateway_cycle) % len(gateways)].rstrip("/")
 
     def _send_to_device(self, service: str, request: msg.ServiceRequest, started: float) -> None:
         s = self._settings

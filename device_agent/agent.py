@@ -57,6 +57,11 @@ class StreamRequest:
     def url(self) -> str:
         return self._wire.url
 
+    @property
+    def token(self) -> str:
+        """The single-use bearer token for ``url`` (for a custom client; ``accept()`` uses it)."""
+        return self._wire.token
+
     def __repr__(self) -> str:
         return f"StreamRequest(name={self.name!r}, stream_id={self.stream_id!r})"
 

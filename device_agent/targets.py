@@ -51,7 +51,7 @@ def make_handler(*, echo_enabled: bool = False, allow: dict[str, tuple[str, int]
             return await echo(request)
         target = allow.get(request.name)
         if target is None:
-            offered = sorted(allow) + ([ECHO] if echo_enabled else [])
+            offered = sorted([*allow, *([ECHO] if echo_enabled else [])])
             return await request.reject(f"no stream named {request.name!r} on this device "
                                         f"(offered: {', '.join(offered) or 'none'})")
         host, port = target

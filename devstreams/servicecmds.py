@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -95,18 +96,65 @@ async def run_echo(args) -> int:
 
 
 async def run_connect(args) -> int:
-    from wire.stream import pipe_tcp
-    loop = asyncio.get_running_loop()
     async with _client(args) as hub:
         info = await hub.create_stream(args.device, args.stream, response_timeout=args.response_timeout)
-        stream = await info.open()
-        reader = asyncio.StreamReader(limit=2 ** 20)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
-                                                            sys.stdout.buffer)
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        await pipe_tcp(stream, reader, writer)
+        async with await info.open() as stream:
+            await pipe_stdio(stream, sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno())
     return 0
+
+
+STDIO_CHUNK = 256 * 1024
+STDIO_QUEUE = 8  # chunks read ahead of the stream: bounds memory, keeps backpressure
+
+
+def _read_stdin(fd: int, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    """A daemon thread: blocking reads work for pipes, ttys, files and /dev/null alike."""
+    while True:
+        try:
+            data = os.read(fd, STDIO_CHUNK)
+        except OSError:
+            data = b""
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+        except RuntimeError:  # the loop is gone: we are exiting
+            return
+        if not data:
+            return
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def pipe_stdio(stream, stdin_fd: int, stdout_fd: int) -> None:
+    """Join stdin/stdout to a stream (for ssh ProxyCommand), with EOF both ways.
+
+    stdin EOF becomes ``send_eof``; the stream's end of data closes stdout so the
+    reader (ssh) sees EOF.  An abnormal end of the stream is raised to the caller.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(STDIO_QUEUE)
+    threading.Thread(target=_read_stdin, args=(stdin_fd, loop, queue), daemon=True).start()
+
+    async def upstream() -> None:
+        while data := await queue.get():
+            await stream.send(data)
+        await stream.send_eof()
+
+    async def downstream() -> None:
+        async for data in stream:
+            await loop.run_in_executor(None, _write_all, stdout_fd, data)
+        os.close(stdout_fd)
+
+    up, down = asyncio.create_task(upstream()), asyncio.create_task(downstream())
+    try:
+        await asyncio.gather(up, down)
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
 
 
 LIMIT_RETRY_SECONDS = 10.0

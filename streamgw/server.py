@@ -62,7 +62,7 @@ class Gateway:
                                    server_header="devstreams-gateway")
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
-        self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port)
+        self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")
         log.info("gateway listening on %s:%s as %s", s.host, self.port, self.public_url)
 
     async def stop(self) -> None:

@@ -24,7 +24,9 @@ def start_gateway(data_dir) -> tuple[subprocess.Popen, str]:
                              "--bind", "127.0.0.1", "--port", "0", "--log-level", "warning"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
-    assert "gateway listening" in line, line + proc.stderr.read()
+    if "gateway listening" not in line:
+        proc.kill()
+        raise AssertionError(line + proc.communicate(timeout=10)[1])
     return proc, line.rsplit(" as ", 1)[1].strip()
 
 
@@ -32,10 +34,11 @@ def start_gateway(data_dir) -> tuple[subprocess.Popen, str]:
 def test_hub_spreads_streams_over_standalone_gateways(tmp_path):
     data = tmp_path / "hub"
     HubThread(data).start().stop()  # make the keys and certificates
-    gateways = [start_gateway(data) for _ in range(2)]
-    urls = tuple(url for _, url in gateways)
-    hub = HubThread(data, gateway_urls=urls).start()
+    gateways, hub = [], None
     try:
+        gateways = [start_gateway(data) for _ in range(2)]
+        urls = tuple(url for _, url in gateways)
+        hub = HubThread(data, gateway_urls=urls).start()
         assert hub.hub.gateway is None  # no built-in gateway when external ones are given
 
         async def main():
@@ -60,11 +63,12 @@ def test_hub_spreads_streams_over_standalone_gateways(tmp_path):
         closed = [e for e in hub.registry().activity(device="spread") if e["kind"] == "stream"]
         assert len(closed) >= 4, "standalone gateways write closed streams to the hub's activity log"
     finally:
-        hub.stop()
+        if hub is not None:
+            hub.stop()
         for proc, _ in gateways:
             proc.terminate()
-            proc.wait(10)
-            assert proc.returncode == 0
+        codes = [proc.wait(10) for proc, _ in gateways]
+    assert codes == [0, 0], "gateways must exit cleanly on SIGTERM"
 
 
 def test_gateway_up_without_key_is_one_line(tmp_path):

@@ -26,9 +26,13 @@ from sshd import Sshd
 USER = getpass.getuser()
 
 
+SETTINGS_ENV = ("DEVSTREAMS_CONNECTION_STRING", "DEVSTREAMS_DEVICE_CONNECTION_STRING", "DEVSTREAMS_CA_FILE",
+                "DEVSTREAMS_CONFIG")
+
+
 def _clean_env(extra: dict | None = None) -> dict:
-    """os.environ without any DEVSTREAMS_* a developer may have set, plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVSTREAMS_")}
+    """os.environ without the settings a developer may have exported, plus extra."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
     return {**env, **(extra or {})}
 
 
