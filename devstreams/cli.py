@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from wire.errors import DevstreamsError
+from wire.redact import redact
 
 from . import agentcmds, gatewaycmds, hubcmds, servicecmds
 
@@ -44,13 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+# Libraries that log headers or payloads at debug level (tokens among them) stay at info.
+_CHATTY = ("amqtt", "transitions", "websockets", "paho")
+
+
 def _setup_logging(level: str | None, default: str) -> None:
-    logging.basicConfig(level=(level or default).upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if (level or default) != "debug":
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
-        logging.getLogger("websockets").setLevel(logging.WARNING)
+    chosen = (level or default).upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=chosen, handlers=[handler])
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.INFO if chosen == "DEBUG" else logging.WARNING)
 
 
 def _event_loop() -> str:

@@ -133,3 +133,37 @@ def test_logs_json(hub):
     assert entries[-1]["latency_ms"] >= 0 and entries[-1]["time"] > 0
     text = cli("logs", "--device", "ghost", "--data-dir", str(hub.data_dir)).stdout
     assert "not-found" in text
+
+
+@pytest.mark.timeout(90)
+def test_debug_logs_never_contain_secrets(data_dir, tmp_path):
+    def start(*args, log):
+        return subprocess.Popen([sys.executable, "-m", "devstreams", *args, "--log-level", "debug"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    hub = start("hub", "up", "--data-dir", data_dir, "--bind", "127.0.0.1", "--mqtt-port", "0",
+                "--gateway-port", "0", log=tmp_path / "hub.log")
+    agent = None
+    try:
+        assert "hub is up" in hub.stdout.readline()
+        ca = os.path.join(data_dir, "tls", "ca.pem")
+        device_cs = cli("device", "add", "quiet", "--data-dir", data_dir).stdout.strip()
+        service_cs = cli("hub", "connection-string", "--data-dir", data_dir).stdout.strip()
+        agent = start("agent", "--connection-string", device_cs, "--ca-file", ca, "--echo", log=tmp_path / "agent.log")
+        deadline = time.monotonic() + 20
+        while "online" not in cli("device", "list", "--data-dir", data_dir).stdout:
+            assert time.monotonic() < deadline, "agent did not come online"
+            time.sleep(0.2)
+        echo = cli("echo", "--connection-string", service_cs, "--ca-file", ca, "--device", "quiet",
+                   "--log-level", "debug")
+        assert echo.returncode == 0, echo.stderr
+        (tmp_path / "echo.log").write_text(echo.stderr)
+    finally:
+        for proc in (agent, hub):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+    logs = "".join((tmp_path / name).read_text() for name in ("hub.log", "agent.log", "echo.log"))
+    assert "DEBUG" in logs  # debug logging really was on
+    for secret in (device_cs.split("SharedAccessKey=")[1], service_cs.split("SharedAccessKey=")[1],
+                   "SharedAccessSignature sr", "sig=", "eyJ"):
+        assert secret not in logs, f"{secret[:12]}... leaked into the logs"
