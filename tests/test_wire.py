@@ -1,0 +1,115 @@
+"""The wire contract as plain functions: no network, no processes."""
+
+import time
+
+import pytest
+
+from broker.settings import HubSettings, load, validate
+from wire import connstr, messages, sas, streamtoken, topics
+from wire.errors import ConfigError, ConnectionStringError, TokenError
+from wire.redact import redact
+from wire.streamtoken import Side
+
+KEY = b"k" * 32
+
+
+def test_connection_strings_round_trip_and_refuse_nonsense():
+    cs = connstr.ConnectionString(host="hub.example", port=18883, device_id="pump-7", key=KEY)
+    assert connstr.parse(str(cs)) == cs
+    assert "MqttPort" not in str(connstr.ConnectionString(host="h", device_id="d", key=KEY))
+    assert "key" not in repr(cs).lower().replace("device_id", "")
+    for bad, why in [("", "empty"), ("HostName=h", "SharedAccessKey"), ("garbage", "Key=Value"),
+                     ("HostName=h;DeviceId=d;SharedAccessKey=!!!", "base64"),
+                     ("HostName=h;DeviceId=d;SharedAccessKey=YWJj", "too short"),
+                     ("HostName=h;DeviceId=a/b;SharedAccessKey=" + "A" * 44, "not a valid device ID"),
+                     ("HostName=h;SharedAccessKey=" + "A" * 44, "exactly one of"),
+                     ("HostName=h;MqttPort=x;DeviceId=d;SharedAccessKey=" + "A" * 44, "port number")]:
+        with pytest.raises(ConnectionStringError, match=why):
+            connstr.parse(bad)
+
+
+def test_sas_tokens_are_bound_to_identity_key_and_time():
+    token = sas.make_token(KEY, "devices/a", ttl=60)
+    assert sas.verify_token(KEY, token, "devices/a").resource == "devices/a"
+    with pytest.raises(TokenError, match="another identity"):
+        sas.verify_token(KEY, token, "devices/b")
+    with pytest.raises(TokenError, match="does not match"):
+        sas.verify_token(b"x" * 32, token, "devices/a")
+    with pytest.raises(TokenError, match="expired"):
+        sas.verify_token(KEY, sas.make_token(KEY, "devices/a", ttl=-1), "devices/a")
+    with pytest.raises(TokenError):
+        sas.verify_token(KEY, "password123", "devices/a")
+
+
+def test_stream_tokens_check_signature_audience_stream_and_expiry():
+    def mint(**kw):
+        args = dict(stream_id="s1", side=Side.DEVICE, audience="wss://gw:1", ttl=30, device_id="d", stream_name="n")
+        return streamtoken.mint(KEY, **(args | kw))
+    claims = streamtoken.verify(KEY, mint(), audience="wss://gw:1", stream_id="s1")
+    assert claims.side is Side.DEVICE and claims.side.peer is Side.SERVICE and claims.jti
+    assert mint() != mint()  # a fresh jti each time
+    cases = [(mint(), dict(audience="wss://other:1"), 403), (mint(), dict(stream_id="s2"), 403),
+             (mint(ttl=-10), {}, 401), (streamtoken.mint(b"x" * 32, stream_id="s1", side=Side.DEVICE,
+                                                        audience="wss://gw:1", ttl=30, device_id="d",
+                                                        stream_name="n"), {}, 401),
+             ("a.b.c", {}, 401), ("", {}, 401)]
+    for token, override, status in cases:
+        with pytest.raises(TokenError) as err:
+            streamtoken.verify(KEY, token, **({"audience": "wss://gw:1", "stream_id": "s1"} | override))
+        assert err.value.status == status
+
+
+def test_messages_validate_and_bound_size():
+    request = messages.ServiceRequest(rid="r", device="pump-7", name="ssh")
+    assert messages.decode_service_request(messages.encode(request)) == request
+    bad = [b"x" * (messages.MAX_MESSAGE_BYTES + 1), b"[1]", b"not json",
+           b'{"rid":"r","device":"a/b","name":"ssh"}', b'{"rid":"r","device":"d","name":"ssh","response_timeout":-1}',
+           b'{"rid":"r","device":"d","name":"ssh","response_timeout":true}']
+    for payload in bad:
+        with pytest.raises(messages.MessageError):
+            messages.decode_service_request(payload)
+    with pytest.raises(messages.MessageError):
+        messages.decode_stream_response(b'{"rid":"r","status":201}')
+    response = messages.ServiceResponse(rid="r", outcome=messages.Outcome.ACCEPTED, url="wss://x", token="t")
+    assert messages.decode_service_response(messages.encode(response)) == response
+
+
+def test_acl_rule_gives_each_identity_only_its_own_topics():
+    D, S, C = topics.Role.DEVICE, topics.Role.SERVICE, topics.Role.CONTROLLER
+    P, Sub = topics.Action.PUBLISH, topics.Action.SUBSCRIBE
+    assert topics.allowed(D, "a", Sub, topics.device_requests("a"))
+    assert not topics.allowed(D, "a", Sub, topics.device_requests("b"))
+    assert not topics.allowed(D, "a", Sub, "devstreams/devices/+/streams/req")
+    assert topics.allowed(D, "a", P, topics.device_responses("a"))
+    assert not topics.allowed(D, "a", P, topics.device_responses("b"))
+    assert not topics.allowed(D, "a", P, topics.service_requests("svc:x"))
+    assert topics.allowed(S, "svc:x", P, topics.service_requests("svc:x"))
+    assert not topics.allowed(S, "svc:x", P, topics.device_requests("a"))
+    assert topics.allowed(C, "hub:controller", Sub, topics.ALL_SERVICE_REQUESTS)
+    assert topics.role_of("svc:service") is S and topics.role_of("pump-7") is D
+
+
+def test_hub_toml_settings(tmp_path):
+    (tmp_path / "hub.toml").write_text('response_timeout = 5\nhosts = ["hub.example"]\nmax_concurrent_streams = 3\n')
+    settings = load(tmp_path)
+    assert settings.response_timeout == 5.0 and settings.hosts == ("hub.example",)
+    assert settings.advertised_host() == "hub.example" and settings.max_concurrent_streams == 3
+    (tmp_path / "hub.toml").write_text("respnse_timeout = 5\n")
+    with pytest.raises(ConfigError, match="unknown setting 'respnse_timeout'"):
+        load(tmp_path)
+    (tmp_path / "hub.toml").write_text("response_timeout = 'soon'\n")
+    with pytest.raises(ConfigError, match="must be a float"):
+        load(tmp_path)
+    with pytest.raises(ConfigError, match="greater than 0"):
+        validate(HubSettings(response_timeout=0))
+
+
+def test_redaction_covers_every_secret_shape():
+    token = streamtoken.mint(KEY, stream_id="s", side=Side.SERVICE, audience="a", ttl=5, device_id="d",
+                             stream_name="n")
+    line = (f"cs=HostName=h;DeviceId=d;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0 "
+            f"pw={sas.make_token(KEY, 'devices/d')} Authorization: Bearer {token} "
+            f'payload={{"rid":"1","token":"{token}"}} at {time.time()}')
+    cleaned = redact(line)
+    assert "c2VjcmV0" not in cleaned and "sig=" not in cleaned and token not in cleaned
+    assert cleaned.count("[redacted]") == 4
