@@ -131,9 +131,14 @@ def test_disable_and_remove_drop_live_connection(hub):
                 hub.registry().set_enabled("victim", True)
                 await wait_for(lambda: "victim" in hub.hub.controller.online_devices, timeout=15,
                                what="re-enabled device back")
-                hub.registry().remove("victim")
+                hub.registry().rotate_key("victim")  # the agent's key is now the old one
                 await wait_for(lambda: "victim" not in hub.hub.controller.online_devices, timeout=10,
-                               what="removed device dropped")
+                               what="re-keyed device dropped")
+                await asyncio.sleep(3)
+                assert "victim" not in hub.hub.controller.online_devices, "the old key must not log in again"
+                with pytest.raises(DeviceOfflineError):
+                    await svc.create_stream("victim", "ssh")
+                hub.registry().remove("victim")
                 with pytest.raises(DeviceNotFoundError):
                     await svc.create_stream("victim", "ssh")
         finally:
