@@ -11,7 +11,6 @@ import contextlib
 import functools
 import http.server
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -19,118 +18,11 @@ import threading
 import time
 import urllib.request
 
-import psutil
 import pytest
 
-from helpers import REPO, run, wait_for
-
-
-SETTINGS_ENV = ("DEVSTREAMS_CONNECTION_STRING", "DEVSTREAMS_DEVICE_CONNECTION_STRING", "DEVSTREAMS_CA_FILE",
-                "DEVSTREAMS_CONFIG")
-
-
-def _clean_env(extra: dict | None = None) -> dict:
-    """os.environ without the settings a developer may have exported, plus extra."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
-    return {**env, **(extra or {})}
-
-
-class Devstreams:
-    """A ``python -m devstreams …`` process; stderr (its log) goes to a file, stdout to a pipe."""
-
-    def __init__(self, log_path, *args, env=None):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "devstreams", *args], cwd=REPO,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
-                                     env=_clean_env(env))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def first_line(self, timeout: float = 30) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        assert line, f"no output from {self.proc.args[3]} after {timeout} s; log:\n{self.log()}"
-        return line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc.stdout.close()
-        self._log.close()
-
-
-def wait_online(hub, device_id, proc: Devstreams) -> None:
-    try:
-        run(wait_for(lambda: device_id in hub.hub.controller.online_devices, timeout=20,
-                     what=f"agent {device_id} online"), timeout=25)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; agent log:\n{proc.log()}") from None
-
-
-@contextlib.contextmanager
-def agent(hub, tmp_path, device_id, *args, env=None):
-    """``devstreams agent`` for a new device; args are its flags after the connection string."""
-    proc = Devstreams(tmp_path / f"agent-{device_id}.log", "agent", "--connection-string",
-                      hub.add_device(device_id), "--ca-file", hub.ca_file, *args, env=env)
-    try:
-        wait_online(hub, device_id, proc)
-        yield proc
-    finally:
-        proc.stop()
-
-
-@contextlib.contextmanager
-def proxy(hub, tmp_path, device_id, stream):
-    """``devstreams proxy`` on 127.0.0.1, port chosen by the OS; yields (port, process)."""
-    proc = Devstreams(tmp_path / f"proxy-{device_id}-{stream}.log", "proxy", "--connection-string",
-                      hub.service_cs(), "--ca-file", hub.ca_file, "--device", device_id, "--stream", stream,
-                      "--bind", "127.0.0.1", "--port", "0")
-    try:
-        line = proc.first_line()
-        assert line.startswith("proxy listening on 127.0.0.1:"), line
-        port = int(line.split("127.0.0.1:", 1)[1].split()[0])
-        assert port > 0 and f"device {device_id}" in line and f"stream {stream}" in line, line
-        yield port, proc
-    finally:
-        proc.stop()
-
-
-def connect(*args, env=None, input=b"", timeout=30) -> subprocess.CompletedProcess:
-    """``devstreams connect`` with stdin from input; stdout as bytes, stderr as text."""
-    result = subprocess.run([sys.executable, "-m", "devstreams", "connect", *args], cwd=REPO,
-                            input=input, capture_output=True, timeout=timeout, env=_clean_env(env))
-    result.stderr = result.stderr.decode(errors="replace")
-    return result
-
-
-def service_flags(hub) -> list[str]:
-    return ["--connection-string", hub.service_cs(), "--ca-file", hub.ca_file]
-
-
-def service_env(hub) -> dict:
-    return {"DEVSTREAMS_CONNECTION_STRING": hub.service_cs(), "DEVSTREAMS_CA_FILE": hub.ca_file}
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and stderr.endswith("\n"), f"expected one line on stderr, got:\n{stderr}"
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_processes():
-    yield
-    deadline = time.monotonic() + 10
-    while (children := psutil.Process().children(recursive=True)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not children, f"processes left behind: {[(c.pid, c.cmdline()) for c in children]}"
+from devprocs import (Devstreams, agent, clean_env, connect, one_line,
+                      proxy, service_env, service_flags, wait_online)
+from helpers import REPO
 
 
 # -- the device's web portal ---------------------------------------------------------------------
@@ -348,6 +240,6 @@ def test_connect_with_stdin_and_stdout_redirected_to_files(hub, tmp_path, stdin)
             open(tmp_path / "out.bin", "wb") as dst:
         result = subprocess.run([sys.executable, "-m", "devstreams", "connect", *service_flags(hub),
                                  "--device", "files", "--stream", "echo"], cwd=REPO, stdin=src, stdout=dst,
-                                stderr=subprocess.PIPE, text=True, timeout=20, env=_clean_env())
+                                stderr=subprocess.PIPE, text=True, timeout=20, env=clean_env())
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.bin").read_bytes() == sent

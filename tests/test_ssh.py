@@ -7,103 +7,21 @@ side, and the stock ``ssh``/``scp`` clients talk through them unchanged.
 """
 
 import concurrent.futures
-import contextlib
 import getpass
 import hashlib
 import os
-import select
 import shlex
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
+from devprocs import agent, clean_env, proxy, service_env
 from helpers import REPO, run, wait_for
 from sshd import Sshd
 
 USER = getpass.getuser()
-
-
-SETTINGS_ENV = ("DEVSTREAMS_CONNECTION_STRING", "DEVSTREAMS_DEVICE_CONNECTION_STRING", "DEVSTREAMS_CA_FILE",
-                "DEVSTREAMS_CONFIG")
-
-
-def _clean_env(extra: dict | None = None) -> dict:
-    """os.environ without the settings a developer may have exported, plus extra."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
-    return {**env, **(extra or {})}
-
-
-class Devstreams:
-    """A ``python -m devstreams …`` process; stderr (its log) goes to a file, stdout to a pipe."""
-
-    def __init__(self, log_path, *args, env=None):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "devstreams", *args], cwd=REPO,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
-                                     env=_clean_env(env))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def first_line(self, timeout: float = 30) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        assert line, f"no output from {self.proc.args[3]} after {timeout} s; log:\n{self.log()}"
-        return line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc.stdout.close()
-        self._log.close()
-
-
-@contextlib.contextmanager
-def agent(hub, tmp_path, device_id, *allow):
-    proc = Devstreams(tmp_path / f"agent-{device_id}.log", "agent", "--connection-string",
-                      hub.add_device(device_id), "--ca-file", hub.ca_file, *(f"--allow={a}" for a in allow))
-    try:
-        try:
-            run(wait_for(lambda: device_id in hub.hub.controller.online_devices, timeout=20,
-                         what=f"agent {device_id} online"), timeout=25)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; agent log:\n{proc.log()}") from None
-        yield proc
-    finally:
-        proc.stop()
-
-
-@contextlib.contextmanager
-def proxy(hub, tmp_path, device_id, stream):
-    proc = Devstreams(tmp_path / f"proxy-{device_id}-{stream}.log", "proxy", "--connection-string",
-                      hub.service_cs(), "--ca-file", hub.ca_file, "--device", device_id, "--stream", stream,
-                      "--bind", "127.0.0.1", "--port", "0")
-    try:
-        line = proc.first_line()
-        assert line.startswith("proxy listening on 127.0.0.1:"), line
-        port = int(line.split("127.0.0.1:", 1)[1].split()[0])
-        assert port > 0
-        yield port
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_processes():
-    yield
-    deadline = time.monotonic() + 10
-    while (children := psutil.Process().children(recursive=True)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not children, f"processes left behind: {[(c.pid, c.cmdline()) for c in children]}"
 
 
 @pytest.fixture
@@ -113,11 +31,6 @@ def sshd(tmp_path):
         yield server
     finally:
         server.stop()
-
-
-def service_env(hub) -> dict:
-    """The service side's settings through the environment, as ProxyCommand users would set them."""
-    return {"DEVSTREAMS_CONNECTION_STRING": hub.service_cs(), "DEVSTREAMS_CA_FILE": hub.ca_file}
 
 
 def proxy_command() -> list[str]:
@@ -131,7 +44,7 @@ def ssh_base(sshd) -> list[str]:
 
 def ssh(sshd, *args, env=None, timeout=40) -> subprocess.CompletedProcess:
     return subprocess.run(["ssh", *ssh_base(sshd), *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, cwd=REPO, env=_clean_env(env))
+                          stdin=subprocess.DEVNULL, cwd=REPO, env=clean_env(env))
 
 
 def stream_events(hub, device_id) -> list[dict]:
@@ -149,8 +62,8 @@ def sha256(path) -> str:
 
 @pytest.mark.timeout(60)
 def test_ssh_through_proxy_runs_a_command(hub, sshd, tmp_path):
-    with agent(hub, tmp_path, "pump-1", f"ssh=127.0.0.1:{sshd.port}"), \
-            proxy(hub, tmp_path, "pump-1", "ssh") as port:
+    with agent(hub, tmp_path, "pump-1", f"--allow=ssh=127.0.0.1:{sshd.port}"), \
+            proxy(hub, tmp_path, "pump-1", "ssh") as (port, _):
         result = ssh(sshd, "-p", str(port), f"{USER}@127.0.0.1", "echo hello-$((6*7)); exit 3")
     # the command ran on the "device" and its output and exit status came back unchanged
     assert result.stdout == "hello-42\n", result.stderr
@@ -168,12 +81,12 @@ def test_scp_20_mib_each_way_through_proxycommand_is_byte_exact(hub, sshd, tmp_p
     remote_down.write_bytes(os.urandom(size))
     # "pump-7" resolves nowhere: only ProxyCommand can reach it, and the port is not used
     scp = ["scp", "-q", "-P", "22", *ssh_base(sshd), *proxy_command()]
-    with agent(hub, tmp_path, "pump-7", f"ssh=127.0.0.1:{sshd.port}"):
+    with agent(hub, tmp_path, "pump-7", f"--allow=ssh=127.0.0.1:{sshd.port}"):
         for src, dst in ((str(local_up), f"{USER}@pump-7:{remote_up}"),
                          (f"{USER}@pump-7:{remote_down}", str(local_down))):
             started = time.monotonic()
             result = subprocess.run([*scp, src, dst], capture_output=True, text=True, timeout=60,
-                                    stdin=subprocess.DEVNULL, cwd=REPO, env=_clean_env(service_env(hub)))
+                                    stdin=subprocess.DEVNULL, cwd=REPO, env=clean_env(service_env(hub)))
             assert result.returncode == 0, result.stderr
             print(f"scp {src} -> {dst}: {time.monotonic() - started:.1f} s")
     assert remote_up.stat().st_size == size and sha256(remote_up) == sha256(local_up)
@@ -198,8 +111,8 @@ def test_two_ssh_sessions_through_one_proxy_and_one_via_proxycommand_at_once(hub
     script = (f"touch {meeting}/$TAG; for i in $(seq 250); do "
               + " && ".join(f"[ -e {meeting}/{t} ]" for t in tags)
               + " && { echo $TAG together; exit 0; }; sleep 0.1; done; echo $TAG alone; exit 1")
-    with agent(hub, tmp_path, "pump-2", f"ssh=127.0.0.1:{sshd.port}"), \
-            proxy(hub, tmp_path, "pump-2", "ssh") as port:
+    with agent(hub, tmp_path, "pump-2", f"--allow=ssh=127.0.0.1:{sshd.port}"), \
+            proxy(hub, tmp_path, "pump-2", "ssh") as (port, _):
         def session(tag):
             target = [*proxy_command(), f"{USER}@pump-2"] if tag == "C" else ["-p", str(port), f"{USER}@127.0.0.1"]
             return ssh(sshd, *target, f"TAG={tag}; {script}", env=service_env(hub), timeout=60)
