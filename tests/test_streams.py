@@ -327,3 +327,29 @@ def test_dead_service_process_ends_the_device_side(tmp_path):
         run(main(), timeout=60)
     finally:
         hub.stop()
+
+
+def test_stream_lifetime_limit_ends_both_sides_with_a_reason(tmp_path):
+    hub = HubThread(tmp_path / "hub", max_stream_lifetime=1.5).start()
+    try:
+        seen = {}
+
+        async def device(request):
+            stream = await request.accept()
+            try:
+                await stream.recv()
+            except StreamClosedError as exc:
+                seen["device"] = exc.code
+
+        async def main():
+            async with pair(hub, "mortal-stream", device) as (_, svc):
+                stream = await (await svc.create_stream("mortal-stream", "x")).open()
+                started = time.monotonic()
+                with pytest.raises(StreamClosedError, match="maximum lifetime") as err:
+                    await stream.recv()
+                assert err.value.code == 4004 and 1.2 < time.monotonic() - started < 5
+                await wait_for(lambda: "device" in seen, what="device side ended")
+            assert seen["device"] == 4004
+        run(main())
+    finally:
+        hub.stop()
