@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from wire.connstr import ConnectionString
 from wire.tls import client_context
 
 from . import datadir, pki
@@ -17,7 +18,7 @@ from .amqtt_fixes import HubBroker
 from .auth import Authenticator
 from .controller import StreamController
 from .gate import LISTENER, Gate
-from .registry import Registry, open_registry
+from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, validate
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,10 @@ class Hub:
                 "caFile": str(self.tls.ca_cert) if self.tls else None, "dataDir": str(self.data_dir)}
 
     def service_connection_string(self) -> str:
-        from wire.connstr import ConnectionString
-        from .registry import SERVICE_POLICY
         return str(ConnectionString(host=self.settings.advertised_host(), port=self.mqtt_port,
                                     policy=SERVICE_POLICY, key=self.registry.policy_key()))
 
     def device_connection_string(self, device_id: str) -> str:
-        from wire.connstr import ConnectionString
         device = self.registry.require(device_id)
         return str(ConnectionString(host=self.settings.advertised_host(), port=self.mqtt_port,
                                     device_id=device.id, key=device.key))
