@@ -4,7 +4,9 @@
 - a service: username ``svc:<policy>``, client id ``svc:<anything>``, password = SAS
   token from the policy key;
 - the stream controller: username = client id = ``hub:controller``, token from
-  the hub's controller key.
+  the hub's controller key;
+- a streaming gateway (to report streams): username ``hub:gateway``, client id
+  ``gw:<name>``, token from the stream-signing key.
 Anything else is refused with the MQTT 3.1.1 CONNACK code that fits.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from wire import sas
 from wire.errors import TokenError
 from wire.names import is_device_id
-from wire.topics import CONTROLLER_USER, SERVICE_CLIENT_PREFIX, SERVICE_USER_PREFIX, Role
+from wire.topics import CONTROLLER_USER, GATEWAY_USER, SERVICE_CLIENT_PREFIX, SERVICE_USER_PREFIX, Role
 
 from .registry import Registry
 
@@ -26,6 +28,7 @@ CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
 
 SERVICE_CLIENT_RE = re.compile(r"^svc:[A-Za-z0-9._-]{1,60}$")
+GATEWAY_CLIENT_RE = re.compile(r"^gw:[A-Za-z0-9._-]{1,60}$")
 CONTROLLER_RESOURCE = "hub/controller"
 
 
@@ -43,15 +46,18 @@ class Identity:
 
 
 class Authenticator:
-    def __init__(self, registry: Registry, controller_key: bytes):
+    def __init__(self, registry: Registry, controller_key: bytes, gateway_key: bytes):
         self._registry = registry
         self._controller_key = controller_key
+        self._gateway_key = gateway_key
 
     def authenticate(self, client_id: str, username: str | None, password: str | None) -> Identity:
         if not username or not password:
             raise AuthRefused(CONNACK_NOT_AUTHORIZED, "username and password are required")
         if username == CONTROLLER_USER:
             return self._controller(client_id, password)
+        if username == GATEWAY_USER:
+            return self._gateway(client_id, password)
         if username.startswith(SERVICE_USER_PREFIX):
             return self._service(client_id, username[len(SERVICE_USER_PREFIX):], password)
         return self._device(client_id, username, password)
@@ -67,6 +73,12 @@ class Authenticator:
             raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "controller client id mismatch")
         self._check(self._controller_key, password, CONTROLLER_RESOURCE)
         return Identity(Role.CONTROLLER, client_id)
+
+    def _gateway(self, client_id: str, password: str) -> Identity:
+        if not GATEWAY_CLIENT_RE.match(client_id or ""):
+            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "gateway client id must look like gw:<name>")
+        self._check(self._gateway_key, password, sas.GATEWAY_RESOURCE)
+        return Identity(Role.GATEWAY, client_id)
 
     def _service(self, client_id: str, policy: str, password: str) -> Identity:
         if not SERVICE_CLIENT_RE.match(client_id or "") or not client_id.startswith(SERVICE_CLIENT_PREFIX):

@@ -70,7 +70,8 @@ class StreamController:
             username=topics.CONTROLLER_USER,
             password=lambda: sas.make_token(controller_key, CONTROLLER_RESOURCE, CONTROLLER_TOKEN_TTL),
             ssl_context=ssl_context, on_message=self._on_message, keepalive=30,
-            subscriptions=(topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, topics.ALL_SERVICE_REQUESTS))
+            subscriptions=(topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, topics.ALL_SERVICE_REQUESTS,
+                           topics.ALL_GATEWAY_EVENTS))
 
     async def start(self) -> None:
         await self._mqtt.start(timeout=30)
@@ -100,6 +101,8 @@ class StreamController:
                 self._on_device_response(topics.device_of(topic), payload)
             elif topic.endswith("/req"):
                 self._on_service_request(topics.service_of(topic), payload)
+            elif topic.endswith("/events"):
+                self._on_gateway_event(payload)
         except msg.MessageError as exc:
             log.warning("ignoring a bad message on %s: %s", topic, exc)
         except Exception:
@@ -230,6 +233,27 @@ class StreamController:
         s = self._settings
         delay = s.connect_timeout + s.gateway_peer_timeout + 5
         self._accepted[stream_id] = asyncio.get_running_loop().call_later(delay, self.stream_closed, stream_id)
+
+    def _on_gateway_event(self, payload: bytes) -> None:
+        """A standalone gateway's report (the built-in one calls the methods below directly)."""
+        event = msg.decode_gateway_event(payload)
+        if event.event == "opened":
+            self.stream_opened(event.stream_id)
+        else:
+            self.stream_ended(stream_id=event.stream_id, device=event.device, name=event.name, reason=event.reason,
+                              bytes_to_device=event.bytes_to_device, bytes_to_service=event.bytes_to_service,
+                              duration=event.duration)
+
+    def stream_ended(self, *, stream_id: str, device: str, name: str, reason: str, bytes_to_device: int,
+                     bytes_to_service: int, duration: float) -> None:
+        """A stream closed at a gateway: free its slot and write it to the activity log."""
+        self.stream_closed(stream_id)
+        try:
+            self._registry.log_stream(device=device, name=name, stream_id=stream_id, reason=reason,
+                                      bytes_to_device=bytes_to_device, bytes_to_service=bytes_to_service,
+                                      duration_s=round(duration, 3))
+        except Exception:
+            log.exception("could not log a closed stream")
 
     def stream_opened(self, stream_id: str) -> None:
         """The gateway saw a side arrive: from now on only its close frees the slot."""

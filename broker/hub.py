@@ -48,7 +48,7 @@ class Hub:
         signing_key = datadir.secret_key(self.data_dir, "stream-signing.key")
         controller_key = datadir.secret_key(self.data_dir, "controller.key")
         server_ssl = pki.server_context(self.tls)
-        authenticator = Authenticator(self.registry, controller_key)
+        authenticator = Authenticator(self.registry, controller_key, gateway_key=signing_key)
         try:
             await self._start_broker(authenticator, server_ssl)
             if not s.gateway_urls:
@@ -166,12 +166,7 @@ class Hub:
 
     def _on_stream_closed(self, record) -> None:
         if self.controller is not None:
-            self.controller.stream_closed(record.stream_id)
-        try:
-            self.registry.log_stream(device=record.device_id, name=record.stream_name,
-                                     stream_id=record.stream_id, reason=record.close_reason,
-                                     bytes_to_device=record.bytes_to_device,
-                                     bytes_to_service=record.bytes_to_service,
-                                     duration_s=round(record.duration, 3))
-        except Exception:
-            log.exception("could not log a closed stream")
+            self.controller.stream_ended(stream_id=record.stream_id, device=record.device_id,
+                                         name=record.stream_name, reason=record.close_reason,
+                                         bytes_to_device=record.bytes_to_device,
+                                         bytes_to_service=record.bytes_to_service, duration=record.duration)

@@ -6,6 +6,8 @@ the hub at it with ``devstreams hub up --gateway-url <its public URL>``.
 """
 
 import logging
+import re
+import socket
 from pathlib import Path
 
 from broker import datadir
@@ -34,6 +36,11 @@ def register(groups, common) -> None:
     up.add_argument("--ping-interval", type=float, default=10.0)
     up.add_argument("--ping-timeout", type=float, default=10.0)
     up.add_argument("--max-streams", type=int, default=1000)
+    up.add_argument("--hub", default=None, metavar="HOST:PORT",
+                    help="the hub's MQTT endpoint, to report streams (activity log, stream limits) from "
+                         "another machine; default: write to the hub's data dir when it is here")
+    up.add_argument("--ca-file", default=None, help="the hub's CA, for --hub (default: <data-dir>/tls/ca.pem)")
+    up.add_argument("--name", default=None, help="this gateway's name in reports (default: from its port)")
     up.set_defaults(run=gateway_up, default_log_level="info")
 
 
@@ -58,8 +65,8 @@ def _server_ssl(args, data: Path):
     return ctx
 
 
-def _activity_logger(data: Path):
-    """Closed streams go to the hub's activity log when its registry is reachable here."""
+def _registry_reporter(data: Path):
+    """Closed streams go straight to the hub's activity log when its data dir is on this machine."""
     if not (data / "registry.db").exists():
         return None
     from broker.registry import open_registry
@@ -70,6 +77,22 @@ def _activity_logger(data: Path):
                             reason=rec.close_reason, bytes_to_device=rec.bytes_to_device,
                             bytes_to_service=rec.bytes_to_service, duration_s=round(rec.duration, 3))
     return record
+
+
+def _hub_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--hub {text!r}: expected HOST:PORT, e.g. hub.example.com:8883")
+    return host.strip("[]"), int(port)
+
+
+def _mqtt_reporter(args, data: Path, key: bytes, port: int):
+    from streamgw import MqttReporter
+    from wire.tls import client_context
+    host, hub_port = _hub_address(args.hub)
+    ca = args.ca_file or (str(data / "tls" / "ca.pem") if (data / "tls" / "ca.pem").exists() else None)
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{port}")[:60]
+    return MqttReporter(host=host, port=hub_port, ssl_context=client_context(ca), signing_key=key, name=name)
 
 
 async def gateway_up(args) -> int:
@@ -84,14 +107,35 @@ async def gateway_up(args) -> int:
     settings = GatewaySettings(host=args.bind, port=args.port, public_url=args.public_url,
                                connect_timeout=args.peer_timeout, ping_interval=args.ping_interval,
                                ping_timeout=args.ping_timeout, max_streams=args.max_streams)
-    gateway = Gateway(settings, key, _server_ssl(args, data), on_stream_closed=_activity_logger(data))
+    if args.hub:
+        _hub_address(args.hub)  # refuse a bad address before listening
+    # Reports go over MQTT with --hub, else to a registry in the local data dir, if any.
+    reporter = None
+    local = _registry_reporter(data) if not args.hub else None
+
+    def opened(stream_id: str) -> None:
+        if reporter is not None:
+            reporter.opened(stream_id)
+
+    def closed(record) -> None:
+        if reporter is not None:
+            reporter.closed(record)
+        elif local is not None:
+            local(record)
+
+    gateway = Gateway(settings, key, _server_ssl(args, data), on_stream_closed=closed, on_stream_opened=opened)
     try:
         await gateway.start()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
+    if args.hub:
+        reporter = _mqtt_reporter(args, data, key, gateway.port)
+        await reporter.start()
     print(f"gateway listening on {args.bind}:{gateway.port} as {gateway.public_url}", flush=True)
     try:
         await until_stopped()
     finally:
         await gateway.stop()
+        if reporter is not None:
+            await reporter.stop()
     return 0

@@ -2,7 +2,8 @@
 
 from .pairing import Pairing, Refusal, ReplayCache
 from .relay import StreamRecord
+from .reporter import MqttReporter
 from .server import Gateway
 from .settings import GatewaySettings
 
-__all__ = ["Gateway", "GatewaySettings", "StreamRecord", "Pairing", "Refusal", "ReplayCache"]
+__all__ = ["Gateway", "GatewaySettings", "MqttReporter", "StreamRecord", "Pairing", "Refusal", "ReplayCache"]

@@ -1,5 +1,6 @@
 """Several standalone gateways behind one hub: no shared database, tokens bound to their gateway."""
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -76,3 +77,54 @@ def test_gateway_up_without_key_is_one_line(tmp_path):
                              "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "stream-signing key" in result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
+    from bench.openssh import free_port
+    from wire.errors import LimitExceededError
+
+    data = tmp_path / "hub"
+    HubThread(data).start().stop()  # make the keys and certificates
+    remote = tmp_path / "remote"     # what a gateway on another machine would hold: key, cert, CA
+    remote.mkdir()
+    for name in ("keys/stream-signing.key", "tls/server.pem", "tls/server.key", "tls/ca.pem"):
+        (remote / name.split("/")[1]).write_bytes((data / name).read_bytes())
+    port = free_port()
+    hub = gateway = None
+    try:
+        hub = HubThread(data, gateway_urls=(f"wss://localhost:{port}",), max_concurrent_streams=1).start()
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "devstreams", "gateway", "up", "--data-dir", str(tmp_path / "empty"),
+             "--signing-key-file", str(remote / "stream-signing.key"), "--cert-file", str(remote / "server.pem"),
+             "--key-file", str(remote / "server.key"), "--ca-file", str(remote / "ca.pem"),
+             "--hub", f"localhost:{hub.hub.mqtt_port}", "--bind", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "gateway listening" in gateway.stdout.readline()
+
+        async def main():
+            async with DeviceAgent(hub.add_device("far"), echo, ca_file=hub.ca_file), \
+                    ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+                await wait_for(lambda: "far" in hub.hub.controller.online_devices, what="online")
+                first = await (await svc.create_stream("far", "echo")).open()
+                await first.send(b"x" * 1000)
+                assert len(await first.recv()) > 0
+                await asyncio.sleep(1)  # the gateway reported "opened": the slot stays taken
+                with pytest.raises(LimitExceededError):
+                    await svc.create_stream("far", "echo")
+                await first.close()
+                # the gateway's "closed" report frees the slot well before any fallback timer
+                await wait_for(lambda: hub.hub.controller.open_streams == 0, timeout=10, what="slot freed")
+                async with await (await svc.create_stream("far", "echo")).open() as second:
+                    await second.send(b"again")
+                    assert await second.recv() == b"again"
+        run(main())
+        time.sleep(0.5)
+        closed = [e for e in hub.registry().activity(device="far") if e["kind"] == "stream"]
+        assert closed and closed[0]["bytes_to_device"] == 1000 and closed[0]["reason"]
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(10)
+        if hub is not None:
+            hub.stop()

@@ -124,6 +124,9 @@ def test_credentials_cannot_change_role(hub):
         ("svc:abc", "dev-x", service_token),
         ("dev-y", "dev-x", device_password(cs_a)),             # client id != device id
         ("hub:controller", "hub:controller", service_token),   # nobody but the hub is the controller
+        ("gw:x", "hub:gateway", service_token),                # a gateway needs the stream-signing key
+        ("gw:x", "hub:gateway", device_password(cs_a)),
+        ("dev-x", "hub:gateway", device_password(cs_a)),
     ]
     for client_id, username, password in cases:
         c = RawClient(hub, client_id, username, password)

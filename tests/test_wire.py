@@ -86,6 +86,12 @@ def test_acl_rule_gives_each_identity_only_its_own_topics():
     assert topics.allowed(S, "svc:x", P, topics.service_requests("svc:x"))
     assert not topics.allowed(S, "svc:x", P, topics.device_requests("a"))
     assert topics.allowed(C, "hub:controller", Sub, topics.ALL_SERVICE_REQUESTS)
+    G = topics.Role.GATEWAY
+    assert topics.allowed(G, "gw:a", P, topics.gateway_events("gw:a"))
+    assert not topics.allowed(G, "gw:a", P, topics.gateway_events("gw:b"))
+    assert not topics.allowed(G, "gw:a", Sub, topics.ALL_SERVICE_REQUESTS)
+    assert not topics.allowed(D, "a", P, topics.gateway_events("gw:a"))
+    assert topics.role_of("hub:gateway") is G
     assert topics.role_of("svc:service") is S and topics.role_of("pump-7") is D
 
 

@@ -87,6 +87,20 @@ class ServiceResponse:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GatewayEvent:
+    """Gateway -> hub: a stream opened (first side arrived) or closed (with its record)."""
+
+    event: str                 # "opened" or "closed"
+    stream_id: str
+    device: str = ""
+    name: str = ""
+    reason: str = ""
+    bytes_to_device: int = 0
+    bytes_to_service: int = 0
+    duration: float = 0.0
+
+
 def encode(message: Any) -> bytes:
     data = asdict(message)
     for key, value in data.items():
@@ -170,3 +184,19 @@ def decode_service_response(payload: bytes) -> ServiceResponse:
     return ServiceResponse(rid=_str(d, "rid", 64), outcome=outcome, reason=_str(d, "reason", 1024, False),
                            url=_str(d, "url", 1024, False), token=_str(d, "token", 4096, False),
                            stream_id=_str(d, "stream_id", 64, False), extra=extra)
+
+
+def decode_gateway_event(payload: bytes) -> GatewayEvent:
+    d = _load(payload)
+    event = d.get("event")
+    if event not in ("opened", "closed"):
+        raise MessageError("field 'event' must be 'opened' or 'closed'")
+    counts = {}
+    for key in ("bytes_to_device", "bytes_to_service"):
+        value = d.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MessageError(f"field {key!r} must be a count")
+        counts[key] = value
+    return GatewayEvent(event=event, stream_id=_str(d, "stream_id", 64), device=_str(d, "device", 128, False),
+                        name=_str(d, "name", 64, False), reason=_str(d, "reason", 256, False),
+                        duration=max(0.0, _num(d, "duration", 0.0)), **counts)

@@ -19,6 +19,11 @@ from .errors import TokenError
 PREFIX = "SharedAccessSignature "
 
 
+# A gateway logs in to the broker (to report streams) with a token signed by the
+# stream-signing key it already holds: no extra secret to distribute.
+GATEWAY_RESOURCE = "hub/gateway"
+
+
 def device_resource(device_id: str) -> str:
     return f"devices/{device_id}"
 

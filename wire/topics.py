@@ -10,6 +10,8 @@ from enum import Enum
 
 ROOT = "devstreams"
 CONTROLLER_USER = "hub:controller"
+GATEWAY_USER = "hub:gateway"
+GATEWAY_CLIENT_PREFIX = "gw:"
 SERVICE_CLIENT_PREFIX = "svc:"
 
 
@@ -38,10 +40,16 @@ def service_responses(client_id: str) -> str:
     return f"{ROOT}/services/{client_id}/res"
 
 
+def gateway_events(client_id: str) -> str:
+    """Gateway -> hub: streams opened and closed (for the activity log and the stream limits)."""
+    return f"{ROOT}/gateways/{client_id}/events"
+
+
 # What the controller listens to.
 ALL_DEVICE_RESPONSES = f"{ROOT}/devices/+/streams/res"
 ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
 ALL_SERVICE_REQUESTS = f"{ROOT}/services/+/req"
+ALL_GATEWAY_EVENTS = f"{ROOT}/gateways/+/events"
 
 
 def split(topic: str) -> list[str]:
@@ -52,6 +60,13 @@ def device_of(topic: str) -> str | None:
     """The device ID in a ``devstreams/devices/<id>/...`` topic, else None."""
     parts = split(topic)
     if len(parts) >= 3 and parts[0] == ROOT and parts[1] == "devices":
+        return parts[2]
+    return None
+
+
+def gateway_of(topic: str) -> str | None:
+    parts = split(topic)
+    if len(parts) == 4 and parts[0] == ROOT and parts[1] == "gateways":
         return parts[2]
     return None
 
@@ -67,6 +82,7 @@ class Role(str, Enum):
     DEVICE = "device"
     SERVICE = "service"
     CONTROLLER = "controller"
+    GATEWAY = "gateway"
 
 
 class Action(str, Enum):
@@ -89,6 +105,8 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
         if action is Action.PUBLISH:
             return topic == service_requests(client_id)
         return topic == service_responses(client_id)
+    if role is Role.GATEWAY:
+        return action is Action.PUBLISH and topic == gateway_events(client_id)
     return False
 
 
@@ -109,6 +127,8 @@ def role_of(username: str | None) -> Role:
     """The role an authenticated username stands for (the gate checked the password)."""
     if username == CONTROLLER_USER:
         return Role.CONTROLLER
+    if username == GATEWAY_USER:
+        return Role.GATEWAY
     if username and username.startswith(SERVICE_USER_PREFIX):
         return Role.SERVICE
     return Role.DEVICE

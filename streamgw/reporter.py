@@ -1,0 +1,67 @@
+"""A standalone gateway tells the hub about its streams over MQTT.
+
+The hub needs two facts from every gateway: a stream's first side arrived (its
+concurrency slot stays taken) and a stream ended (free the slot, write bytes,
+duration and reason to the activity log).  The built-in gateway calls the
+controller directly; a gateway elsewhere logs in to the broker as
+``hub:gateway`` with a token signed by the stream-signing key it already holds.
+Reports made while the hub is unreachable are dropped (and logged).
+"""
+
+import asyncio
+import logging
+import ssl
+
+from wire import messages as msg
+from wire import sas, topics
+from wire.mqtt import CONTROL_QOS, MqttSession
+
+from .relay import StreamRecord
+
+log = logging.getLogger(__name__)
+
+TOKEN_TTL = 24 * 3600
+
+
+class MqttReporter:
+    def __init__(self, *, host: str, port: int, ssl_context: ssl.SSLContext, signing_key: bytes, name: str):
+        self.client_id = f"{topics.GATEWAY_CLIENT_PREFIX}{name}"
+        self._topic = topics.gateway_events(self.client_id)
+        self._mqtt = MqttSession(
+            client_id=self.client_id, host=host, port=port, username=topics.GATEWAY_USER,
+            password=lambda: sas.make_token(signing_key, sas.GATEWAY_RESOURCE, TOKEN_TTL),
+            ssl_context=ssl_context, keepalive=30)
+        self._starting: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Connect in the background: the gateway serves streams even while the hub is away."""
+        self._starting = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await self._mqtt.start(timeout=None)
+        except Exception as exc:  # a refused key: say so once, keep serving streams
+            log.error("cannot report streams to the hub: %s", exc)
+
+    async def stop(self) -> None:
+        if self._starting is not None:
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        await self._mqtt.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._mqtt.connected
+
+    def opened(self, stream_id: str) -> None:
+        self._send(msg.GatewayEvent(event="opened", stream_id=stream_id))
+
+    def closed(self, record: StreamRecord) -> None:
+        self._send(msg.GatewayEvent(event="closed", stream_id=record.stream_id, device=record.device_id,
+                                    name=record.stream_name, reason=record.close_reason[:256],
+                                    bytes_to_device=record.bytes_to_device,
+                                    bytes_to_service=record.bytes_to_service, duration=record.duration))
+
+    def _send(self, event: msg.GatewayEvent) -> None:
+        if not self._mqtt.publish(self._topic, msg.encode(event), qos=CONTROL_QOS):
+            log.warning("hub unreachable: stream %s %s not reported", event.stream_id[:8], event.event)
