@@ -6,6 +6,7 @@ import select
 import subprocess
 import sys
 
+from bench.procs import stop_process
 from helpers import REPO, run, wait_for
 
 
@@ -39,13 +40,7 @@ class Devstreams:
         return line
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.proc.stdout.close()
         self._log.close()
 
