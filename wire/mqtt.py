@@ -103,10 +103,6 @@ class MqttSession:
             await self.stop()
             raise
 
-    def keep_retrying(self) -> None:
-        """Stop treating connect failures as fatal (used once the first connect succeeded)."""
-        self.ever_connected = True
-
     async def stop(self) -> None:
         self._stopping = True
         client = self._client
