@@ -11,7 +11,7 @@ import logging
 
 from wire.errors import ConfigError
 from wire.names import check_stream_name
-from wire.stream import pipe_tcp
+from wire.stream import pipe_tcp, reset
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def make_handler(*, echo_enabled: bool = False, allow: dict[str, tuple[str, int]
         try:
             stream = await request.accept()
         except BaseException:
-            writer.close()
+            reset(writer)
             raise
         log.info("stream %s: %s -> %s:%s", request.stream_id[:8], request.name, host, port)
         await pipe_tcp(stream, reader, writer)

@@ -175,7 +175,7 @@ async def _create_with_retry(hub, device: str, stream: str, response_timeout: fl
 
 
 async def run_proxy(args) -> int:
-    from wire.stream import pipe_tcp
+    from wire.stream import pipe_tcp, reset
     hub = _client(args)
     await hub.connect()
     active: set[asyncio.Task] = set()
@@ -186,8 +186,8 @@ async def run_proxy(args) -> int:
             info = await _create_with_retry(hub, args.device, args.stream, args.response_timeout)
             stream = await info.open()
         except DevstreamsError as exc:
-            log.warning("connection from %s closed: %s", peer, exc)
-            writer.close()
+            log.warning("connection from %s reset: %s", peer, exc)
+            reset(writer)  # a FIN would look like an empty but complete answer
             return
         log.info("connection from %s -> stream %s", peer, info.stream_id[:8])
         await pipe_tcp(stream, reader, writer)

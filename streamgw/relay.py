@@ -1,5 +1,9 @@
 """Pipe two WebSockets into each other until one ends, then end the other with a reason.
 
+A clean close (1000/1001) reaches the other side as ``CLOSE_PEER_CLOSED``; an
+abort keeps its code and reason; anything else (a lost or silent side) is
+``CLOSE_PEER_LOST``, so the other side's local proxy resets its TCP connection.
+
 Backpressure comes from awaiting ``send``: a slow reader fills the writer's
 buffer (``write_limit``), the relay stops reading, the source's receive queue
 fills (``max_queue``), websockets stops reading the socket, and TCP flow control
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
-from wire.streamproto import CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
+from wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
 
@@ -64,11 +68,17 @@ async def relay(device: Connection, service: Connection, record: StreamRecord, m
         # The pump stops when its source ended or its destination refused a send.
         ended, other, who = (src, dst, name) if src.close_code is not None or dst.close_code is None \
             else (dst, src, "service" if name == "device" else "device")
+        rcvd = ended.protocol.close_rcvd
         if _ended_normally(ended):
             code, record.close_reason = CLOSE_PEER_CLOSED, f"{who} closed the stream"
+            reason = CLOSE_REASONS[code]
+        elif rcvd is not None and rcvd.code == CLOSE_ABORTED:  # pass the side's own reason on
+            code, reason = CLOSE_ABORTED, f"{who} aborted: {rcvd.reason or 'no reason given'}"[:120]
+            record.close_reason = reason
         else:
             code, record.close_reason = CLOSE_PEER_LOST, f"{who} connection lost"
-        await other.close(code, CLOSE_REASONS[code])
+            reason = CLOSE_REASONS[code]
+        await other.close(code, reason)
     finally:
         for task in pumps:
             task.cancel()

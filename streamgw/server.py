@@ -20,6 +20,7 @@ from wire import streamtoken
 from wire.errors import TokenError
 from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, stream_id_from_path
 from wire.streamtoken import Side
+from wire.wslink import LiveServerConnection
 
 from .pairing import Pairing, Refusal, StreamEntry
 from .relay import StreamRecord, relay
@@ -57,9 +58,9 @@ class Gateway:
         self._server = await serve(self._handler, s.host, s.port, ssl=self._ssl, compression=None,
                                    process_request=self._check, max_size=s.max_message_bytes,
                                    max_queue=s.max_queue, write_limit=s.write_limit,
-                                   ping_interval=s.ping_interval, ping_timeout=s.ping_timeout,
+                                   ping_interval=None, ping_timeout=None,  # wire.wslink's liveness instead
                                    close_timeout=s.close_timeout, open_timeout=s.open_timeout,
-                                   server_header="devstreams-gateway")
+                                   server_header="devstreams-gateway", create_connection=LiveServerConnection)
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")
@@ -115,6 +116,7 @@ class Gateway:
             await ws.close(CLOSE_PEER_TIMEOUT, "stream reservation expired")
             return
         entry, side = found
+        ws.start_liveness(self.settings.ping_interval, self.settings.ping_timeout)
         self._pairing.attach(entry, side)
         meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
         meeting.sockets[side] = ws

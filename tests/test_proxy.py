@@ -142,9 +142,10 @@ def test_rejections_carry_their_reason_and_the_proxy_keeps_serving(hub, tmp_path
         assert f"connection refused by 127.0.0.1:{web}" in one_line(refused.stderr)
 
         def closed_by_proxy(port: int) -> int:
-            """Connect to the proxy; the proxy must close the connection (not hang); returns our port."""
+            """Connect to the proxy; it must reset the connection (not hang, not a clean EOF); returns our port."""
             with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
-                assert client.recv(100) == b""
+                with pytest.raises(ConnectionResetError):
+                    client.recv(100)
                 return client.getsockname()[1]
 
         def lines_about(proc: Devstreams, client_port: int) -> list[str]:

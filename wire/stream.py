@@ -10,14 +10,17 @@ when the stream broke (peer lost, peer never came, lifetime reached).
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
+import struct
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
-from .streamproto import (CHUNK_BYTES, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
+from .streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
                           CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
+from .wslink import LiveClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class Stream:
         try:
             await self._ws.send(EOF)
         except ConnectionClosed as exc:
+            if self._clean(exc):  # the peer already ended on purpose: nothing of ours is lost
+                return
             raise self._closed_error(exc) from None
 
     # -- receiving -------------------------------------------------------------------------------
@@ -90,7 +95,12 @@ class Stream:
     # -- ending ----------------------------------------------------------------------------------
 
     async def close(self) -> None:
+        """End the stream cleanly: everything sent so far is all there is."""
         await self._ws.close(CLOSE_NORMAL)
+
+    async def abort(self, reason: str = "") -> None:
+        """End the stream abnormally: the peer learns it broke (its local proxy resets its TCP side)."""
+        await self._ws.close(CLOSE_ABORTED, (reason or CLOSE_REASONS[CLOSE_ABORTED])[:120])
 
     async def __aenter__(self) -> "Stream":
         return self
@@ -121,14 +131,18 @@ class Stream:
 
 
 async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | None, open_timeout: float = 30.0,
-                      ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0,
+                      ping_interval: float | None = 10.0, ping_timeout: float | None = 10.0,
                       max_queue: int = 8, write_limit: int = 256 * 1024) -> Stream:
-    """Open one side of a stream at the gateway; map refusals to our errors with the gateway's reason."""
+    """Open one side of a stream at the gateway; map refusals to our errors with the gateway's reason.
+
+    Liveness is ``wire.wslink``'s (a slow peer is never cut), not websockets' keepalive.
+    """
     try:
         ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, ssl=ssl_context,
                            compression=None, max_size=MAX_MESSAGE_BYTES, max_queue=max_queue,
-                           write_limit=write_limit, open_timeout=open_timeout, ping_interval=ping_interval,
-                           ping_timeout=ping_timeout, user_agent_header="devstreams")
+                           write_limit=write_limit, open_timeout=open_timeout, ping_interval=None,
+                           ping_timeout=None, user_agent_header="devstreams",
+                           create_connection=LiveClientConnection)
     except InvalidStatus as exc:
         status = exc.response.status_code
         reason = exc.response.body.decode(errors="replace").strip() if exc.response.body else f"HTTP {status}"
@@ -139,16 +153,42 @@ async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | Non
         raise StreamError(f"the gateway refused the stream (HTTP {status}): {reason}") from None
     except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
         raise HubUnavailableError(f"cannot reach the gateway at {url.split('/streams/')[0]}: "
-                                  f"{exc or type(exc).__name__}") from None
+                                  f"{_describe(exc)}") from None
+    ws.start_liveness(ping_interval, ping_timeout)
     return Stream(ws)
 
 
-async def pipe_tcp(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Join a stream and a TCP connection both ways until both directions end.
+def _describe(exc: BaseException) -> str:
+    """Why a connection failed, in words a user can act on (TLS causes named)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if "Hostname mismatch" in str(exc) or "doesn't match" in str(exc) or "IP address mismatch" in str(exc):
+            return "TLS: the gateway's certificate does not name this host (use a name it was issued for)"
+        return "TLS: the hub's certificate is not trusted: pass --ca-file (the hub's tls/ca.pem)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close a TCP connection with a reset (RST), not a FIN: the peer must not see a clean end."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def pipe_tcp(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Join a stream and a TCP connection both ways until both directions end; True if clean.
 
     TCP EOF becomes ``send_eof``; the stream's end of data becomes ``write_eof``,
-    so half-closed protocols (``ssh`` with ``exit``, HTTP/1.0) finish cleanly.
-    A broken side aborts the other; no task outlives this call.
+    so half-closed protocols (``ssh`` with ``exit``, HTTP/1.0) finish cleanly and
+    the TCP side gets a FIN.  Anything else is abnormal, as TCP would see it: a
+    stream that broke resets the TCP connection (RST), and a TCP connection that
+    was reset (or failed) aborts the stream so the far side resets too.  No task
+    outlives this call.
     """
     async def tcp_to_stream() -> None:
         while data := await reader.read(READ_BYTES):
@@ -164,24 +204,46 @@ async def pipe_tcp(stream: Stream, reader: asyncio.StreamReader, writer: asyncio
 
     up = asyncio.create_task(tcp_to_stream())
     down = asyncio.create_task(stream_to_tcp())
+    failure: BaseException | None = None
     try:
         pending = {up, down}
-        while pending:
+        while pending and failure is None:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-            if failed:
-                exc = failed[0].exception()
-                log.info("stream ended: %s", exc)
-                break
+            for task in done:
+                if failure is None and not task.cancelled() and task.exception() is not None:
+                    failure = task.exception()
+    except asyncio.CancelledError:
+        failure = asyncio.CancelledError()
+        raise
     finally:
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await stream.close()
-        writer.close()
+        if failure is None:
+            with contextlib.suppress(Exception):
+                await stream.close()
+            writer.close()
+        else:
+            why = _failure_reason(failure)
+            log.info("stream ended abnormally (%s): resetting the TCP connection", why)
+            reset(writer)
+            with contextlib.suppress(Exception):
+                await stream.abort(why)
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+    return failure is None
 
 
-__all__ = ["Stream", "open_stream", "pipe_tcp"]
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, StreamError):
+        return str(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return "the local proxy is shutting down"
+    if isinstance(exc, ConnectionResetError):
+        return "the TCP connection was reset"
+    if isinstance(exc, OSError):
+        return f"the TCP connection failed: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = ["Stream", "open_stream", "pipe_tcp", "reset"]

@@ -6,6 +6,18 @@ Over each side's WebSocket to the gateway:
   sender will send no more data but keeps reading (TCP half-close);
 - the WebSocket close code and reason say how the stream ended (codes below).
 The gateway relays messages unchanged, so both kinds pass end to end.
+
+A stream ends *cleanly* only when a side closes with ``CLOSE_NORMAL`` (the
+other side then gets ``CLOSE_PEER_CLOSED``): the data that arrived is all there
+was.  Every other ending is abnormal, and a local proxy turns it into a TCP
+reset (RST), never a FIN, so a client cannot take a truncated transfer for a
+complete one.  A side that aborts (its TCP connection was reset) closes with
+``CLOSE_ABORTED``; the gateway passes that code and reason to the other side.
+
+Liveness: each side sends a WebSocket ping at least every ping interval and
+treats any bytes from the peer as a sign of life; silence for ping interval +
+ping timeout *while it is reading* means the peer is lost.  A side that has
+paused reading (its consumer is slow) does not count silence (``wire.liveness``).
 """
 
 from urllib.parse import urlsplit
@@ -24,6 +36,7 @@ CLOSE_PEER_TIMEOUT = 4001        # the other side never connected within the con
 CLOSE_PEER_LOST = 4002           # the other side vanished (crash, dead network, ping timeout)
 CLOSE_PROTOCOL = 4003            # a side sent something the protocol does not allow
 CLOSE_LIFETIME = 4004            # the stream reached its maximum life
+CLOSE_ABORTED = 4005             # a side ended its end abnormally (its TCP connection reset, an error)
 
 CLOSE_REASONS = {
     CLOSE_PEER_CLOSED: "peer closed the stream",
@@ -31,6 +44,7 @@ CLOSE_REASONS = {
     CLOSE_PEER_LOST: "peer connection lost",
     CLOSE_PROTOCOL: "protocol violation",
     CLOSE_LIFETIME: "stream reached its maximum lifetime",
+    CLOSE_ABORTED: "peer aborted the stream",
     CLOSE_GOING_AWAY: "gateway shutting down",
 }
 

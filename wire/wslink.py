@@ -1,0 +1,142 @@
+"""The WebSocket connections streams run on: websockets' own, plus liveness that spares slow peers.
+
+websockets' keepalive is switched off (``ping_interval=None``) wherever a stream
+WebSocket is made, and these subclasses run the rule of ``wire.liveness``
+instead: every side sends a heartbeat ping each interval, counts any bytes that
+arrive as a sign of life, and stops counting silence while websockets has paused
+reading (its receive queue is full because our consumer is slow).  The pause
+and resume callbacks websockets hands its message assembler are wrapped to
+learn about it.
+
+Heartbeat pings carry a fixed payload and are not registered as websockets
+pings: their pongs are ignored as unsolicited (so none accumulate while a peer
+is paused), but they still arrive, and any arrival counts.  A peer of another
+implementation answers pings automatically, so it passes too whenever it reads.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import socket
+import struct
+import termios
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import CloseCode
+from websockets.protocol import State
+
+from .liveness import Liveness
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = b"devstreams"
+KEEPALIVE_PROBES = 3
+
+
+def enable_tcp_keepalive(sock, idle: float, interval: float, probes: int = KEEPALIVE_PROBES) -> None:
+    """Kernel keepalive: an idle connection to a host that stopped answering ends on its own."""
+    if sock is None:
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value))))
+    for level, option, value in options:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(level, option, value)
+
+
+def unread_bytes(sock) -> int:
+    """Bytes the kernel holds for us that we have not read yet (0 if unknown)."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return struct.unpack("i", buf)[0]
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
+class _LivenessMixin:
+    """Adds ``start_liveness(interval, timeout)`` to a websockets asyncio connection."""
+
+    liveness: Liveness | None = None
+    _liveness_task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        assembler = self.recv_messages
+        pause, resume = assembler.pause, assembler.resume
+
+        def paused() -> None:
+            if self.liveness is not None:
+                self.liveness.pause(self.loop.time())
+            pause()
+
+        def resumed() -> None:
+            if self.liveness is not None:
+                self.liveness.resume(self.loop.time())
+            resume()
+
+        assembler.pause, assembler.resume = paused, resumed
+
+    def data_received(self, data: bytes) -> None:
+        if self.liveness is not None:
+            self.liveness.heard(self.loop.time())
+        super().data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
+
+    def start_liveness(self, interval: float | None, timeout: float | None) -> None:
+        """Heartbeats every ``interval``; the peer is lost after ``interval + timeout`` of silence."""
+        if not interval or not timeout or self._liveness_task is not None:
+            return
+        now = self.loop.time()
+        self.liveness = Liveness(interval, timeout, now)
+        if self.recv_messages.paused:
+            self.liveness.pause(now)
+        enable_tcp_keepalive(self.transport.get_extra_info("socket"), idle=interval, interval=timeout / 2)
+        self._liveness_task = self.loop.create_task(self._watch_liveness())
+
+    async def _watch_liveness(self) -> None:
+        lv = self.liveness
+        while self.protocol.state is State.OPEN:
+            now = self.loop.time()
+            if lv.lost(now):
+                if unread_bytes(self.transport.get_extra_info("socket")) > 0:
+                    lv.heard(now)  # it spoke; our loop was just late to read it
+                else:
+                    self._peer_lost(lv.limit)
+                    return
+            if lv.heartbeat_due(now):
+                lv.sent(now)
+                self._send_heartbeat()
+            await asyncio.sleep(lv.next_check(self.loop.time()) - self.loop.time())
+
+    def _send_heartbeat(self) -> None:
+        """Queue a ping without waiting for the peer's window (a slow peer must not stall us)."""
+        if self.protocol.state is not State.OPEN:
+            return
+        self.protocol.send_ping(HEARTBEAT)
+        try:
+            self.send_data()
+        except OSError:
+            self.transport.abort()
+
+    def _peer_lost(self, silence: float) -> None:
+        log.info("no sign of life from the peer for %.0f s while reading: connection lost", silence)
+        self.protocol.fail(CloseCode.INTERNAL_ERROR, "peer silent: connection lost")
+        with contextlib.suppress(OSError):
+            self.send_data()
+        self.transport.abort()
+
+
+class LiveClientConnection(_LivenessMixin, ClientConnection):
+    """websockets' client connection with devstreams liveness."""
+
+
+class LiveServerConnection(_LivenessMixin, ServerConnection):
+    """websockets' server connection with devstreams liveness."""
