@@ -7,7 +7,7 @@ import statistics
 import threading
 import time
 
-from .target import BUF, RESULT
+from .target import BUF, RESULT, SIZE, TRAILER_BYTES
 
 
 def _connect(port: int, mode: bytes) -> socket.socket:
@@ -90,6 +90,74 @@ def _two_way(port: int, size: int, results: list, index: int) -> None:
 def concurrent(port: int, connections: int, size: int) -> dict:
     results: list = [None] * connections
     threads = [threading.Thread(target=_two_way, args=(port, size, results, i)) for i in range(connections)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    intact = sum(1 for r in results if r is True)
+    errors = [repr(r) for r in results if r is not True][:3]
+    return {"connections": connections, "bytes_each_way": size, "intact": intact, "seconds": seconds,
+            "aggregate_MBps": 2 * size * connections / seconds / 1e6, "errors": errors}
+
+
+def exchange_one(port: int, size: int, pause_after: int = 0, pause: float = 0.0) -> dict:
+    """Send ``size`` random bytes while receiving ``size`` from the target; check each direction.
+
+    With ``pause``, stop reading for that long after ``pause_after`` bytes (a slow reader).
+    Returns what arrived and whether each direction's SHA-256 matches; raises if the
+    connection broke (a reset is an exception, a clean end is not).
+    """
+    data = os.urandom(size)
+    with _connect(port, b"X") as sock:
+        sock.sendall(SIZE.pack(size))
+        failure: list = []
+
+        def writer() -> None:
+            try:
+                view = memoryview(data)
+                for off in range(0, size, 256 * 1024):
+                    sock.sendall(view[off:off + 256 * 1024])
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                failure.append(exc)
+        t = threading.Thread(target=writer)
+        t.start()
+        digest, got, paused = hashlib.sha256(), 0, not pause
+        tail = bytearray()
+        while True:
+            if not paused and got >= pause_after:
+                time.sleep(pause)
+                paused = True
+            chunk = sock.recv(BUF)
+            if not chunk:
+                break
+            keep = max(0, min(len(chunk), size - got))
+            digest.update(chunk[:keep])
+            tail += chunk[keep:]
+            got += len(chunk)
+        t.join()
+    if failure:
+        raise failure[0]
+    if got != size + TRAILER_BYTES:
+        raise AssertionError(f"received {got} bytes, expected {size} + {TRAILER_BYTES}")
+    return {"bytes": size, "up_intact": bytes(tail[:32]) == hashlib.sha256(data).digest(),
+            "down_intact": bytes(tail[32:]) == digest.digest()}
+
+
+def _exchange_into(port: int, size: int, results: list, index: int) -> None:
+    try:
+        outcome = exchange_one(port, size)
+        results[index] = outcome["up_intact"] and outcome["down_intact"] or outcome
+    except Exception as exc:  # recorded, reported by the caller
+        results[index] = exc
+
+
+def exchange(port: int, connections: int, size: int) -> dict:
+    """``connections`` parallel exchanges of ``size`` bytes each way; each direction SHA-256 checked."""
+    results: list = [None] * connections
+    threads = [threading.Thread(target=_exchange_into, args=(port, size, results, i)) for i in range(connections)]
     start = time.perf_counter()
     for t in threads:
         t.start()

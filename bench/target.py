@@ -3,10 +3,16 @@
 The first byte of each connection picks the mode:
 - ``S`` sink: read until EOF, then answer 16 bytes: bytes received (u64) and seconds between
   the first and the last data byte (f64), measured here at the receiver;
-- ``E`` echo: send back everything read, until EOF (ping-pong and two-way tests).
+- ``E`` echo: send back everything read, until EOF (ping-pong and two-way tests);
+- ``X`` exchange: the client sends a u64 size, then its own data until EOF; at the same time
+  the target sends ``size`` random bytes, then a 64-byte trailer: SHA-256 of what it received
+  and SHA-256 of what it sent, then EOF.  Each direction is checked on its own;
+- ``F`` firehose: random bytes until the connection fails (for kill tests).
 Run as ``python -m bench.target`` (prints its port) or start it in-process with ``serve()``.
 """
 
+import hashlib
+import os
 import socket
 import struct
 import sys
@@ -43,6 +49,51 @@ def _echo(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
+SIZE = struct.Struct("!Q")
+TRAILER_BYTES = 64
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed early")
+        data += chunk
+    return bytes(data)
+
+
+def _exchange(conn: socket.socket) -> None:
+    size = SIZE.unpack(_recv_exact(conn, SIZE.size))[0]
+    received = hashlib.sha256()
+
+    def reader() -> None:
+        buf = bytearray(BUF)
+        view = memoryview(buf)
+        while n := conn.recv_into(view):
+            received.update(view[:n])
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    block, sent, left = os.urandom(BUF), hashlib.sha256(), size
+    while left:
+        chunk = memoryview(block)[:min(left, BUF)]
+        conn.sendall(chunk)
+        sent.update(chunk)
+        left -= len(chunk)
+        if left:
+            block = os.urandom(BUF)
+    t.join()
+    conn.sendall(received.digest() + sent.digest())
+    conn.shutdown(socket.SHUT_WR)
+
+
+def _firehose(conn: socket.socket) -> None:
+    block = os.urandom(BUF)
+    while True:
+        conn.sendall(block)
+
+
 def _handle(conn: socket.socket) -> None:
     try:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -51,6 +102,10 @@ def _handle(conn: socket.socket) -> None:
             _sink(conn)
         elif mode == b"E":
             _echo(conn)
+        elif mode == b"X":
+            _exchange(conn)
+        elif mode == b"F":
+            _firehose(conn)
     except OSError:
         pass
     finally:

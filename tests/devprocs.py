@@ -101,3 +101,58 @@ def one_line(stderr: str) -> str:
     lines = stderr.splitlines()
     assert len(lines) == 1 and stderr.endswith("\n"), f"expected one line on stderr, got:\n{stderr}"
     return lines[0]
+
+
+class HubProcess:
+    """``devstreams hub up`` as its own process (so a test can kill -9 it), on OS-picked ports."""
+
+    def __init__(self, data_dir, log_path, toml: str = ""):
+        import json
+        import time
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if toml:
+            (data_dir / "hub.toml").write_text(toml)
+        self.proc = Devstreams(log_path, "hub", "up", "--data-dir", str(data_dir), "--bind", "127.0.0.1",
+                               "--mqtt-port", "0", "--gateway-port", "0")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = json.loads((data_dir / "hub.json").read_text())
+                if info.get("pid") == self.proc.proc.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            if self.proc.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.stop()
+                raise AssertionError(f"hub did not start; log:\n{self.proc.log()}")
+            time.sleep(0.1)
+        self.ca_file = str(data_dir / "tls" / "ca.pem")
+
+    def cli(self, *args) -> str:
+        result = run_cli(*args, "--data-dir", str(self.data_dir))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def service_cs(self) -> str:
+        return self.cli("hub", "connection-string")
+
+    def add_device(self, device_id: str) -> str:
+        return self.cli("device", "add", device_id)
+
+    def online(self, device_id: str) -> bool:
+        from broker.registry import open_registry
+        registry = open_registry(self.data_dir)
+        try:
+            device = registry.get(device_id)
+            return bool(device and device.online)
+        finally:
+            registry.close()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def run_cli(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "devstreams", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=clean_env())

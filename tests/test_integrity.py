@@ -1,0 +1,167 @@
+"""Streams as reliable as TCP: slow readers survive, broken streams reset, every byte checked.
+
+All through real processes: ``devstreams proxy`` -> gateway -> ``devstreams agent`` -> a TCP
+target (bench/target.py), TLS on loopback.
+"""
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bench import measure
+from bench.procs import first_line, stop_process
+from devprocs import Devstreams, HubProcess
+from helpers import REPO
+
+MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def target():
+    """bench/target.py as a process; yields its port."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.target"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield int(first_line(proc, "target"))
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+
+
+@contextlib.contextmanager
+def tunnel(tmp_path, hub, device, target_port, *agent_args):
+    """An agent serving stream 'data' -> target_port, and a proxy for it; yields (port, agent, proxy)."""
+    cs = hub.add_device(device)
+    agent = Devstreams(tmp_path / f"agent-{device}.log", "agent", "--connection-string", cs, "--ca-file",
+                       hub.ca_file, "--allow", f"data=127.0.0.1:{target_port}", *agent_args)
+    proxy = None
+    try:
+        deadline = time.monotonic() + 30
+        while not hub.online(device):
+            assert time.monotonic() < deadline and agent.proc.poll() is None, f"agent not online:\n{agent.log()}"
+            time.sleep(0.1)
+        proxy = Devstreams(tmp_path / f"proxy-{device}.log", "proxy", "--connection-string", hub.service_cs(),
+                           "--ca-file", hub.ca_file, "--device", device, "--stream", "data", "--port", "0")
+        port = int(proxy.first_line().split("127.0.0.1:", 1)[1].split()[0])
+        yield port, agent, proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        agent.proc.send_signal(signal.SIGCONT)
+        agent.stop()
+
+
+@pytest.fixture
+def hub_proc(tmp_path):
+    hub = HubProcess(tmp_path / "hub", tmp_path / "hub.log")
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+def read_until_end(sock: socket.socket, first: int = 0, timeout: float = 30) -> tuple[int, BaseException | None]:
+    """Read until EOF or an error; return (bytes read, the error or None for a clean EOF)."""
+    sock.settimeout(timeout)
+    total = first
+    try:
+        while chunk := sock.recv(1 << 20):
+            total += len(chunk)
+    except OSError as exc:
+        return total, exc
+    return total, None
+
+
+def firehose(port: int, until: int) -> socket.socket:
+    """A client downloading an endless stream through the proxy; returns once ``until`` bytes arrived."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"F")
+    got = 0
+    while got < until:
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"stream ended after {got} bytes"
+        got += len(chunk)
+    return sock
+
+
+@pytest.mark.timeout(240)
+def test_a_reader_pausing_45_s_gets_all_64_mib_intact(hub_proc, tmp_path):
+    """Default liveness settings (ping interval 10 s + timeout 10 s) on every hop: before the fix
+    the stream was cut after about 20-40 s of pause."""
+    with target() as port, tunnel(tmp_path, hub_proc, "slow-reader", port) as (proxy_port, _, proxy):
+        started = time.monotonic()
+        result = measure.exchange_one(proxy_port, 64 * MiB, pause_after=4 * MiB, pause=45)
+        assert result == {"bytes": 64 * MiB, "up_intact": True, "down_intact": True}
+        assert time.monotonic() - started >= 45
+        assert "abnormally" not in proxy.log(), proxy.log()
+
+
+@pytest.mark.timeout(600)
+def test_200_parallel_streams_of_8_mib_each_way_three_times(hub_proc, tmp_path):
+    with target() as port, tunnel(tmp_path, hub_proc, "many", port, "--max-streams", "1000") as (proxy_port, _, _):
+        for attempt in range(3):
+            result = measure.exchange(proxy_port, 200, 8 * MiB)
+            assert result["intact"] == 200, (attempt, result)
+            print(f"\nrun {attempt + 1}: 200 x 8 MiB each way intact in {result['seconds']:.1f} s "
+                  f"({result['aggregate_MBps']:.0f} MB/s)")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["agent", "hub"])
+def test_kill_9_mid_download_resets_the_client(hub_proc, tmp_path, victim):
+    with target() as port, tunnel(tmp_path, hub_proc, f"kill-{victim}", port) as (proxy_port, agent, _):
+        with firehose(proxy_port, 8 * MiB) as client:
+            (agent if victim == "agent" else hub_proc.proc).proc.send_signal(signal.SIGKILL)
+            got, error = read_until_end(client)
+        assert isinstance(error, ConnectionResetError), \
+            f"after {got} bytes the client saw {'a clean EOF' if error is None else repr(error)}, not a reset"
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_agent_ends_the_download_with_a_reset_within_the_bound(tmp_path):
+    hub = HubProcess(tmp_path / "hub", tmp_path / "hub.log",
+                     toml="gateway_ping_interval = 1\ngateway_ping_timeout = 1\ngateway_close_timeout = 2\n")
+    try:
+        with target() as port, tunnel(tmp_path, hub, "frozen", port) as (proxy_port, agent, _):
+            with firehose(proxy_port, 8 * MiB) as client:
+                agent.proc.send_signal(signal.SIGSTOP)
+                stopped = time.monotonic()
+                got, error = read_until_end(client)
+                elapsed = time.monotonic() - stopped
+        assert isinstance(error, ConnectionResetError), f"the client saw {error!r} after {got} bytes"
+        assert elapsed < 1 + 1 + 2 + 2, f"took {elapsed:.1f} s (bound: ping interval + timeout + close + slack)"
+    finally:
+        hub.stop()
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_of_the_proxy_mid_upload_resets_the_device_side_target(hub_proc, tmp_path):
+    """The device-side target must see a reset too, never a clean end of a truncated upload."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: dict = {}
+
+    def sink() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            seen["bytes"], seen["error"] = read_until_end(conn, timeout=60)
+        seen["done"] = True
+
+    reader = threading.Thread(target=sink, daemon=True)
+    reader.start()
+    with listener, tunnel(tmp_path, hub_proc, "uploader", listener.getsockname()[1]) as (proxy_port, _, proxy):
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=30) as client:
+            block = b"u" * MiB
+            for _ in range(8):
+                client.sendall(block)
+            time.sleep(1)  # the upload is under way end to end
+            proxy.proc.send_signal(signal.SIGKILL)
+            reader.join(60)
+    assert seen.get("done"), "the target never saw the end of the stream"
+    assert isinstance(seen["error"], ConnectionResetError), \
+        f"after {seen['bytes']} bytes the target saw {seen['error']!r}, not a reset"
