@@ -62,46 +62,6 @@ def percentiles(samples: list[float]) -> dict:
     return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "mean_ms": statistics.fmean(ordered)}
 
 
-def _two_way(port: int, size: int, results: list, index: int) -> None:
-    """Send ``size`` random bytes to the echo target while reading them back; compare digests."""
-    try:
-        data = os.urandom(size)
-        with _connect(port, b"E") as sock:
-            def writer() -> None:
-                view = memoryview(data)
-                for off in range(0, size, 256 * 1024):
-                    sock.sendall(view[off:off + 256 * 1024])
-                sock.shutdown(socket.SHUT_WR)
-            t = threading.Thread(target=writer)
-            t.start()
-            digest, got = hashlib.sha256(), 0
-            while True:
-                chunk = sock.recv(BUF)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                got += len(chunk)
-            t.join()
-        results[index] = got == size and digest.digest() == hashlib.sha256(data).digest()
-    except Exception as exc:  # recorded as a failure, reported by the caller
-        results[index] = exc
-
-
-def concurrent(port: int, connections: int, size: int) -> dict:
-    results: list = [None] * connections
-    threads = [threading.Thread(target=_two_way, args=(port, size, results, i)) for i in range(connections)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    intact = sum(1 for r in results if r is True)
-    errors = [repr(r) for r in results if r is not True][:3]
-    return {"connections": connections, "bytes_each_way": size, "intact": intact, "seconds": seconds,
-            "aggregate_MBps": 2 * size * connections / seconds / 1e6, "errors": errors}
-
-
 def exchange_one(port: int, size: int, pause_after: int = 0, pause: float = 0.0) -> dict:
     """Send ``size`` random bytes while receiving ``size`` from the target; check each direction.
 

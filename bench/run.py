@@ -35,7 +35,7 @@ class Sizes:
     idle_devices: int
 
 
-FULL = Sizes(1 << 30, 2000, 200, 4 << 20, 200, 10.0, 2000)
+FULL = Sizes(1 << 30, 2000, 200, 8 << 20, 200, 10.0, 2000)
 QUICK = Sizes(32 << 20, 200, 20, 1 << 20, 20, 2.0, 100)
 
 
@@ -135,7 +135,8 @@ def run(sizes: Sizes, log=print) -> dict:
             path["pingpong"] = measure.ping_pong(port, sizes.pingpong_rounds)
             log(f"[{name}]   p50 {path['pingpong']['p50_ms']:.3f} ms; {sizes.concurrent_connections} "
                 f"concurrent x {sizes.concurrent_bytes >> 20} MiB ...")
-            path["concurrent"] = measure.concurrent(port, sizes.concurrent_connections, sizes.concurrent_bytes)
+            # integrity: every connection moves the bytes both ways, each direction SHA-256 checked
+            path["concurrent"] = measure.exchange(port, sizes.concurrent_connections, sizes.concurrent_bytes)
             log(f"[{name}]   {path['concurrent']['intact']}/{sizes.concurrent_connections} intact, "
                 f"{path['concurrent']['aggregate_MBps']:.0f} MB/s")
             results["paths"][name] = path
