@@ -10,8 +10,12 @@ import time
 from .target import BUF, RESULT, SIZE, TRAILER_BYTES
 
 
-def _connect(port: int, mode: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+def _connect(port: int, mode: bytes, rcvbuf: int = 0) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:  # before connecting, so the window is small from the start
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(120)
+    sock.connect(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(mode)
     return sock
@@ -62,15 +66,16 @@ def percentiles(samples: list[float]) -> dict:
     return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "mean_ms": statistics.fmean(ordered)}
 
 
-def exchange_one(port: int, size: int, pause_after: int = 0, pause: float = 0.0) -> dict:
+def exchange_one(port: int, size: int, pause_after: int = 0, pause: float = 0.0, rcvbuf: int = 0) -> dict:
     """Send ``size`` random bytes while receiving ``size`` from the target; check each direction.
 
-    With ``pause``, stop reading for that long after ``pause_after`` bytes (a slow reader).
+    With ``pause``, stop reading for that long after ``pause_after`` bytes (a slow reader);
+    ``rcvbuf`` shrinks this client's receive buffer so less hides in its kernel.
     Returns what arrived and whether each direction's SHA-256 matches; raises if the
     connection broke (a reset is an exception, a clean end is not).
     """
     data = os.urandom(size)
-    with _connect(port, b"X") as sock:
+    with _connect(port, b"X", rcvbuf) as sock:
         sock.sendall(SIZE.pack(size))
         failure: list = []
 

@@ -52,8 +52,21 @@ def _ended_normally(ws: Connection) -> bool:
     return rcvd is not None and rcvd.code in NORMAL_CLOSES
 
 
-async def relay(device: Connection, service: Connection, record: StreamRecord, max_lifetime: float = 0) -> None:
-    """Relay until one side ends; close the other; fill in ``record``."""
+async def close_within(ws: Connection, code: int, reason: str, timeout: float) -> None:
+    """An abnormal close: the receiver resets anyway, so nothing in flight is worth waiting for."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout)
+    except asyncio.TimeoutError:
+        ws.transport.abort()
+
+
+async def relay(device: Connection, service: Connection, record: StreamRecord, max_lifetime: float = 0,
+                close_timeout: float = 2.0) -> None:
+    """Relay until one side ends; close the other; fill in ``record``.
+
+    A clean end closes the other side without a time limit: the close frame waits
+    behind every byte still on its way to a slow reader (liveness cuts a dead one).
+    """
     start = time.monotonic()
     pumps = {asyncio.create_task(_pump(device, service, record, True)): (device, service, "device"),
              asyncio.create_task(_pump(service, device, record, False)): (service, device, "service")}
@@ -61,8 +74,8 @@ async def relay(device: Connection, service: Connection, record: StreamRecord, m
         done, _ = await asyncio.wait(pumps, timeout=max_lifetime or None, return_when=asyncio.FIRST_COMPLETED)
         if not done:
             record.close_reason = CLOSE_REASONS[CLOSE_LIFETIME]
-            await asyncio.gather(device.close(CLOSE_LIFETIME, record.close_reason),
-                                 service.close(CLOSE_LIFETIME, record.close_reason))
+            await asyncio.gather(close_within(device, CLOSE_LIFETIME, record.close_reason, close_timeout),
+                                 close_within(service, CLOSE_LIFETIME, record.close_reason, close_timeout))
             return
         src, dst, name = pumps[done.pop()]
         # The pump stops when its source ended or its destination refused a send.
@@ -78,7 +91,10 @@ async def relay(device: Connection, service: Connection, record: StreamRecord, m
         else:
             code, record.close_reason = CLOSE_PEER_LOST, f"{who} connection lost"
             reason = CLOSE_REASONS[code]
-        await other.close(code, reason)
+        if code == CLOSE_PEER_CLOSED:
+            await other.close(code, reason)
+        else:
+            await close_within(other, code, reason, close_timeout)
     finally:
         for task in pumps:
             task.cancel()

@@ -23,7 +23,7 @@ from wire.streamtoken import Side
 from wire.wslink import LiveServerConnection
 
 from .pairing import Pairing, Refusal, StreamEntry
-from .relay import StreamRecord, relay
+from .relay import StreamRecord, close_within, relay
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Gateway:
                                    process_request=self._check, max_size=s.max_message_bytes,
                                    max_queue=s.max_queue, write_limit=s.write_limit,
                                    ping_interval=None, ping_timeout=None,  # wire.wslink's liveness instead
-                                   close_timeout=s.close_timeout, open_timeout=s.open_timeout,
+                                   close_timeout=None,  # see wire.wslink; relay bounds abnormal closes
+                                   open_timeout=s.open_timeout,
                                    server_header="devstreams-gateway", create_connection=LiveServerConnection)
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
@@ -69,14 +70,16 @@ class Gateway:
     async def stop(self) -> None:
         if self._server is None:
             return
-        closing = [ws.close(CLOSE_GOING_AWAY, "gateway shutting down")
+        closing = [close_within(ws, CLOSE_GOING_AWAY, "gateway shutting down", self.settings.close_timeout)
                    for meeting in list(self._meetings.values()) for ws in meeting.sockets.values()]
         await asyncio.gather(*closing, return_exceptions=True)
         self._server.close()  # any other socket (mid-handshake) gets 1001 too
         try:
             await asyncio.wait_for(self._server.wait_closed(), self.settings.close_timeout + 1)
         except asyncio.TimeoutError:
-            log.warning("some connections did not close in time")
+            log.warning("some connections did not close in time: cutting them")
+            for ws in list(self._server.handlers):
+                ws.transport.abort()
         self._server = None
 
     @property
@@ -113,7 +116,7 @@ class Gateway:
     async def _handler(self, ws: ServerConnection) -> None:
         found = self._pairing.find(ws)
         if found is None:  # reserved too long ago; should not happen
-            await ws.close(CLOSE_PEER_TIMEOUT, "stream reservation expired")
+            await close_within(ws, CLOSE_PEER_TIMEOUT, "stream reservation expired", self.settings.close_timeout)
             return
         entry, side = found
         ws.start_liveness(self.settings.ping_interval, self.settings.ping_timeout)
@@ -143,7 +146,7 @@ class Gateway:
             peer = side.peer.value
             reason = f"the {peer} did not connect within {timeout:g} s"
             if ws.close_code is None:
-                await ws.close(CLOSE_PEER_TIMEOUT, reason[:120])
+                await close_within(ws, CLOSE_PEER_TIMEOUT, reason[:120], self.settings.close_timeout)
             self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
                                           started=time.time(), close_reason=reason))
             return
@@ -154,7 +157,7 @@ class Gateway:
         log.info("stream %s (%s/%s) paired", entry.stream_id[:8], entry.device_id, entry.stream_name)
         try:
             await relay(meeting.sockets[Side.DEVICE], meeting.sockets[Side.SERVICE], record,
-                        self.settings.max_lifetime)
+                        self.settings.max_lifetime, self.settings.close_timeout)
         finally:
             meeting.done.set()
             self._end(entry, record)

@@ -4,7 +4,9 @@ All through real processes: ``devstreams proxy`` -> gateway -> ``devstreams agen
 target (bench/target.py), TLS on loopback.
 """
 
+import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -12,12 +14,21 @@ import sys
 import threading
 import time
 
+from urllib.parse import urlsplit
+
 import pytest
+from websockets.asyncio.client import connect
 
 from bench import measure
 from bench.procs import first_line, stop_process
 from devprocs import Devstreams, HubProcess
-from helpers import REPO
+from device_agent import DeviceAgent
+from helpers import REPO, run, wait_for
+from service_client import ServiceClient
+from wire.stream import Stream
+from wire.streamproto import CLOSE_PEER_CLOSED, MAX_MESSAGE_BYTES
+from wire.streamtoken import Side
+from wire.wslink import LiveClientConnection
 
 MiB = 1024 * 1024
 
@@ -100,6 +111,62 @@ def test_a_reader_pausing_45_s_gets_all_64_mib_intact(hub_proc, tmp_path):
         assert result == {"bytes": 64 * MiB, "up_intact": True, "down_intact": True}
         assert time.monotonic() - started >= 45
         assert "abnormally" not in proxy.log(), proxy.log()
+
+
+async def open_small_window(info) -> Stream:
+    """The service side of a stream on a socket with a 32 KiB receive buffer, so that data waiting
+    for this reader stays in the gateway instead of hiding in our kernel."""
+    url = urlsplit(info.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", url.port))
+    ws = await connect(info.url, sock=sock, ssl=info.ssl_context, server_hostname=url.hostname,
+                       additional_headers={"Authorization": f"Bearer {info.token}"}, compression=None,
+                       max_size=MAX_MESSAGE_BYTES, max_queue=8, ping_interval=None, close_timeout=None,
+                       create_connection=LiveClientConnection)
+    ws.start_liveness(10, 10)
+    return Stream(ws)
+
+
+@pytest.mark.timeout(90)
+def test_a_clean_close_waits_for_a_paused_reader_instead_of_cutting_it(hub):
+    """The device sends 4 MiB and closes while ~1.2 MiB are still queued for a service that paused
+    reading: the gateway's closing handshake must wait behind that data.  With its 2 s close
+    timeout the gateway reset the reader and the last bytes were lost."""
+    size, unread = 4 * MiB, 1200 * 1024
+    data = os.urandom(size)
+
+    go = asyncio.Event()
+
+    async def handler(request):
+        async with await request.accept() as stream:
+            await go.wait()
+            await stream.send(data)                  # everything, then a clean close
+
+    def shrink_gateway_send_buffer(stream_id: str) -> None:
+        """Like a long network path: what waits for the reader stays in the gateway's own buffer."""
+        ws = hub.hub.gateway._meetings[stream_id].sockets[Side.SERVICE]
+        ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+
+    async def main():
+        async with DeviceAgent(hub.add_device("closer"), handler, ca_file=hub.ca_file), \
+                ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+            await wait_for(lambda: "closer" in hub.hub.controller.online_devices, what="agent online")
+            info = await svc.create_stream("closer", "data")
+            stream = await open_small_window(info)
+            await asyncio.to_thread(hub.call, shrink_gateway_send_buffer, info.stream_id)
+            go.set()
+            got = bytearray()
+            while len(got) < size - unread:
+                got += await stream.recv()
+            await asyncio.sleep(6)                   # the reader pauses; the device closes meanwhile
+            while chunk := await stream.recv():
+                got += chunk
+            return bytes(got), stream.close_code
+    got, code = run(main(), timeout=80)
+    assert len(got) == size and got == data, f"{len(got)} of {size} bytes arrived"
+    assert code == CLOSE_PEER_CLOSED
 
 
 @pytest.mark.timeout(600)

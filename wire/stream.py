@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Close codes after which the data that arrived is complete: the peer ended on purpose.
 CLEAN_ENDS = {CLOSE_NORMAL, CLOSE_PEER_CLOSED}
 READ_BYTES = 256 * 1024
+ABORT_TIMEOUT = 5.0  # an abnormal end waits this long for the closing handshake, then cuts
 
 
 class Stream:
@@ -98,9 +99,16 @@ class Stream:
         """End the stream cleanly: everything sent so far is all there is."""
         await self._ws.close(CLOSE_NORMAL)
 
-    async def abort(self, reason: str = "") -> None:
-        """End the stream abnormally: the peer learns it broke (its local proxy resets its TCP side)."""
-        await self._ws.close(CLOSE_ABORTED, (reason or CLOSE_REASONS[CLOSE_ABORTED])[:120])
+    async def abort(self, reason: str = "", timeout: float = ABORT_TIMEOUT) -> None:
+        """End the stream abnormally: the peer learns it broke (its local proxy resets its TCP side).
+
+        Nothing in flight matters any more, so the closing handshake is bounded.
+        """
+        try:
+            await asyncio.wait_for(self._ws.close(CLOSE_ABORTED, (reason or CLOSE_REASONS[CLOSE_ABORTED])[:120]),
+                                   timeout)
+        except asyncio.TimeoutError:
+            self._ws.transport.abort()
 
     async def __aenter__(self) -> "Stream":
         return self
@@ -141,7 +149,7 @@ async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | Non
         ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, ssl=ssl_context,
                            compression=None, max_size=MAX_MESSAGE_BYTES, max_queue=max_queue,
                            write_limit=write_limit, open_timeout=open_timeout, ping_interval=None,
-                           ping_timeout=None, user_agent_header="devstreams",
+                           ping_timeout=None, close_timeout=None, user_agent_header="devstreams",
                            create_connection=LiveClientConnection)
     except InvalidStatus as exc:
         status = exc.response.status_code

@@ -8,6 +8,12 @@ reading (its receive queue is full because our consumer is slow).  The pause
 and resume callbacks websockets hands its message assembler are wrapped to
 learn about it.
 
+Stream connections are made with ``close_timeout=None``: a clean close waits
+for the peer to read everything before the close frame, however slowly; the
+liveness rule, which keeps running while the connection is closing, is what
+cuts a peer that died meanwhile.  (A fixed close timeout reset slow readers at
+the very end of a transfer, discarding their last bytes.)
+
 Heartbeat pings carry a fixed payload and are not registered as websockets
 pings: their pongs are ignored as unsolicited (so none accumulate while a peer
 is paused), but they still arrive, and any arrival counts.  A peer of another
@@ -103,7 +109,9 @@ class _LivenessMixin:
 
     async def _watch_liveness(self) -> None:
         lv = self.liveness
-        while self.protocol.state is State.OPEN:
+        # Also while CLOSING: the closing handshake of a stream waits behind all the data still
+        # in flight (no close timeout), so a slow peer gets everything and a dead one is cut here.
+        while self.protocol.state in (State.OPEN, State.CLOSING):
             now = self.loop.time()
             if lv.lost(now):
                 if unread_bytes(self.transport.get_extra_info("socket")) > 0:
@@ -117,7 +125,11 @@ class _LivenessMixin:
             await asyncio.sleep(lv.next_check(self.loop.time()) - self.loop.time())
 
     def _send_heartbeat(self) -> None:
-        """Queue a ping without waiting for the peer's window (a slow peer must not stall us)."""
+        """Queue a ping without waiting for the peer's window (a slow peer must not stall us).
+
+        Not after our close frame: the peer, still open until it reads that frame, keeps
+        sending its own heartbeats, which is all the liveness rule needs.
+        """
         if self.protocol.state is not State.OPEN:
             return
         self.protocol.send_ping(HEARTBEAT)
