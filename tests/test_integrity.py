@@ -169,6 +169,7 @@ def test_a_clean_close_waits_for_a_paused_reader_instead_of_cutting_it(hub):
     assert code == CLOSE_PEER_CLOSED
 
 
+@pytest.mark.cpu_heavy
 @pytest.mark.timeout(600)
 def test_200_parallel_streams_of_8_mib_each_way_three_times(hub_proc, tmp_path):
     with target() as port, tunnel(tmp_path, hub_proc, "many", port, "--max-streams", "1000") as (proxy_port, _, _):
@@ -190,6 +191,7 @@ def test_kill_9_mid_download_resets_the_client(hub_proc, tmp_path, victim):
             f"after {got} bytes the client saw {'a clean EOF' if error is None else repr(error)}, not a reset"
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(120)
 def test_a_frozen_agent_ends_the_download_with_a_reset_within_the_bound(tmp_path):
     hub = HubProcess(tmp_path / "hub", tmp_path / "hub.log",

@@ -53,6 +53,7 @@ def test_reject_carries_reason(hub):
     run(main())
 
 
+@pytest.mark.timing
 def test_unknown_offline_and_disabled_devices(hub):
     hub.add_device("sleeping")
     hub.add_device("banned")
@@ -72,6 +73,7 @@ def test_unknown_offline_and_disabled_devices(hub):
     run(main())
 
 
+@pytest.mark.timing
 def test_timeout_when_device_does_not_answer(hub):
     async def slow(request):
         await asyncio.sleep(30)

@@ -173,6 +173,7 @@ def test_rejections_carry_their_reason_and_the_proxy_keeps_serving(hub, tmp_path
         assert (echoed.returncode, echoed.stdout) == (0, b"still here\n"), echoed.stderr
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(60)
 def test_connect_fails_fast_with_one_line_for_offline_and_unknown_devices(hub):
     hub.add_device("asleep")  # registered, no agent

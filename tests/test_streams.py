@@ -262,6 +262,7 @@ def _spawn(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_dead_agent_process_ends_the_service_side(tmp_path, how):
@@ -292,6 +293,7 @@ def test_dead_agent_process_ends_the_service_side(tmp_path, how):
         hub.stop()
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(90)
 def test_dead_service_process_ends_the_device_side(tmp_path):
     hub = HubThread(tmp_path / "hub", gateway_ping_interval=1, gateway_ping_timeout=1).start()
@@ -329,6 +331,7 @@ def test_dead_service_process_ends_the_device_side(tmp_path):
         hub.stop()
 
 
+@pytest.mark.timing
 def test_stream_lifetime_limit_ends_both_sides_with_a_reason(tmp_path):
     hub = HubThread(tmp_path / "hub", max_stream_lifetime=1.5).start()
     try:
