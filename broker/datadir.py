@@ -7,19 +7,39 @@ Layout::
     registry.db       devices, service policy, activity log (SQLite)
     tls/              ca.pem (give this to clients), ca.key, server.pem, server.key
     keys/             stream-signing.key, controller.key (0600)
-    hub.json          endpoints of the running hub (written by 'hub up', read by 'hub show')
+    hub.json          endpoints and settings of the running hub (written by 'hub up', read by 'hub show')
+    hub.lock          locked by the running hub for its whole life; holds its pid
+
+Only one hub may run on a data dir: two would share one registry (each marking the
+other's devices offline) and fight over ``hub.json``.  The hub holds an exclusive
+``flock`` on ``hub.lock``; the kernel drops it when the process ends in any way,
+kill -9 included, so "is a hub running here?" is answered by the lock, never by a
+pid that may have been reused or by the registry's online flags that a killed hub
+could not clear.
 """
 
 import json
 import os
 import secrets
+import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the hub then runs without the guard
+    fcntl = None
 
 from wire.errors import ConfigError
 
 from .pki import write_private
 
 DATA_DIR_ENV = "DEVSTREAMS_DATA_DIR"
+LOCK_FILE = "hub.lock"
+LOCK_WAIT = 1.0  # a CLI probe holds the lock (shared) for microseconds; a starting hub retries this long
+
+
+class DataDirInUseError(ConfigError):
+    """A second hub was started on a data dir that a running hub holds."""
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
@@ -69,3 +89,90 @@ def read_endpoints(path: Path) -> dict | None:
         return json.loads((path / "hub.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# -- the hub's lock --------------------------------------------------------------------------------
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+class HubLock:
+    """The exclusive lock a running hub holds on ``<data-dir>/hub.lock`` (see the module docstring)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor drops the flock
+
+
+def lock_hub(path: Path, wait: float = LOCK_WAIT) -> HubLock:
+    """Take the data dir for this process, or raise DataDirInUseError naming the hub that has it.
+
+    Called before the hub touches anything else in the data dir (ports, registry, hub.json).
+    """
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {lock_path}: {exc.strerror}") from None
+    if fcntl is None:
+        return HubLock(lock_path, fd)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise DataDirInUseError(f"data dir {path} is in use by hub pid {pid or '(starting)'}: "
+                                        "stop that hub first, or use another --data-dir") from None
+            time.sleep(0.05)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot lock {lock_path}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return HubLock(lock_path, fd)
+
+
+def running_hub(path: Path) -> int | None:
+    """The pid of the hub holding this data dir (0 if it has not written it yet), or None if no hub runs."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # never had a hub, or not readable: nothing holds it that we can see
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def running_endpoints(path: Path) -> dict | None:
+    """hub.json, but only while a hub holds the data dir: a killed hub's hub.json is stale."""
+    if running_hub(path) is None:
+        return None
+    return read_endpoints(path)
