@@ -26,8 +26,10 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the hub then runs without the guard
+    msvcrt = None
+except ImportError:  # Windows: a byte-range lock (also dropped by the OS when the process ends)
     fcntl = None
+    import msvcrt
 
 from wire.errors import ConfigError
 
@@ -36,6 +38,7 @@ from .pki import write_private
 DATA_DIR_ENV = "DEVSTREAMS_DATA_DIR"
 LOCK_FILE = "hub.lock"
 LOCK_WAIT = 1.0  # a CLI probe holds the lock (shared) for microseconds; a starting hub retries this long
+_WINDOWS_LOCK_OFFSET = 1 << 20  # the byte locked on Windows, away from the pid so it stays readable
 
 
 class DataDirInUseError(ConfigError):
@@ -95,10 +98,35 @@ def read_endpoints(path: Path) -> dict | None:
 
 def _read_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
         return int(text) if text.isdigit() else None
     except OSError:
         return None
+
+
+def _try_lock(fd: int, exclusive: bool) -> bool:
+    """Lock without waiting: True if taken, False if another holder has it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:  # EACCES or EDEADLOCK: another handle holds the byte
+        return False
+
+
+def _unlock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 class HubLock:
@@ -128,44 +156,39 @@ def lock_hub(path: Path, wait: float = LOCK_WAIT) -> HubLock:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise ConfigError(f"cannot open {lock_path}: {exc.strerror}") from None
-    if fcntl is None:
-        return HubLock(lock_path, fd)
     deadline = time.monotonic() + wait
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            pid = _read_pid(fd)
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise DataDirInUseError(f"data dir {path} is in use by hub pid {pid or '(starting)'}: "
-                                        "stop that hub first, or use another --data-dir") from None
-            time.sleep(0.05)
+            if _try_lock(fd, exclusive=True):
+                break
         except OSError as exc:
             os.close(fd)
             raise ConfigError(f"cannot lock {lock_path}: {exc.strerror}") from None
+        if time.monotonic() >= deadline:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DataDirInUseError(f"data dir {path} is in use by hub pid {pid or '(starting)'}: "
+                                    "stop that hub first, or use another --data-dir")
+        time.sleep(0.05)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
     return HubLock(lock_path, fd)
 
 
 def running_hub(path: Path) -> int | None:
     """The pid of the hub holding this data dir (0 if it has not written it yet), or None if no hub runs."""
-    if fcntl is None:
-        return None
     try:
         fd = os.open(path / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return None  # never had a hub, or not readable: nothing holds it that we can see
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read_pid(fd) or 0
+            if not _try_lock(fd, exclusive=False):
+                return _read_pid(fd) or 0
         except OSError:
             return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        _unlock(fd)
         return None
     finally:
         os.close(fd)
