@@ -172,6 +172,8 @@ def hub_show(args) -> int:
         info = {"hostName": host, "mqttEndpoint": f"mqtts://{host}:{settings.mqtt_port}",
                 "mqttPort": settings.mqtt_port, "streamingEndpoints": gateways,
                 "caFile": str(path / "tls" / "ca.pem"), "dataDir": str(path), "running": False}
+        if datadir.running_hub(path) is not None:  # locked, endpoints not written yet: still starting
+            info |= {"running": True, "starting": True}
     print(json.dumps(info, indent=2))
     return 0
 

@@ -38,6 +38,16 @@ def test_stale_hub_json_is_not_a_running_hub(tmp_path):
     assert datadir.running_endpoints(tmp_path) is None
 
 
+def test_hub_show_of_a_locked_data_dir_without_endpoints_says_starting(tmp_path):
+    lock = datadir.lock_hub(tmp_path)
+    try:
+        shown = json.loads(cli("hub", "show", "--data-dir", str(tmp_path)).stdout)
+        assert shown["running"] is True and shown["starting"] is True
+    finally:
+        lock.release()
+    assert json.loads(cli("hub", "show", "--data-dir", str(tmp_path)).stdout)["running"] is False
+
+
 # -- real processes ------------------------------------------------------------------------------
 
 def hub_up(tmp_path, data_dir, name="hub"):
