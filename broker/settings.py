@@ -6,6 +6,7 @@ names), and ``devstreams hub up`` flags.  Nothing else hides a limit.
 
 import dataclasses
 import io
+import math
 import tokenize
 import tomllib
 from dataclasses import dataclass
@@ -62,9 +63,12 @@ def _coerce(name: str, value, default):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"hub.toml: {name} must be a list of strings")
         return tuple(value)
-    if isinstance(default, bool) or not isinstance(value, type(default)) and not (
-            isinstance(default, float) and isinstance(value, int)):
-        raise ConfigError(f"hub.toml: {name} must be a {type(default).__name__}")
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        type(default), type(default).__name__)
+    if isinstance(default, bool) != isinstance(value, bool):  # TOML true is not 1, nor 1 true
+        raise ConfigError(f"hub.toml: {name} must be {kind}")
+    if not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
+        raise ConfigError(f"hub.toml: {name} must be {kind}")
     return type(default)(value)
 
 
@@ -89,6 +93,9 @@ def load(data_dir: Path, base: HubSettings | None = None) -> HubSettings:
 
 
 def validate(s: HubSettings) -> HubSettings:
+    for f in dataclasses.fields(s):  # TOML allows nan and inf; both would silently disable a limit
+        if isinstance(getattr(s, f.name), float) and not math.isfinite(getattr(s, f.name)):
+            raise ConfigError(f"setting {f.name} must be a finite number")
     for name in ("response_timeout", "connect_timeout", "max_new_streams_per_second",
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
