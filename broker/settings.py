@@ -138,15 +138,22 @@ def settings_dict(s: HubSettings) -> dict:
 
 
 def field_comments() -> dict[str, str]:
-    """Each field's trailing ``# comment`` in this file: the one place a setting is described."""
-    comments: dict[str, str] = {}
+    """Each field's ``# comment`` on its line(s) in this file: the one place a setting is described."""
     source = Path(__file__).read_text()
     body = source[source.index("class HubSettings"):source.index("    def advertised_host")]
-    for line in body.splitlines():
-        tokens = list(tokenize.generate_tokens(io.StringIO(line + "\n").readline))
-        if len(tokens) > 2 and tokens[0].type == tokenize.INDENT and tokens[2].string == ":":
-            comment = [t.string for t in tokens if t.type == tokenize.COMMENT]
-            comments[tokens[1].string] = comment[0].lstrip("# ").strip() if comment else ""
+    comments: dict[str, str] = {}
+    line: list[tokenize.TokenInfo] = []
+    for tok in tokenize.generate_tokens(io.StringIO(body).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):  # end of one logical line
+            names = [t for t in line if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL,
+                                                       tokenize.COMMENT)]
+            if len(names) > 1 and names[0].type == tokenize.NAME and names[1].string == ":":
+                text = [t.string.lstrip("#").strip() for t in line  # not the group headings above it
+                        if t.type == tokenize.COMMENT and t.start[0] >= names[0].start[0]]
+                comments[names[0].string] = " ".join(text)
+            line = []
+        else:
+            line.append(tok)
     return comments
 
 
