@@ -1,7 +1,10 @@
 """Every hub limit as a named setting, with defaults that work out of the box.
 
 Settings come from, in order: the defaults below, ``<data-dir>/hub.toml`` (same
-names), and ``devstreams hub up`` flags.  Nothing else hides a limit.
+names), and ``devstreams hub up`` flags.  Nothing else hides a limit.  Each field's
+comment is its documentation: ``python -m broker.settings`` makes README's table from
+them (a test compares the two), and ``devstreams hub show --settings`` prints the
+values in force.
 """
 
 import dataclasses
@@ -119,8 +122,6 @@ def validate(s: HubSettings) -> HubSettings:
     return s
 
 
-
-
 def gateway_kwargs(s: HubSettings) -> dict:
     """The built-in gateway's ``GatewaySettings`` arguments: every gateway limit comes from here."""
     return dict(host=s.bind, port=s.gateway_port, connect_timeout=s.gateway_peer_timeout,
@@ -158,6 +159,8 @@ def field_comments() -> dict[str, str]:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, tuple):
         return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     if isinstance(value, str):
@@ -171,7 +174,8 @@ def readme_table(s: HubSettings | None = None) -> str:
     comments = field_comments()
     rows = ["| setting (hub.toml) | default | what it is |", "|---|---|---|"]
     for f in dataclasses.fields(s):
-        rows.append(f"| `{f.name}` | `{_toml_value(getattr(s, f.name))}` | {comments.get(f.name, '')} |")
+        what = comments.get(f.name, "").replace("|", r"\|")
+        rows.append(f"| `{f.name}` | `{_toml_value(getattr(s, f.name))}` | {what} |")
     return "\n".join(rows) + "\n"
 
 
