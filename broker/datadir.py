@@ -7,19 +7,42 @@ Layout::
     registry.db       devices, service policy, activity log (SQLite)
     tls/              ca.pem (give this to clients), ca.key, server.pem, server.key
     keys/             stream-signing.key, controller.key (0600)
-    hub.json          endpoints of the running hub (written by 'hub up', read by 'hub show')
+    hub.json          endpoints and settings of the running hub (written by 'hub up', read by 'hub show')
+    hub.lock          locked by the running hub for its whole life; holds its pid
+
+Only one hub may run on a data dir: two would share one registry (each marking the
+other's devices offline) and fight over ``hub.json``.  The hub holds an exclusive
+``flock`` on ``hub.lock``; the kernel drops it when the process ends in any way,
+kill -9 included, so "is a hub running here?" is answered by the lock, never by a
+pid that may have been reused or by the registry's online flags that a killed hub
+could not clear.
 """
 
 import json
 import os
 import secrets
+import time
 from pathlib import Path
+
+try:
+    import fcntl
+    msvcrt = None
+except ImportError:  # Windows: a byte-range lock (also dropped by the OS when the process ends)
+    fcntl = None
+    import msvcrt
 
 from wire.errors import ConfigError
 
 from .pki import write_private
 
 DATA_DIR_ENV = "DEVSTREAMS_DATA_DIR"
+LOCK_FILE = "hub.lock"
+LOCK_WAIT = 1.0  # a CLI probe holds the lock (shared) for microseconds; a starting hub retries this long
+_WINDOWS_LOCK_OFFSET = 1 << 20  # the byte locked on Windows, away from the pid so it stays readable
+
+
+class DataDirInUseError(ConfigError):
+    """A second hub was started on a data dir that a running hub holds."""
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
@@ -69,3 +92,110 @@ def read_endpoints(path: Path) -> dict | None:
         return json.loads((path / "hub.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# -- the hub's lock --------------------------------------------------------------------------------
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+def _try_lock(fd: int, exclusive: bool) -> bool:
+    """Lock without waiting: True if taken, False if another holder has it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:  # EACCES or EDEADLOCK: another handle holds the byte
+        return False
+
+
+def _unlock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+class HubLock:
+    """The exclusive lock a running hub holds on ``<data-dir>/hub.lock`` (see the module docstring)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor drops the flock
+
+
+def lock_hub(path: Path, wait: float = LOCK_WAIT) -> HubLock:
+    """Take the data dir for this process, or raise DataDirInUseError naming the hub that has it.
+
+    Called before the hub touches anything else in the data dir (ports, registry, hub.json).
+    """
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {lock_path}: {exc.strerror}") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if _try_lock(fd, exclusive=True):
+                break
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot lock {lock_path}: {exc.strerror}") from None
+        if time.monotonic() >= deadline:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DataDirInUseError(f"data dir {path} is in use by hub pid {pid or '(starting)'}: "
+                                    "stop that hub first, or use another --data-dir")
+        time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return HubLock(lock_path, fd)
+
+
+def running_hub(path: Path) -> int | None:
+    """The pid of the hub holding this data dir (0 if it has not written it yet), or None if no hub runs."""
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # never had a hub, or not readable: nothing holds it that we can see
+    try:
+        try:
+            if not _try_lock(fd, exclusive=False):
+                return _read_pid(fd) or 0
+        except OSError:
+            return None
+        _unlock(fd)
+        return None
+    finally:
+        os.close(fd)
+
+
+def running_endpoints(path: Path) -> dict | None:
+    """hub.json, but only while a hub holds the data dir: a killed hub's hub.json is stale."""
+    if running_hub(path) is None:
+        return None
+    return read_endpoints(path)

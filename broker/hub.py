@@ -19,7 +19,7 @@ from .auth import Authenticator
 from .controller import StreamController
 from .gate import LISTENER, Gate
 from .registry import SERVICE_POLICY, Registry, open_registry
-from .settings import HubSettings, validate
+from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,24 @@ class Hub:
         self.controller: StreamController | None = None
         self._watcher: asyncio.Task | None = None
         self.tls: pki.TlsFiles | None = None
+        self._lock: datadir.HubLock | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
-        self.tls = pki.ensure_tls(self.data_dir / "tls", s.hosts)
-        self.registry = open_registry(self.data_dir)
-        self.registry.policy_key(create=True)
-        self.registry.mark_all_offline()
-        self.registry.prune_activity(s.activity_retention_days)
-        signing_key = datadir.secret_key(self.data_dir, "stream-signing.key")
-        controller_key = datadir.secret_key(self.data_dir, "controller.key")
-        server_ssl = pki.server_context(self.tls)
-        authenticator = Authenticator(self.registry, controller_key, gateway_key=signing_key)
+        # First, before any port, file or registry row is touched: one hub per data dir.
+        self._lock = datadir.lock_hub(self.data_dir)
         try:
+            self.tls = pki.ensure_tls(self.data_dir / "tls", s.hosts)
+            self.registry = open_registry(self.data_dir)
+            self.registry.policy_key(create=True)
+            self.registry.mark_all_offline()
+            self.registry.prune_activity(s.activity_retention_days)
+            signing_key = datadir.secret_key(self.data_dir, "stream-signing.key")
+            controller_key = datadir.secret_key(self.data_dir, "controller.key")
+            server_ssl = pki.server_context(self.tls)
+            authenticator = Authenticator(self.registry, controller_key, gateway_key=signing_key)
             await self._start_broker(authenticator, server_ssl)
             if not s.gateway_urls:
                 await self._start_gateway(signing_key, server_ssl)
@@ -62,8 +65,14 @@ class Hub:
             await self.stop()
             raise
         self._watcher = asyncio.create_task(self._watch_registry())
-        datadir.write_endpoints(self.data_dir, self.endpoints | {"pid": os.getpid(), "started": time.time()})
+        datadir.write_endpoints(self.data_dir, self.endpoints | {"pid": os.getpid(), "started": time.time(),
+                                                                 "settings": self.effective_settings()})
         log.info("hub up: MQTT on %s, gateway %s", self.mqtt_url, ", ".join(self.gateway_urls()))
+
+    def effective_settings(self) -> dict:
+        """The settings in force, with the ports actually bound (for 'hub show --settings')."""
+        gateway_port = self.gateway.port if self.gateway is not None else self.settings.gateway_port
+        return settings_dict(self.settings.replace(mqtt_port=self.mqtt_port, gateway_port=gateway_port))
 
     async def _start_broker(self, authenticator: Authenticator, server_ssl) -> None:
         s = self.settings
@@ -82,10 +91,8 @@ class Hub:
     async def _start_gateway(self, signing_key: bytes, server_ssl) -> None:
         from streamgw import Gateway, GatewaySettings  # the hub runs one gateway in-process
         s = self.settings
-        settings = GatewaySettings(host=s.bind, port=s.gateway_port, connect_timeout=s.gateway_peer_timeout,
-                                   ping_interval=s.gateway_ping_interval, ping_timeout=s.gateway_ping_timeout,
-                                   close_timeout=s.gateway_close_timeout,
-                                   max_lifetime=s.max_stream_lifetime,
+        # Every gateway limit comes from HubSettings (max_concurrent_streams included), none from defaults.
+        settings = GatewaySettings(**gateway_kwargs(s),
                                    public_url=f"wss://{s.advertised_host()}:{{port}}")  # port filled in at bind
         self.gateway = Gateway(settings, signing_key, server_ssl, on_stream_closed=self._on_stream_closed,
                                on_stream_opened=self._on_stream_opened)
@@ -110,10 +117,12 @@ class Hub:
             self.registry.mark_all_offline()
             self.registry.close()
             self.registry = None
-        try:
-            (self.data_dir / "hub.json").unlink()
-        except OSError:
-            pass
+        if self._lock is not None and self._lock.held:  # hub.json is ours only while we hold the data dir
+            try:
+                (self.data_dir / "hub.json").unlink()
+            except OSError:
+                pass
+            self._lock.release()
 
     # -- what clients need to know ---------------------------------------------------------------
 

@@ -1,45 +1,56 @@
 """Every hub limit as a named setting, with defaults that work out of the box.
 
 Settings come from, in order: the defaults below, ``<data-dir>/hub.toml`` (same
-names), and ``devstreams hub up`` flags.  Nothing else hides a limit.
+names), and ``devstreams hub up`` flags.  Nothing else hides a limit.  Each field's
+comment is its documentation: ``python -m broker.settings`` makes README's table from
+them (a test compares the two), and ``devstreams hub show --settings`` prints the
+values in force.
 """
 
 import dataclasses
+import io
+import math
+import tokenize
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from wire.errors import ConfigError
+from wire.streamproto import CHUNK_BYTES, MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
 class HubSettings:
     # Where the hub listens and what names it answers to.
-    bind: str = "0.0.0.0"
+    bind: str = "0.0.0.0"                 # address both listeners bind to
     hosts: tuple[str, ...] = ()           # extra names for the certificate; the first is advertised
-    mqtt_port: int = 8883
-    gateway_port: int = 8443
+    mqtt_port: int = 8883                 # MQTT over TLS (0 = the OS picks)
+    gateway_port: int = 8443              # the built-in gateway's WebSocket over TLS (0 = the OS picks)
     gateway_urls: tuple[str, ...] = ()    # external gateways (wss://…); empty = the built-in one
     # Stream negotiation.
-    response_timeout: float = 60.0        # longest a device may take to answer a request
-    connect_timeout: float = 60.0         # longest a side may take to reach the gateway after accept
-    max_concurrent_streams: int = 1000    # streams being negotiated or open, per hub
-    max_new_streams_per_second: float = 200.0
-    new_streams_burst: int = 200
+    response_timeout: float = 60.0        # s; longest a device may take to answer a request
+    connect_timeout: float = 60.0         # s; longest a side may take to reach the gateway after accept
+    max_concurrent_streams: int = 1000    # streams being negotiated or open, per hub (and per built-in gateway)
+    max_new_streams_per_second: float = 200.0  # average rate of new stream requests the hub admits
+    new_streams_burst: int = 200          # new stream requests admitted at once above that rate
     max_pending_per_device: int = 256     # unanswered requests one device may have at once
     # Broker.
-    max_connections: int = 10000
-    max_connect_packet_bytes: int = 8192
-    connect_packet_timeout: float = 10.0  # a TLS client must send CONNECT within this
-    registry_poll_interval: float = 0.5   # how soon a CLI change (disable, remove) reaches the hub
+    max_connections: int = 10000          # MQTT connections (devices, services, gateways) at once
+    max_connect_packet_bytes: int = 8192  # largest MQTT CONNECT the gate reads before authenticating
+    connect_packet_timeout: float = 10.0  # s; a TLS client must send CONNECT within this
+    registry_poll_interval: float = 0.5   # s; how soon a CLI change (disable, remove) reaches the hub
     # Gateway (the built-in one).
-    gateway_peer_timeout: float = 60.0    # how long the first side waits for its peer
-    gateway_ping_interval: float = 10.0
-    gateway_ping_timeout: float = 10.0
-    gateway_close_timeout: float = 2.0    # dead peer noticed within ping interval + ping timeout + this
-    max_stream_lifetime: float = 0.0      # 0 = unlimited
+    gateway_peer_timeout: float = 60.0    # s; how long the first side waits for its peer
+    gateway_ping_interval: float = 10.0   # s; WebSocket pings to each side of a stream
+    gateway_ping_timeout: float = 10.0    # s; a side that does not answer a ping in this is lost
+    gateway_close_timeout: float = 2.0    # s; longest a closing handshake may take before the socket is cut
+    max_stream_lifetime: float = 0.0      # s; a stream is ended after this (0 = unlimited)
+    gateway_open_timeout: float = 10.0    # s; TLS handshake + WebSocket upgrade must finish within this
+    gateway_max_message_bytes: int = MAX_MESSAGE_BYTES  # largest WebSocket message a side may send
+    gateway_max_queue: int = 8            # messages buffered per direction before reading pauses
+    gateway_write_limit: int = 256 * 1024  # bytes buffered for sending before the relay waits
     # Activity log.
-    activity_retention_days: int = 30
+    activity_retention_days: int = 30     # activity log entries older than this are pruned at start
 
     def advertised_host(self) -> str:
         return self.hosts[0] if self.hosts else "localhost"
@@ -55,9 +66,12 @@ def _coerce(name: str, value, default):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"hub.toml: {name} must be a list of strings")
         return tuple(value)
-    if isinstance(default, bool) or not isinstance(value, type(default)) and not (
-            isinstance(default, float) and isinstance(value, int)):
-        raise ConfigError(f"hub.toml: {name} must be a {type(default).__name__}")
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        type(default), type(default).__name__)
+    if isinstance(default, bool) != isinstance(value, bool):  # TOML true is not 1, nor 1 true
+        raise ConfigError(f"hub.toml: {name} must be {kind}")
+    if not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
+        raise ConfigError(f"hub.toml: {name} must be {kind}")
     return type(default)(value)
 
 
@@ -82,17 +96,88 @@ def load(data_dir: Path, base: HubSettings | None = None) -> HubSettings:
 
 
 def validate(s: HubSettings) -> HubSettings:
+    for f in dataclasses.fields(s):  # TOML allows nan and inf; both would silently disable a limit
+        if isinstance(getattr(s, f.name), float) and not math.isfinite(getattr(s, f.name)):
+            raise ConfigError(f"setting {f.name} must be a finite number")
     for name in ("response_timeout", "connect_timeout", "max_new_streams_per_second",
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
-                 "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout"):
+                 "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
+                 "gateway_open_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
-    for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections"):
+    for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
+                 "activity_retention_days", "gateway_max_queue", "gateway_write_limit"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
+    if s.max_stream_lifetime < 0:
+        raise ConfigError("setting max_stream_lifetime must be 0 (unlimited) or more")
+    if s.max_connect_packet_bytes < 256:  # a CONNECT with a device ID and a SAS token needs ~300 bytes
+        raise ConfigError("setting max_connect_packet_bytes must be at least 256")
+    if not CHUNK_BYTES <= s.gateway_max_message_bytes <= MAX_MESSAGE_BYTES:
+        raise ConfigError(f"setting gateway_max_message_bytes must be between {CHUNK_BYTES} (what the SDKs "
+                          f"send) and {MAX_MESSAGE_BYTES} (what they accept)")
     for name in ("mqtt_port", "gateway_port"):
         if not 0 <= getattr(s, name) < 65536:
             raise ConfigError(f"setting {name} must be a port number (0 lets the OS pick)")
     return s
 
 
+def gateway_kwargs(s: HubSettings) -> dict:
+    """The built-in gateway's ``GatewaySettings`` arguments: every gateway limit comes from here."""
+    return dict(host=s.bind, port=s.gateway_port, connect_timeout=s.gateway_peer_timeout,
+                ping_interval=s.gateway_ping_interval, ping_timeout=s.gateway_ping_timeout,
+                close_timeout=s.gateway_close_timeout, max_lifetime=s.max_stream_lifetime,
+                max_streams=s.max_concurrent_streams, open_timeout=s.gateway_open_timeout,
+                max_message_bytes=s.gateway_max_message_bytes, max_queue=s.gateway_max_queue,
+                write_limit=s.gateway_write_limit)
+
+
+def settings_dict(s: HubSettings) -> dict:
+    """JSON-ready settings, names as in hub.toml."""
+    return {f.name: list(v) if isinstance(v := getattr(s, f.name), tuple) else v
+            for f in dataclasses.fields(s)}
+
+
+def field_comments() -> dict[str, str]:
+    """Each field's ``# comment`` on its line(s) in this file: the one place a setting is described."""
+    source = Path(__file__).read_text()
+    body = source[source.index("class HubSettings"):source.index("    def advertised_host")]
+    comments: dict[str, str] = {}
+    line: list[tokenize.TokenInfo] = []
+    for tok in tokenize.generate_tokens(io.StringIO(body).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):  # end of one logical line
+            names = [t for t in line if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL,
+                                                       tokenize.COMMENT)]
+            if len(names) > 1 and names[0].type == tokenize.NAME and names[1].string == ":":
+                text = [t.string.lstrip("#").strip() for t in line  # not the group headings above it
+                        if t.type == tokenize.COMMENT and t.start[0] >= names[0].start[0]]
+                comments[names[0].string] = " ".join(text)
+            line = []
+        else:
+            line.append(tok)
+    return comments
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def readme_table(s: HubSettings | None = None) -> str:
+    """The README's settings table (``python -m broker.settings`` prints it)."""
+    s = s or HubSettings()
+    comments = field_comments()
+    rows = ["| setting (hub.toml) | default | what it is |", "|---|---|---|"]
+    for f in dataclasses.fields(s):
+        what = comments.get(f.name, "").replace("|", r"\|")
+        rows.append(f"| `{f.name}` | `{_toml_value(getattr(s, f.name))}` | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(readme_table(), end="")

@@ -2,7 +2,9 @@
 
 It needs the hub's stream-signing key and a TLS certificate; by default both
 come from the hub's data dir (same machine, or a copy of those files).  Point
-the hub at it with ``devstreams hub up --gateway-url <its public URL>``.
+the hub at it with ``devstreams hub up --gateway-url <its public URL>``.  Its
+limits are the hub's ``gateway_*`` settings (and ``max_concurrent_streams``) from
+``<data-dir>/hub.toml`` when there is one, so one file sets every gateway; flags override.
 """
 
 import logging
@@ -32,10 +34,14 @@ def register(groups, common) -> None:
     up.add_argument("--port", type=int, default=8443, help="port (default 8443; 0 = any)")
     up.add_argument("--public-url", default=None,
                     help="the URL clients use, e.g. wss://gw2.example:8443 (default wss://localhost:<port>)")
-    up.add_argument("--peer-timeout", type=float, default=60.0, help="how long a side waits for its peer (s)")
-    up.add_argument("--ping-interval", type=float, default=10.0)
-    up.add_argument("--ping-timeout", type=float, default=10.0)
-    up.add_argument("--max-streams", type=int, default=1000)
+    up.add_argument("--peer-timeout", type=float, default=None,
+                    help="how long a side waits for its peer (s; default: hub.toml gateway_peer_timeout, 60)")
+    up.add_argument("--ping-interval", type=float, default=None,
+                    help="s; default: hub.toml gateway_ping_interval, 10")
+    up.add_argument("--ping-timeout", type=float, default=None,
+                    help="s; default: hub.toml gateway_ping_timeout, 10")
+    up.add_argument("--max-streams", type=int, default=None,
+                    help="streams open or waiting at once (default: hub.toml max_concurrent_streams, 1000)")
     up.add_argument("--hub", default=None, metavar="HOST:PORT",
                     help="the hub's MQTT endpoint, to report streams (activity log, stream limits) from "
                          "another machine; default: write to the hub's data dir when it is here")
@@ -95,6 +101,21 @@ def _mqtt_reporter(args, data: Path, key: bytes, port: int):
     return MqttReporter(host=host, port=hub_port, ssl_context=client_context(ca), signing_key=key, name=name)
 
 
+def _limits(args, data: Path) -> dict:
+    """The hub's gateway limits (hub.toml in the data dir, else defaults), then the flags."""
+    from broker.settings import gateway_kwargs, load, validate
+    limits = gateway_kwargs(validate(load(data)))
+    for flag, name in (("peer_timeout", "connect_timeout"), ("ping_interval", "ping_interval"),
+                       ("ping_timeout", "ping_timeout"), ("max_streams", "max_streams")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be greater than 0")
+            limits[name] = value
+    limits.pop("host"), limits.pop("port")
+    return limits
+
+
 async def gateway_up(args) -> int:
     from streamgw import Gateway, GatewaySettings
     data = datadir.resolve(args.data_dir)
@@ -104,9 +125,7 @@ async def gateway_up(args) -> int:
         raise ConfigError(f"{key_path} is too short to be a signing key")
     if args.public_url and not args.public_url.startswith("wss://"):
         raise ConfigError("--public-url must start with wss://")
-    settings = GatewaySettings(host=args.bind, port=args.port, public_url=args.public_url,
-                               connect_timeout=args.peer_timeout, ping_interval=args.ping_interval,
-                               ping_timeout=args.ping_timeout, max_streams=args.max_streams)
+    settings = GatewaySettings(**_limits(args, data), host=args.bind, port=args.port, public_url=args.public_url)
     if args.hub:
         _hub_address(args.hub)  # refuse a bad address before listening
     # Reports go over MQTT with --hub, else to a registry in the local data dir, if any.

@@ -4,12 +4,11 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import sys
 
 from broker import datadir
 from broker.registry import SERVICE_POLICY, open_registry
-from broker.settings import HubSettings, load, validate
+from broker.settings import HubSettings, load, settings_dict, validate
 from wire.connstr import ConnectionString
 from wire.errors import ConfigError
 
@@ -43,6 +42,8 @@ def register(groups, common) -> None:
     up.set_defaults(run=hub_up, default_log_level="info")
 
     show = hub.add_parser("show", parents=[common, data], help="print the hub's endpoints as JSON")
+    show.add_argument("--settings", action="store_true",
+                      help="print the effective settings instead (the running hub's, else hub.toml + defaults)")
     show.set_defaults(run=hub_show)
     cs = hub.add_parser("connection-string", parents=[common, data], help="print the service connection string")
     cs.add_argument("--rotate", action="store_true", help="make a new service key first (old one stops working)")
@@ -77,7 +78,7 @@ def register(groups, common) -> None:
 # -- helpers -------------------------------------------------------------------------------------
 
 def _settings(args) -> HubSettings:
-    return load(datadir.resolve(args.data_dir))
+    return validate(load(datadir.resolve(args.data_dir)))
 
 
 def _registry(args):
@@ -87,7 +88,7 @@ def _registry(args):
 def _address(args) -> tuple[str, int]:
     """Host and MQTT port clients should use: the running hub's, else the configured ones."""
     path = datadir.resolve(args.data_dir)
-    running = datadir.read_endpoints(path)
+    running = datadir.running_endpoints(path)
     if running:
         return running["hostName"], running["mqttPort"]
     settings = _settings(args)
@@ -105,9 +106,19 @@ def _when(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _device_json(device) -> dict:
-    return {"deviceId": device.id, "enabled": device.enabled, "online": device.online,
+def _hub_running(args) -> bool:
+    """Whether a hub holds the data dir now: the only honest source of "online" (see broker.datadir)."""
+    return datadir.running_hub(datadir.resolve(args.data_dir)) is not None
+
+
+def _device_json(device, hub_running: bool) -> dict:
+    # A hub killed with -9 could not clear the registry's online flags: without a hub nothing is online.
+    return {"deviceId": device.id, "enabled": device.enabled, "online": device.online and hub_running,
             "lastSeen": device.last_seen, "created": device.created}
+
+
+def _hub_down_note(args) -> str:
+    return f"hub not running (data dir {datadir.resolve(args.data_dir)})"
 
 
 # -- hub -----------------------------------------------------------------------------------------
@@ -144,9 +155,16 @@ async def hub_up(args) -> int:
 
 def hub_show(args) -> int:
     path = datadir.resolve(args.data_dir)
-    running = datadir.read_endpoints(path)
-    if running and _alive(running.get("pid")):
-        info = {k: v for k, v in running.items() if k not in ("pid", "started")} | {"running": True}
+    running = datadir.running_endpoints(path)  # None unless a hub holds the data dir's lock
+    if args.settings:
+        if running and "settings" in running:
+            info = running["settings"]
+        else:
+            info = settings_dict(_settings(args))
+        print(json.dumps(info, indent=2))
+        return 0
+    if running:
+        info = {k: v for k, v in running.items() if k not in ("pid", "started", "settings")} | {"running": True}
     else:
         settings = _settings(args)
         host = settings.advertised_host()
@@ -154,18 +172,10 @@ def hub_show(args) -> int:
         info = {"hostName": host, "mqttEndpoint": f"mqtts://{host}:{settings.mqtt_port}",
                 "mqttPort": settings.mqtt_port, "streamingEndpoints": gateways,
                 "caFile": str(path / "tls" / "ca.pem"), "dataDir": str(path), "running": False}
+        if datadir.running_hub(path) is not None:  # locked, endpoints not written yet: still starting
+            info |= {"running": True, "starting": True}
     print(json.dumps(info, indent=2))
     return 0
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
 
 
 def hub_connection_string(args) -> int:
@@ -187,26 +197,33 @@ def device_add(args) -> int:
 
 def device_show(args) -> int:
     device = _registry(args).require(args.device_id)
-    info = _device_json(device) | {"connectionString": _device_cs(args, device)}
+    running = _hub_running(args)
+    info = _device_json(device, running) | {"hubRunning": running,
+                                            "connectionString": _device_cs(args, device)}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             if key in ("lastSeen", "created"):
                 value = _when(value)
+            if key == "online" and not running:
+                value = f"False ({_hub_down_note(args)})"
             print(f"{key + ':':18} {value}")
     return 0
 
 
 def device_list(args) -> int:
     devices = _registry(args).all()
+    running = _hub_running(args)
     if args.json:
-        print(json.dumps([_device_json(d) for d in devices], indent=2))
+        print(json.dumps([_device_json(d, running) for d in devices], indent=2))
         return 0
+    if not running:
+        print(f"{_hub_down_note(args)}: every device is offline")
     print(f"{'DEVICE':32} {'STATE':9} {'CONNECTION':10} LAST SEEN")
     for d in devices:
         print(f"{d.id:32} {'enabled' if d.enabled else 'disabled':9} "
-              f"{'online' if d.online else 'offline':10} {_when(d.last_seen)}")
+              f"{'online' if d.online and running else 'offline':10} {_when(d.last_seen)}")
     return 0
 
 
