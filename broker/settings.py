@@ -27,11 +27,15 @@ class HubSettings:
     max_new_streams_per_second: float = 200.0
     new_streams_burst: int = 200
     max_pending_per_device: int = 256     # unanswered requests one device may have at once
+    # Per service connection (MQTT client id): one client's flood is refused at its own door.
+    service_requests_per_second: float = 50.0
+    service_requests_burst: int = 100
     # Broker.
     max_connections: int = 10000
     max_connect_packet_bytes: int = 8192
     connect_packet_timeout: float = 10.0  # a TLS client must send CONNECT within this
     registry_poll_interval: float = 0.5   # how soon a CLI change (disable, remove) reaches the hub
+    session_expiry_check_interval: float = 1.0  # how soon a session whose SAS token ran out is dropped
     # Gateway (the built-in one).
     gateway_peer_timeout: float = 60.0    # how long the first side waits for its peer
     gateway_ping_interval: float = 10.0
@@ -40,6 +44,8 @@ class HubSettings:
     max_stream_lifetime: float = 0.0      # 0 = unlimited
     # Activity log.
     activity_retention_days: int = 30
+    open_streams_refresh: float = 1.0     # how often 'devstreams streams list' sees new byte counts
+    disk_error_log_interval: float = 60.0  # a failing disk (full) is logged once per this, not per row
 
     def advertised_host(self) -> str:
         return self.hosts[0] if self.hosts else "localhost"
@@ -84,10 +90,13 @@ def load(data_dir: Path, base: HubSettings | None = None) -> HubSettings:
 def validate(s: HubSettings) -> HubSettings:
     for name in ("response_timeout", "connect_timeout", "max_new_streams_per_second",
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
-                 "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout"):
+                 "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
+                 "service_requests_per_second", "session_expiry_check_interval", "open_streams_refresh",
+                 "disk_error_log_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
-    for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections"):
+    for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
+                 "service_requests_burst"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     for name in ("mqtt_port", "gateway_port"):

@@ -6,11 +6,16 @@ duration and reason to the activity log).  The built-in gateway calls the
 controller directly; a gateway elsewhere logs in to the broker as
 ``hub:gateway`` with a token signed by the stream-signing key it already holds.
 Reports made while the hub is unreachable are dropped (and logged).
+
+The same session carries the hub's orders the other way: on the gateway control
+topic the hub says which streams to end (a device was disabled or re-keyed, the
+service key was rotated, an operator closed a stream).
 """
 
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from wire import messages as msg
 from wire import sas, topics
@@ -30,8 +35,26 @@ class MqttReporter:
         self._mqtt = MqttSession(
             client_id=self.client_id, host=host, port=port, username=topics.GATEWAY_USER,
             password=lambda: sas.make_token(signing_key, sas.GATEWAY_RESOURCE, TOKEN_TTL),
-            ssl_context=ssl_context, keepalive=30)
+            ssl_context=ssl_context, keepalive=30, subscriptions=(topics.gateway_control(),),
+            on_message=self._on_message)
         self._starting: asyncio.Task | None = None
+        self._control: Callable[[msg.GatewayControl], object] | None = None
+
+    def on_control(self, handler: Callable[[msg.GatewayControl], object]) -> None:
+        """Where the hub's orders go (``Gateway.apply_control``)."""
+        self._control = handler
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            control = msg.decode_gateway_control(payload)
+        except msg.MessageError as exc:
+            log.warning("ignoring a bad control message from the hub: %s", exc)
+            return
+        if self._control is not None:
+            try:
+                self._control(control)
+            except Exception:
+                log.exception("applying a control message failed")
 
     async def start(self) -> None:
         """Connect in the background: the gateway serves streams even while the hub is away."""

@@ -101,6 +101,23 @@ class GatewayEvent:
     duration: float = 0.0
 
 
+MAX_CONTROL_STREAMS = 128  # stream ids per GatewayControl message (the hub splits longer lists)
+
+
+@dataclass(frozen=True)
+class GatewayControl:
+    """Hub -> every gateway: end these streams now and refuse their unused tokens.
+
+    ``streams``: stream ids (open, or accepted but not yet opened); ``device``: also
+    end every open stream of this device (it was disabled, removed or re-keyed);
+    ``reason`` goes to both sides in the WebSocket close.
+    """
+
+    streams: tuple[str, ...] = ()
+    device: str = ""
+    reason: str = ""
+
+
 def encode(message: Any) -> bytes:
     data = asdict(message)
     for key, value in data.items():
@@ -200,3 +217,19 @@ def decode_gateway_event(payload: bytes) -> GatewayEvent:
     return GatewayEvent(event=event, stream_id=_str(d, "stream_id", 64), device=_str(d, "device", 128, False),
                         name=_str(d, "name", 64, False), reason=_str(d, "reason", 256, False),
                         duration=max(0.0, _num(d, "duration", 0.0)), **counts)
+
+
+def decode_gateway_control(payload: bytes) -> GatewayControl:
+    d = _load(payload)
+    streams = d.get("streams", [])
+    if not isinstance(streams, list) or len(streams) > MAX_CONTROL_STREAMS:
+        raise MessageError(f"field 'streams' must be a list of at most {MAX_CONTROL_STREAMS} stream ids")
+    for sid in streams:
+        if not isinstance(sid, str) or not 0 < len(sid) <= 64:
+            raise MessageError("field 'streams' holds an invalid stream id")
+    device = _str(d, "device", 128, required=False)
+    if device and not DEVICE_ID_RE.match(device):
+        raise MessageError(f"invalid device ID {device!r}")
+    if not streams and not device:
+        raise MessageError("a control message names no stream and no device")
+    return GatewayControl(streams=tuple(streams), device=device, reason=_str(d, "reason", 120, required=False))

@@ -24,6 +24,7 @@ CLOSE_PEER_TIMEOUT = 4001        # the other side never connected within the con
 CLOSE_PEER_LOST = 4002           # the other side vanished (crash, dead network, ping timeout)
 CLOSE_PROTOCOL = 4003            # a side sent something the protocol does not allow
 CLOSE_LIFETIME = 4004            # the stream reached its maximum life
+CLOSE_REVOKED = 4006             # an operator revoked access (device disabled, key rotated, stream closed)
 
 CLOSE_REASONS = {
     CLOSE_PEER_CLOSED: "peer closed the stream",
@@ -31,6 +32,7 @@ CLOSE_REASONS = {
     CLOSE_PEER_LOST: "peer connection lost",
     CLOSE_PROTOCOL: "protocol violation",
     CLOSE_LIFETIME: "stream reached its maximum lifetime",
+    CLOSE_REVOKED: "access revoked",
     CLOSE_GOING_AWAY: "gateway shutting down",
 }
 

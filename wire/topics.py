@@ -45,6 +45,15 @@ def gateway_events(client_id: str) -> str:
     return f"{ROOT}/gateways/{client_id}/events"
 
 
+def gateway_control() -> str:
+    """Hub -> every gateway: close streams (revocations, operator closes).
+
+    One topic for all gateways: they hold the same signing key and are equally
+    trusted, and the hub need not know which gateway serves a stream.
+    """
+    return f"{ROOT}/gateways/control"
+
+
 # What the controller listens to.
 ALL_DEVICE_RESPONSES = f"{ROOT}/devices/+/streams/res"
 ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
@@ -106,7 +115,9 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
             return topic == service_requests(client_id)
         return topic == service_responses(client_id)
     if role is Role.GATEWAY:
-        return action is Action.PUBLISH and topic == gateway_events(client_id)
+        if action is Action.PUBLISH:
+            return topic == gateway_events(client_id)
+        return topic == gateway_control()
     return False
 
 
