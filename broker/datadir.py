@@ -11,6 +11,7 @@ Layout::
 """
 
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 from wire.errors import ConfigError
 
 from .pki import write_private
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "DEVSTREAMS_DATA_DIR"
 
@@ -59,9 +62,15 @@ def secret_key(path: Path, name: str) -> bytes:
 
 
 def write_endpoints(path: Path, info: dict) -> None:
+    """Best effort: a hub on a full disk still starts (the CLI then falls back to hub.toml)."""
     tmp = path / "hub.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(path / "hub.json")
+    try:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path / "hub.json")
+    except OSError as exc:
+        log.error("cannot write %s (%s): 'hub show' and the CLI will not see this hub's ports",
+                  path / "hub.json", exc.strerror or exc)
+        tmp.unlink(missing_ok=True)
 
 
 def read_endpoints(path: Path) -> dict | None:

@@ -121,25 +121,60 @@ class Registry:
     def __init__(self, path: Path, error_log_interval: float = 60.0):
         self.path = path
         self._write_errors = EveryInterval(error_log_interval)
+        self.degraded = False     # opened read-only because the disk is full (see _open_read_only)
+        self._next_retry = 0.0
         try:
             if not path.exists():  # it holds device and service keys: owner-only from the start
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = self._connect()
         except (sqlite3.Error, OSError) as exc:
-            raise self._failure(f"cannot open the registry {path}", exc) from None
+            if not self._disk_full(exc) or not path.exists() or path.stat().st_size == 0:
+                raise self._failure(f"cannot open the registry {path}", exc) from None
+            self._db = self._open_read_only(exc)
+            return
         try:
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
-            if not is_disk_full(exc) or not self._db.execute(
+            if not self._disk_full(exc) or not self._db.execute(
                     "SELECT 1 FROM sqlite_master WHERE name = 'devices'").fetchone():
                 raise self._failure(f"cannot open the registry {path}", exc) from None
             # Full disk, existing registry: read-only work (logins, streams) still goes on.
             self._best_effort_failed("creating the registry's newer tables", exc)
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_read_only(self, exc: BaseException) -> sqlite3.Connection:
+        """A full disk cannot hold SQLite's WAL index (``-shm``): read the file as it is.
+
+        Logins and streams only read the registry, so the hub keeps serving; every
+        write fails (logged once per interval, or DiskFullError for a command), and
+        :meth:`data_version` reopens normally once there is room again.
+        """
+        self.degraded = True
+        log.error("disk full: cannot open the registry %s for writing (%s); serving read-only until "
+                  "there is free space", self.path, exc)
+        return sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True, timeout=10,
+                               isolation_level=None, check_same_thread=False)
+
+    def _disk_full(self, exc: BaseException) -> bool:
+        """A full-disk error, also when SQLite reports it as an I/O error (creating ``-shm``)."""
+        if is_disk_full(exc) or self.degraded:
+            return True
+        try:
+            return isinstance(exc, (sqlite3.Error, OSError)) and os.statvfs(self.path.parent).f_bavail == 0
+        except OSError:
+            return False
+
     def _failure(self, what: str, exc: BaseException) -> ConfigError:
-        if is_disk_full(exc):
+        if self._disk_full(exc):
             return DiskFullError(f"disk full: {what} ({exc}); free space on the disk of {self.path.parent}")
         return ConfigError(f"{what}: {exc}")
 
@@ -147,7 +182,7 @@ class Registry:
         """A command's write: a full disk is a one-line DiskFullError."""
         try:
             self._db.execute(sql, args)
-        except (sqlite3.OperationalError, OSError) as exc:
+        except (sqlite3.OperationalError, OSError) as exc:  # (read-only when degraded: disk full)
             raise self._failure("cannot write the registry", exc) from None
 
     def _best_effort(self, sql: str, args: tuple = ()) -> bool:
@@ -163,7 +198,7 @@ class Registry:
         ready, suppressed = self._write_errors.ready(time.monotonic() if now is None else now)
         if ready:
             more = f"; {suppressed} more write(s) failed since the last report" if suppressed else ""
-            kind = "disk full" if is_disk_full(exc) else "error"
+            kind = "disk full" if self._disk_full(exc) else "error"
             log.error("%s %s (%s): %s; activity log, presence and the open-stream list are not being "
                       "recorded, streams keep flowing%s", kind, what, self.path, exc, more)
 
@@ -171,7 +206,21 @@ class Registry:
         self._db.close()
 
     def data_version(self) -> int:
-        """Changes when another connection (a CLI command) commits."""
+        """Changes when another connection (a CLI command) commits (or the registry became writable)."""
+        if self.degraded and time.monotonic() >= self._next_retry:
+            self._next_retry = time.monotonic() + 1.0
+            db = None
+            try:
+                db = self._connect()
+                db.executescript(SCHEMA)
+            except (sqlite3.Error, OSError):
+                if db is not None:
+                    db.close()
+            else:
+                self._db.close()
+                self._db, self.degraded = db, False
+                log.warning("the registry %s is writable again", self.path)
+                return -1  # never a real data_version: the caller re-reads everything
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
     # -- devices -------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """One service's flood of stream requests is refused at its own door; others stay fast."""
 
 import asyncio
+import contextlib
+import errno
 import json
+import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -10,8 +14,10 @@ import time
 import pytest
 
 from bench.procs import stop_process
+from device_agent import DeviceAgent
+from device_agent.settings import AgentSettings
 from devprocs import agent
-from helpers import REPO, run
+from helpers import REPO, HubThread, cli, run, wait_for
 from service_client import ServiceClient
 
 FLOOD_REQUESTS = 2000
@@ -117,3 +123,104 @@ def test_a_flooding_service_is_refused_at_its_door_and_others_stay_fast(hub, tmp
     assert any("service_requests_per_second" in r for r in report["reasons"]), report["reasons"]
     assert len(during) == 30  # every one of the other service's streams was set up and echoed
     assert p50 < 100, f"other service's stream setup p50 {p50:.1f} ms during the flood"
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def small_disk(path, size="4m"):
+    """A real filesystem of its own (tmpfs) that the test can fill; skipped where mounting is not allowed."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path) -> None:
+    """Take every free block of the filesystem holding ``path``."""
+    fd = os.open(path / f"filler-{time.monotonic_ns()}", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    assert os.statvfs(path).f_bavail == 0
+
+
+async def echo_streams(hub, device: str, count: int) -> None:
+    async with ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+        for n in range(count):
+            async with await (await svc.create_stream(device, "echo")).open() as stream:
+                await stream.send(b"full %d" % n)
+                assert await stream.recv() == b"full %d" % n
+
+
+async def echo_handler(request):
+    async with await request.accept() as stream:
+        async for chunk in stream:
+            await stream.send(chunk)
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_keeps_streams_logs_once_and_add_says_disk_full(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    with small_disk(tmp_path / "disk") as disk:
+        data = disk / "hub"
+        hub = HubThread(data).start()
+        try:
+            cs = hub.add_device("on-full-disk")
+
+            async def before_and_after():
+                async with DeviceAgent(cs, echo_handler, ca_file=hub.ca_file,
+                                       settings=AgentSettings(reconnect_min=1, reconnect_max=1)):
+                    await wait_for(lambda: "on-full-disk" in hub.hub.controller.online_devices, what="online")
+                    await echo_streams(hub, "on-full-disk", 2)
+                    registry = hub.registry()
+                    registry._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no reusable WAL space left
+                    registry.close()
+                    fill(disk)
+                    caplog.clear()
+                    await echo_streams(hub, "on-full-disk", 10)    # each writes activity rows: all fail
+                    added = await asyncio.to_thread(cli, "device", "add", "newcomer", "--data-dir", str(data))
+                    assert added.returncode == 1 and added.stderr.count("\n") == 1, added.stderr
+                    assert "disk full" in added.stderr, added.stderr
+            run(before_and_after(), timeout=60)
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("broker")]
+            assert len(errors) == 1 and "disk full" in errors[0].getMessage(), \
+                [r.getMessage() for r in errors]
+            assert errors[0].exc_info is None, "no traceback for a full disk"
+        finally:
+            hub.stop()
+        # it still starts on the full disk (read-only registry) and serves streams
+        fill(disk)
+        hub = HubThread(data, mqtt_port=0).start()
+        try:
+            assert hub.hub.registry.degraded
+
+            async def after_restart():
+                async with DeviceAgent(hub.call(hub.hub.device_connection_string, "on-full-disk"), echo_handler,
+                                       ca_file=hub.ca_file):
+                    await wait_for(lambda: "on-full-disk" in hub.hub.controller.online_devices, what="online")
+                    await echo_streams(hub, "on-full-disk", 2)
+                    added = await asyncio.to_thread(cli, "device", "add", "newcomer", "--data-dir", str(data))
+                    assert added.returncode == 1 and "disk full" in added.stderr, added.stderr
+                    # space comes back: the hub writes again and sees CLI changes (a revocation) again
+                    for filler in disk.glob("filler-*"):
+                        filler.unlink()
+                    await wait_for(lambda: not hub.hub.registry.degraded, timeout=5, what="registry writable")
+                    disabled = await asyncio.to_thread(cli, "device", "disable", "on-full-disk", "--data-dir",
+                                                       str(data))
+                    assert disabled.returncode == 0, disabled.stderr
+                    await wait_for(lambda: "on-full-disk" not in hub.hub.controller.online_devices, timeout=3,
+                                   what="disabled device dropped")
+            run(after_restart(), timeout=60)
+        finally:
+            hub.stop()
