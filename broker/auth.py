@@ -10,6 +10,7 @@
 Anything else is refused with the MQTT 3.1.1 CONNACK code that fits.
 """
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -147,7 +148,16 @@ def expired(identity: Identity, password: str, now: float) -> str | None:
     """
     if identity.role is Role.CONTROLLER:
         return None
-    try:
-        return "SAS token expired" if sas.parse_token(password).expiry < now else None
-    except TokenError:
+    expiry = _expiry_of(password)
+    if expiry is None:
         return "SAS token unreadable"
+    return "SAS token expired" if expiry < now else None
+
+
+@functools.lru_cache(maxsize=16384)
+def _expiry_of(password: str) -> int | None:
+    """Cached: the hub checks every live session's expiry each second."""
+    try:
+        return sas.parse_token(password).expiry
+    except TokenError:
+        return None

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from wire.connstr import ConnectionString
 from wire.tls import client_context
-
 from wire.topics import Role
 
 from . import auth, datadir, pki

@@ -58,6 +58,7 @@ def test_device_revocation_ends_open_streams_unused_tokens_and_session(hub, tmp_
                 revoked = time.monotonic()
                 closed = await flowing
                 elapsed = time.monotonic() - revoked
+                print(f"\n{command}: stream ended {elapsed * 1000:.0f} ms after the CLI returned")
                 assert closed.code == CLOSE_REVOKED, closed
                 assert reason in closed.reason, closed.reason
                 assert elapsed < REVOKE_DEADLINE, f"stream ended {elapsed:.2f} s after the revocation"
@@ -123,6 +124,7 @@ def test_rotating_the_service_key_ends_running_proxies_streams(hub, tmp_path):
             took = _ended(sock, 10)
         finally:
             sock.close()
+        print(f"\nservice key rotation: proxied TCP connection ended {took * 1000:.0f} ms after the CLI returned")
         assert took < REVOKE_DEADLINE + 1, f"open stream ended {took:.2f} s after the rotation"
         # the proxy's MQTT session was dropped and its old key cannot log in again
         run(wait_for(lambda: not any(c.startswith("svc:") for c in hub.call(hub.hub._gate.connected)),
@@ -169,8 +171,10 @@ def test_revocation_reaches_a_standalone_gateway(tmp_path):
                 await asyncio.to_thread(cli_ok, hub, "device", "disable", "remote-pump")
                 revoked = time.monotonic()
                 closed = await flowing
+                took = time.monotonic() - revoked
+                print(f"\nstandalone gateway: stream ended {took * 1000:.0f} ms after the CLI returned")
                 assert closed.code == CLOSE_REVOKED and "remote-pump disabled" in closed.reason
-                assert time.monotonic() - revoked < REVOKE_DEADLINE
+                assert took < REVOKE_DEADLINE
         run(main())
     finally:
         if gateway is not None:
