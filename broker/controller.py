@@ -67,6 +67,7 @@ class KnownStream:
     created: float          # wall clock
     accepted: bool = False
     opened: bool = False
+    bytes: tuple[int, int] | None = None  # (to device, to service) as a standalone gateway last reported
 
 
 SERVICE_KEY_ROTATED = "service key rotated"
@@ -157,7 +158,7 @@ class StreamController:
             password=lambda: sas.make_token(controller_key, CONTROLLER_RESOURCE, CONTROLLER_TOKEN_TTL),
             ssl_context=ssl_context, on_message=self._on_message, keepalive=30,
             subscriptions=(topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, topics.ALL_SERVICE_REQUESTS,
-                           topics.ALL_GATEWAY_EVENTS))
+                           topics.ALL_GATEWAY_EVENTS, topics.ALL_GATEWAY_STATS))
 
     async def start(self) -> None:
         await self._mqtt.start(timeout=30)
@@ -189,6 +190,11 @@ class StreamController:
                 self._on_service_request(topics.service_of(topic), payload)
             elif topic.endswith("/events"):
                 self._on_gateway_event(payload)
+            elif topic.endswith("/stats"):
+                for stream_id, to_device, to_service in msg.decode_gateway_stats(payload).streams:
+                    known = self._book.get(stream_id)
+                    if known is not None:
+                        known.bytes = (to_device, to_service)
         except msg.MessageError as exc:
             log.warning("ignoring a bad message on %s: %s", topic, exc)
         except Exception:

@@ -212,10 +212,10 @@ class Hub:
         for known in self.controller.known_streams() if self.controller else []:
             row = live.pop(known.stream_id, None)
             state = "open" if known.opened else "accepted" if known.accepted else "pending"
+            counts = (row["bytes_to_device"], row["bytes_to_service"]) if row else known.bytes or (None, None)
             rows.append({"stream_id": known.stream_id, "device": known.device, "name": known.name, "state": state,
                          "created": known.created, "gateway": known.gateway, "service": known.service,
-                         "bytes_to_device": row["bytes_to_device"] if row else None,
-                         "bytes_to_service": row["bytes_to_service"] if row else None, "updated": now})
+                         "bytes_to_device": counts[0], "bytes_to_service": counts[1], "updated": now})
         for row in live.values():  # open here but unknown to the controller: should not happen
             rows.append({**row, "state": "open", "created": now - row["age_s"], "service": None, "updated": now})
         return rows

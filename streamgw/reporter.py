@@ -26,6 +26,7 @@ from .relay import StreamRecord
 log = logging.getLogger(__name__)
 
 TOKEN_TTL = 24 * 3600
+STATS_INTERVAL = 1.0  # seconds between byte-count reports while streams are open
 
 
 class MqttReporter:
@@ -37,12 +38,17 @@ class MqttReporter:
             password=lambda: sas.make_token(signing_key, sas.GATEWAY_RESOURCE, TOKEN_TTL),
             ssl_context=ssl_context, keepalive=30, subscriptions=(topics.gateway_control(),),
             on_message=self._on_message)
+        self._stats_topic = topics.gateway_stats(self.client_id)
         self._starting: asyncio.Task | None = None
+        self._stats: asyncio.Task | None = None
         self._control: Callable[[msg.GatewayControl], object] | None = None
+        self._open_streams: Callable[[], list[dict]] | None = None
 
-    def on_control(self, handler: Callable[[msg.GatewayControl], object]) -> None:
-        """Where the hub's orders go (``Gateway.apply_control``)."""
-        self._control = handler
+    def attach(self, gateway, stats_interval: float = STATS_INTERVAL) -> None:
+        """Apply the hub's orders to ``gateway`` and send the hub its live byte counts."""
+        self._control = gateway.apply_control
+        self._open_streams = gateway.open_streams
+        self._stats_interval = stats_interval
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -59,6 +65,20 @@ class MqttReporter:
     async def start(self) -> None:
         """Connect in the background: the gateway serves streams even while the hub is away."""
         self._starting = asyncio.create_task(self._connect())
+        if self._open_streams is not None:
+            self._stats = asyncio.create_task(self._report_stats())
+
+    async def _report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self._stats_interval)
+            try:
+                rows = [(r["stream_id"], r["bytes_to_device"], r["bytes_to_service"])
+                        for r in self._open_streams() if r["paired"]]
+                for i in range(0, len(rows), msg.MAX_STATS_STREAMS):
+                    stats = msg.GatewayStats(streams=tuple(rows[i:i + msg.MAX_STATS_STREAMS]))
+                    self._mqtt.publish(self._stats_topic, msg.encode(stats), qos=CONTROL_QOS)
+            except Exception:
+                log.exception("reporting byte counts failed")
 
     async def _connect(self) -> None:
         try:
@@ -67,9 +87,10 @@ class MqttReporter:
             log.error("cannot report streams to the hub: %s", exc)
 
     async def stop(self) -> None:
-        if self._starting is not None:
-            self._starting.cancel()
-            await asyncio.gather(self._starting, return_exceptions=True)
+        for task in (self._starting, self._stats):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._mqtt.stop()
 
     @property

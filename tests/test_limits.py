@@ -12,7 +12,7 @@ from wire import messages as msg
 from wire import sas
 from wire.messages import Outcome
 from wire.streamtoken import Side, StreamClaims
-from wire.topics import Action, Role, allowed, gateway_control, gateway_events
+from wire.topics import Action, Role, allowed, gateway_control, gateway_events, gateway_stats
 
 
 # -- rate limits --------------------------------------------------------------------------------
@@ -165,11 +165,24 @@ def test_gateway_control_round_trip_and_bounds():
         msg.decode_gateway_control(b'{"streams": ["a"], "reason": "' + b"r" * 200 + b'"}')
 
 
+def test_gateway_stats_round_trip_and_bounds():
+    stats = msg.GatewayStats(streams=(("a" * 32, 10, 20),))
+    assert msg.decode_gateway_stats(msg.encode(stats)) == stats
+    for bad in (b'{"streams": [["a", -1, 0]]}', b'{"streams": [["a", 1]]}', b'{"streams": [["", 1, 1]]}',
+                b'{"streams": [["a", true, 1]]}', b'{"streams": {}}'):
+        with pytest.raises(msg.MessageError):
+            msg.decode_gateway_stats(bad)
+    with pytest.raises(msg.MessageError):
+        msg.decode_gateway_stats(msg.encode(msg.GatewayStats(streams=(("a", 1, 1),) * (msg.MAX_STATS_STREAMS + 1))))
+
+
 def test_only_gateways_receive_the_control_topic():
     assert allowed(Role.GATEWAY, "gw:a", Action.SUBSCRIBE, gateway_control())
     assert allowed(Role.GATEWAY, "gw:a", Action.RECEIVE, gateway_control())
     assert not allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_control())
     assert allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_events("gw:a"))
+    assert allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_stats("gw:a"))
+    assert not allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_stats("gw:b"))
     assert not allowed(Role.GATEWAY, "gw:a", Action.SUBSCRIBE, gateway_events("gw:b"))
     for role, cid in ((Role.DEVICE, "pump-7"), (Role.SERVICE, "svc:a")):
         for action in Action:

@@ -166,6 +166,16 @@ def test_revocation_reaches_a_standalone_gateway(tmp_path):
                     ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
                 await wait_for(lambda: "remote-pump" in hub.hub.controller.online_devices, what="online")
                 stream = await (await svc.create_stream("remote-pump", "echo")).open()
+                await stream.send(b"y" * 3000)
+                got = 0
+                while got < 3000:
+                    got += len(await stream.recv())
+                # the gateway reports live byte counts to the hub: 'streams list' shows them
+
+                def listed():
+                    rows = json.loads(cli_ok(hub, "streams", "list", "--json"))
+                    return rows and rows[0]["bytesToDevice"] == 3000 and rows[0]["bytesToService"] == 3000
+                await wait_for(lambda: listed(), timeout=10, interval=0.5, what="byte counts from the gateway")
                 flowing = asyncio.create_task(ping_until_closed(stream))
                 await asyncio.sleep(0.3)
                 await asyncio.to_thread(cli_ok, hub, "device", "disable", "remote-pump")

@@ -118,6 +118,17 @@ class GatewayControl:
     reason: str = ""
 
 
+MAX_STATS_STREAMS = 100  # streams per GatewayStats message (the gateway splits longer lists)
+
+
+@dataclass(frozen=True)
+class GatewayStats:
+    """Gateway -> hub, every second or so while streams are open: ``[stream id, bytes to device,
+    bytes to service]`` for each open stream."""
+
+    streams: tuple[tuple[str, int, int], ...] = ()
+
+
 def encode(message: Any) -> bytes:
     data = asdict(message)
     for key, value in data.items():
@@ -233,3 +244,17 @@ def decode_gateway_control(payload: bytes) -> GatewayControl:
     if not streams and not device:
         raise MessageError("a control message names no stream and no device")
     return GatewayControl(streams=tuple(streams), device=device, reason=_str(d, "reason", 120, required=False))
+
+
+def decode_gateway_stats(payload: bytes) -> GatewayStats:
+    d = _load(payload)
+    rows = d.get("streams")
+    if not isinstance(rows, list) or len(rows) > MAX_STATS_STREAMS:
+        raise MessageError(f"field 'streams' must be a list of at most {MAX_STATS_STREAMS} entries")
+    out = []
+    for row in rows:
+        if (not isinstance(row, list) or len(row) != 3 or not isinstance(row[0], str) or not 0 < len(row[0]) <= 64
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in row[1:])):
+            raise MessageError("each entry of 'streams' must be [stream id, bytes to device, bytes to service]")
+        out.append((row[0], row[1], row[2]))
+    return GatewayStats(streams=tuple(out))

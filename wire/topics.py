@@ -45,6 +45,11 @@ def gateway_events(client_id: str) -> str:
     return f"{ROOT}/gateways/{client_id}/events"
 
 
+def gateway_stats(client_id: str) -> str:
+    """Gateway -> hub: live byte counts of its open streams (for ``devstreams streams list``)."""
+    return f"{ROOT}/gateways/{client_id}/stats"
+
+
 def gateway_control() -> str:
     """Hub -> every gateway: close streams (revocations, operator closes).
 
@@ -59,6 +64,7 @@ ALL_DEVICE_RESPONSES = f"{ROOT}/devices/+/streams/res"
 ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
 ALL_SERVICE_REQUESTS = f"{ROOT}/services/+/req"
 ALL_GATEWAY_EVENTS = f"{ROOT}/gateways/+/events"
+ALL_GATEWAY_STATS = f"{ROOT}/gateways/+/stats"
 
 
 def split(topic: str) -> list[str]:
@@ -116,7 +122,7 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
         return topic == service_responses(client_id)
     if role is Role.GATEWAY:
         if action is Action.PUBLISH:
-            return topic == gateway_events(client_id)
+            return topic in (gateway_events(client_id), gateway_stats(client_id))
         return topic == gateway_control()
     return False
 
