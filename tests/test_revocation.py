@@ -52,7 +52,9 @@ def test_device_revocation_ends_open_streams_unused_tokens_and_session(hub, tmp_
             async with ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
                 stream = await (await svc.create_stream("pump-7", "echo")).open()
                 unused = await svc.create_stream("pump-7", "echo")   # accepted, service token not used yet
-                assert (await asyncio.gather(ping_until_closed(stream, 0.3), return_exceptions=True))
+                for n in range(5):   # it flows
+                    await stream.send(b"warm %d" % n)
+                    assert await stream.recv() == b"warm %d" % n
                 flowing = asyncio.create_task(ping_until_closed(stream))
                 await asyncio.to_thread(cli_ok, hub, "device", command, "pump-7")
                 revoked = time.monotonic()
@@ -199,7 +201,8 @@ def test_streams_list_and_close(hub, tmp_path):
     with agent(hub, tmp_path, "lister", "--echo"):
         async def main():
             async with ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
-                stream = await (await svc.create_stream("lister", "echo")).open()
+                info = await svc.create_stream("lister", "echo")
+                stream = await info.open()
                 await stream.send(b"x" * 5000)
                 got = 0
                 while got < 5000:
@@ -208,7 +211,7 @@ def test_streams_list_and_close(hub, tmp_path):
                 listed = json.loads(await asyncio.to_thread(cli_ok, hub, "streams", "list", "--json"))
                 assert len(listed) == 1, listed
                 row = listed[0]
-                assert row["streamId"] == stream.stream_id if hasattr(stream, "stream_id") else True
+                assert row["streamId"] == info.stream_id
                 assert row["device"] == "lister" and row["name"] == "echo" and row["state"] == "open"
                 assert row["bytesToDevice"] == 5000 and row["bytesToService"] == 5000
                 assert row["gateway"].startswith("wss://") and row["ageSeconds"] >= 1
