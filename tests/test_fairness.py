@@ -224,3 +224,24 @@ def test_full_disk_keeps_streams_logs_once_and_add_says_disk_full(tmp_path, capl
             run(after_restart(), timeout=60)
         finally:
             hub.stop()
+
+
+def test_registry_size_limit_is_disk_full_too(tmp_path, caplog):
+    """Where no tmpfs can be mounted: SQLite's own 'database or disk is full' (max_page_count)."""
+    from broker.registry import DiskFullError, Registry
+
+    registry = Registry(tmp_path / "registry.db", error_log_interval=60)
+    registry.add_device("before")
+    pages = registry._db.execute("PRAGMA page_count").fetchone()[0]
+    registry._db.execute(f"PRAGMA max_page_count = {pages}")
+    caplog.set_level(logging.INFO)
+    for n in range(500):
+        registry.log_request(device="before", name="x", stream_id=None, outcome="accepted", reason="r" * 200,
+                             latency_ms=1.0)
+        registry.set_presence("before", n % 2 == 0)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "disk full" in errors[0].getMessage() and errors[0].exc_info is None
+    with pytest.raises(DiskFullError, match="^disk full"):
+        for n in range(100):
+            registry.add_device(f"late-{n}")
+    assert registry.get("before") is not None  # reads go on
