@@ -409,8 +409,10 @@ class StreamController:
         for stream, outcome, reason in self._book.revoked(devices, self._service_key):
             device = "" if reason == SERVICE_KEY_ROTATED else stream.device  # device-wide at gateways
             by_reason.setdefault((device, outcome, reason), []).append(stream)
+        covered = {device for device, _, _ in by_reason}
         for device, reason in (kicked_devices or {}).items():
-            by_reason.setdefault((device, Outcome.UNAUTHORIZED, reason), [])
+            if device not in covered:
+                by_reason[(device, Outcome.UNAUTHORIZED, reason)] = []
         ended = 0
         for (device, outcome, reason), streams in by_reason.items():
             ended += len(streams)

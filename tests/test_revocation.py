@@ -15,7 +15,7 @@ from device_agent.settings import AgentSettings
 from devprocs import agent, proxy
 from helpers import REPO, HubThread, cli, run, wait_for
 from service_client import ServiceClient, StreamClosedError
-from wire.errors import DeviceDisabledError, StreamError, TokenError, UnauthorizedError
+from wire.errors import DeviceDisabledError, TokenError
 from wire.streamproto import CLOSE_REVOKED
 
 REVOKE_DEADLINE = 2.0  # the issue: streams and sessions end within 2 s
