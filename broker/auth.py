@@ -10,6 +10,7 @@
 Anything else is refused with the MQTT 3.1.1 CONNACK code that fits.
 """
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -103,7 +104,60 @@ class Authenticator:
     def still_valid(self, client_id: str, password: str) -> bool:
         """Re-check a live device against the registry (after disable, remove, rotate-key)."""
         try:
-            self._device(client_id, client_id, password, now=0)  # expiry only matters at login
+            self._device(client_id, client_id, password, now=0)  # expiry is checked apart: expired()
             return True
         except AuthRefused:
             return False
+
+
+
+def revoked(registry: Registry, identity: Identity, password: str) -> str | None:
+    """Why a live session's credentials no longer admit it (disabled, removed, re-keyed), or None.
+
+    Expiry is not a revocation (see :func:`expired`): it is checked apart.
+    """
+    if identity.role is Role.DEVICE:
+        device = registry.get(identity.client_id)
+        if device is None:
+            return f"device {identity.client_id} removed"
+        if not device.enabled:
+            return f"device {identity.client_id} disabled"
+        try:
+            sas.verify_token(device.key, password, sas.device_resource(device.id), now=0)
+        except TokenError:
+            return f"device {identity.client_id} key rotated"
+        return None
+    if identity.role is Role.SERVICE:
+        try:
+            policy = sas.parse_token(password).resource.removeprefix("services/")
+            key = registry.policy_key(policy)
+            if key is None:
+                return f"service policy {policy} removed"
+            sas.verify_token(key, password, sas.service_resource(policy), now=0)
+        except TokenError:
+            return "service key rotated"
+    return None
+
+
+def expired(identity: Identity, password: str, now: float) -> str | None:
+    """"SAS token expired" when a device's, service's or gateway's session outlived its token.
+
+    Not a revocation: the session is dropped and the client reconnects with a fresh
+    token (wire.mqtt renews it before every connect); its open streams go on.
+    The hub's own controller (in-process, 24 h tokens) is left alone.
+    """
+    if identity.role is Role.CONTROLLER:
+        return None
+    expiry = _expiry_of(password)
+    if expiry is None:
+        return "SAS token unreadable"
+    return "SAS token expired" if expiry < now else None
+
+
+@functools.lru_cache(maxsize=16384)
+def _expiry_of(password: str) -> int | None:
+    """Cached: the hub checks every live session's expiry each second."""
+    try:
+        return sas.parse_token(password).expiry
+    except TokenError:
+        return None

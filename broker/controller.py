@@ -9,17 +9,28 @@ request (seed 002 steps 2, 3 and 5):
     device --res 200/400--> controller
     controller --res--> service: accepted (url + service token) | rejected | error
 
-Every request ends in exactly one answer to the service and one activity-log row.
+Every request ends in exactly one answer to the service and one activity-log row,
+except requests refused by the per-connection rate limit (a flood): those are
+answered but only counted, in a log line at most once per ``disk_error_log_interval``.
+
+Revocation: the controller remembers every stream it negotiated (``StreamBook``):
+device, service client id, gateway, and digests of the device key and the
+service key it was admitted under.  When the registry changes (the hub's
+watcher calls ``check_revocations``) every stream whose device was disabled,
+removed or re-keyed, or whose service key was rotated, ends: pending requests
+are answered, and every gateway is told to close the stream with
+CLOSE_REVOKED and refuse its unused tokens (``wire.topics.gateway_control``).
 """
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wire import messages as msg
 from wire import sas, streamtoken, topics
@@ -28,13 +39,83 @@ from wire.mqtt import CONTROL_QOS, MqttSession
 from wire.streamproto import stream_url
 
 from .auth import CONTROLLER_RESOURCE
-from .limits import StreamSlots, TokenBucket
-from .registry import Registry
+from .limits import EveryInterval, KeyedBuckets, StreamSlots, TokenBucket
+from .registry import Device, Registry
 from .settings import HubSettings
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_TOKEN_TTL = 24 * 3600
+
+
+def key_digest(key: bytes | None) -> bytes:
+    """Enough of a key to notice it changed, without keeping the key."""
+    return hashlib.sha256(key or b"").digest()[:16]
+
+
+@dataclass
+class KnownStream:
+    """A stream the controller negotiated: pending, accepted, or open at a gateway."""
+
+    stream_id: str
+    device: str
+    name: str
+    service: str            # the requesting service's MQTT client id
+    gateway: str
+    device_key: bytes       # key_digest of the device key it was admitted under
+    service_key: bytes      # key_digest of the service key then in force
+    created: float          # wall clock
+    accepted: bool = False
+    opened: bool = False
+    bytes: tuple[int, int] | None = None  # (to device, to service) as a standalone gateway last reported
+
+
+SERVICE_KEY_ROTATED = "service key rotated"
+
+
+def revocation(stream: KnownStream, device: Device | None, service_key: bytes) -> tuple[Outcome, str] | None:
+    """Why ``stream`` may no longer flow given the registry now, or None."""
+    if device is None:
+        return Outcome.NOT_FOUND, f"device {stream.device} removed"
+    if not device.enabled:
+        return Outcome.DISABLED, f"device {stream.device} disabled"
+    if key_digest(device.key) != stream.device_key:
+        return Outcome.UNAUTHORIZED, f"device {stream.device} key rotated"
+    if service_key != stream.service_key:
+        return Outcome.UNAUTHORIZED, SERVICE_KEY_ROTATED
+    return None
+
+
+@dataclass
+class StreamBook:
+    """Streams the controller knows, by id: plain object, no I/O."""
+
+    _streams: dict[str, KnownStream] = field(default_factory=dict)
+
+    def add(self, stream: KnownStream) -> None:
+        self._streams[stream.stream_id] = stream
+
+    def get(self, stream_id: str) -> KnownStream | None:
+        return self._streams.get(stream_id)
+
+    def remove(self, stream_id: str) -> KnownStream | None:
+        return self._streams.pop(stream_id, None)
+
+    def all(self) -> list[KnownStream]:
+        return list(self._streams.values())
+
+    def revoked(self, devices: dict[str, Device | None], service_key: bytes
+                ) -> list[tuple[KnownStream, Outcome, str]]:
+        """The streams to end now; ``devices`` holds the registry entry of each device in the book."""
+        found = []
+        for stream in self._streams.values():
+            why = revocation(stream, devices.get(stream.device), service_key)
+            if why is not None:
+                found.append((stream, *why))
+        return found
+
+    def __len__(self) -> int:
+        return len(self._streams)
 
 
 @dataclass
@@ -65,13 +146,19 @@ class StreamController:
         self._accepted: dict[str, asyncio.TimerHandle] = {}  # stream id -> no-show timer
         self._bucket = TokenBucket(settings.max_new_streams_per_second, settings.new_streams_burst)
         self._slots = StreamSlots(settings.max_concurrent_streams, settings.max_pending_per_device)
+        self._service_buckets = KeyedBuckets(settings.service_requests_per_second, settings.service_requests_burst)
+        self._flood_log = EveryInterval(settings.disk_error_log_interval)
+        self._flooded: dict[str, int] = {}           # client id -> refusals since the last log line
+        self._book = StreamBook()
+        self._service_key = key_digest(registry.policy_key())
+        self.on_gateway_control: Callable[[msg.GatewayControl], object] | None = None  # the built-in gateway
         self._mqtt = MqttSession(
             client_id=topics.CONTROLLER_USER, host=mqtt_host, port=mqtt_port,
             username=topics.CONTROLLER_USER,
             password=lambda: sas.make_token(controller_key, CONTROLLER_RESOURCE, CONTROLLER_TOKEN_TTL),
             ssl_context=ssl_context, on_message=self._on_message, keepalive=30,
             subscriptions=(topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, topics.ALL_SERVICE_REQUESTS,
-                           topics.ALL_GATEWAY_EVENTS))
+                           topics.ALL_GATEWAY_EVENTS, topics.ALL_GATEWAY_STATS))
 
     async def start(self) -> None:
         await self._mqtt.start(timeout=30)
@@ -103,6 +190,11 @@ class StreamController:
                 self._on_service_request(topics.service_of(topic), payload)
             elif topic.endswith("/events"):
                 self._on_gateway_event(payload)
+            elif topic.endswith("/stats"):
+                for stream_id, to_device, to_service in msg.decode_gateway_stats(payload).streams:
+                    known = self._book.get(stream_id)
+                    if known is not None:
+                        known.bytes = (to_device, to_service)
         except msg.MessageError as exc:
             log.warning("ignoring a bad message on %s: %s", topic, exc)
         except Exception:
@@ -137,6 +229,10 @@ class StreamController:
     def _on_service_request(self, service: str | None, payload: bytes) -> None:
         if not service:
             return
+        started = time.monotonic()
+        if not self._service_buckets.take(service, started):
+            self._refuse_flood(service, payload)
+            return
         try:
             request = msg.decode_service_request(payload)
         except msg.MessageError as exc:
@@ -144,19 +240,36 @@ class StreamController:
             if rid:
                 self._answer(service, msg.ServiceResponse(rid=rid, outcome=Outcome.BAD_REQUEST, reason=str(exc)))
             raise
-        started = time.monotonic()
-        refusal = self._admission(request)
+        device = self._registry.get(request.device)
+        refusal = self._admission(request, device)
         if refusal is not None:
             outcome, reason = refusal
             self._answer(service, msg.ServiceResponse(rid=request.rid, outcome=outcome, reason=reason))
             self._log(request.device, request.name, None, outcome, reason, started)
             return
-        self._send_to_device(service, request, started)
+        self._send_to_device(service, request, started, device)
+
+    def _refuse_flood(self, service: str, payload: bytes) -> None:
+        """Over this connection's rate: answer LIMIT at once, no database work, one log line a minute."""
+        rid = _rid_of(payload)
+        if rid:
+            s = self._settings
+            self._answer(service, msg.ServiceResponse(
+                rid=rid, outcome=Outcome.LIMIT,
+                reason=(f"this connection's limit of {s.service_requests_per_second:g} stream requests per second "
+                        f"(burst {s.service_requests_burst}, service_requests_per_second) is reached; "
+                        "retry shortly")))
+        self._flooded[service] = self._flooded.get(service, 0) + 1
+        ready, _ = self._flood_log.ready(time.monotonic())
+        if ready:
+            worst = sorted(self._flooded.items(), key=lambda kv: -kv[1])[:5]
+            log.warning("refused stream requests over the per-connection rate limit: %s",
+                        ", ".join(f"{cid} {n}" for cid, n in worst))
+            self._flooded.clear()
 
     # -- negotiation -----------------------------------------------------------------------------
 
-    def _admission(self, request: msg.ServiceRequest) -> tuple[Outcome, str] | None:
-        device = self._registry.get(request.device)
+    def _admission(self, request: msg.ServiceRequest, device: Device | None) -> tuple[Outcome, str] | None:
         if device is None:
             return Outcome.NOT_FOUND, f"device {request.device} is not registered on this hub"
         if not device.enabled:
@@ -175,7 +288,7 @@ class StreamController:
         gateways = self._gateways()
         return gateways[next(self._gateway_cycle) % len(gateways)].rstrip("/")
 
-    def _send_to_device(self, service: str, request: msg.ServiceRequest, started: float) -> None:
+    def _send_to_device(self, service: str, request: msg.ServiceRequest, started: float, device: Device) -> None:
         s = self._settings
         response_timeout = min(request.response_timeout, s.response_timeout)
         connect_timeout = min(request.connect_timeout, s.connect_timeout)
@@ -193,6 +306,9 @@ class StreamController:
                            name=request.name, stream_id=stream_id, started=started,
                            service_token=token(streamtoken.Side.SERVICE), url=url)
         self._pending[rid] = pending
+        self._book.add(KnownStream(stream_id=stream_id, device=request.device, name=request.name, service=service,
+                                   gateway=gateway, device_key=key_digest(device.key),
+                                   service_key=self._service_key, created=time.time()))
         self._slots.hold(stream_id, request.device)
         wire_request = msg.StreamRequest(rid=rid, stream_id=stream_id, name=request.name, url=url,
                                          token=token(streamtoken.Side.DEVICE),
@@ -218,9 +334,13 @@ class StreamController:
             response = msg.ServiceResponse(rid=pending.service_rid, outcome=outcome, url=pending.url,
                                            token=pending.service_token, stream_id=pending.stream_id)
             self._hold_until_closed(pending.stream_id)
+            known = self._book.get(pending.stream_id)
+            if known is not None:
+                known.accepted = True
         else:
             response = msg.ServiceResponse(rid=pending.service_rid, outcome=outcome, reason=reason)
             self._slots.release(pending.stream_id)
+            self._book.remove(pending.stream_id)
         self._answer(pending.service, response)
         self._log(pending.device, pending.name, pending.stream_id, outcome, reason, pending.started)
 
@@ -260,12 +380,74 @@ class StreamController:
         timer = self._accepted.pop(stream_id, None)
         if timer is not None:
             timer.cancel()
+        known = self._book.get(stream_id)
+        if known is not None:
+            known.opened = True
 
     def stream_closed(self, stream_id: str) -> None:
         timer = self._accepted.pop(stream_id, None)
         if timer is not None:
             timer.cancel()
         self._slots.release(stream_id)
+        self._book.remove(stream_id)
+
+    # -- revocation ------------------------------------------------------------------------------
+
+    def known_streams(self) -> list[KnownStream]:
+        return self._book.all()
+
+    def check_revocations(self, kicked_devices: dict[str, str] | None = None) -> int:
+        """After a registry change: end every stream the registry no longer admits; return how many.
+
+        ``kicked_devices`` (device -> reason) are devices whose MQTT session was just
+        dropped: gateways also end any open stream of theirs the controller does
+        not know (one that outlived a hub restart, at a standalone gateway).
+        """
+        self._service_key = key_digest(self._registry.policy_key())
+        devices = {d: self._registry.get(d) for d in {k.device for k in self._book.all()}}
+        by_reason: dict[tuple[str, Outcome, str], list[KnownStream]] = {}
+        for stream, outcome, reason in self._book.revoked(devices, self._service_key):
+            device = "" if reason == SERVICE_KEY_ROTATED else stream.device  # device-wide at gateways
+            by_reason.setdefault((device, outcome, reason), []).append(stream)
+        covered = {device for device, _, _ in by_reason}
+        for device, reason in (kicked_devices or {}).items():
+            if device not in covered:
+                by_reason[(device, Outcome.UNAUTHORIZED, reason)] = []
+        ended = 0
+        for (device, outcome, reason), streams in by_reason.items():
+            ended += len(streams)
+            self._end_streams(streams, outcome, reason, device=device)
+        return ended
+
+    def close_stream(self, stream_id: str, reason: str = "stream closed by an operator") -> bool:
+        """An operator's ``devstreams streams close``; False if the controller did not know the stream."""
+        known = self._book.get(stream_id)
+        self._end_streams([known] if known else [], Outcome.UNAUTHORIZED, reason,
+                          unknown=() if known else (stream_id,))
+        return known is not None
+
+    def _end_streams(self, streams: list[KnownStream], outcome: Outcome, reason: str, *, device: str = "",
+                     unknown: tuple[str, ...] = ()) -> None:
+        ids = {k.stream_id for k in streams}
+        for pending in [p for p in self._pending.values() if p.stream_id in ids]:
+            self._finish(pending, outcome, reason)          # answers the service, frees the slot
+        for known in streams:
+            if known.accepted and not known.opened:          # no gateway holds it: free it here
+                self.stream_closed(known.stream_id)
+        if streams or device:
+            log.info("ending %d stream(s)%s: %s", len(streams), f" of device {device}" if device else "", reason)
+        ordered = sorted(ids) + list(unknown)
+        chunks = [ordered[i:i + msg.MAX_CONTROL_STREAMS] for i in range(0, len(ordered), msg.MAX_CONTROL_STREAMS)]
+        for n, chunk in enumerate(chunks or [[]]):
+            if not chunk and not device:
+                continue
+            control = msg.GatewayControl(streams=tuple(chunk), device=device if n == 0 else "", reason=reason[:120])
+            self._mqtt.publish(topics.gateway_control(), msg.encode(control), qos=CONTROL_QOS)
+            if self.on_gateway_control is not None:
+                try:
+                    self.on_gateway_control(control)
+                except Exception:
+                    log.exception("the built-in gateway failed to apply a revocation")
 
     # -- outbound --------------------------------------------------------------------------------
 

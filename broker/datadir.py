@@ -19,6 +19,7 @@ could not clear.
 """
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -34,6 +35,8 @@ except ImportError:  # Windows: a byte-range lock (also dropped by the OS when t
 from wire.errors import ConfigError
 
 from .pki import write_private
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "DEVSTREAMS_DATA_DIR"
 LOCK_FILE = "hub.lock"
@@ -82,9 +85,15 @@ def secret_key(path: Path, name: str) -> bytes:
 
 
 def write_endpoints(path: Path, info: dict) -> None:
+    """Best effort: a hub on a full disk still starts (the CLI then falls back to hub.toml)."""
     tmp = path / "hub.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(path / "hub.json")
+    try:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path / "hub.json")
+    except OSError as exc:
+        log.error("cannot write %s (%s): 'hub show' and the CLI will not see this hub's ports",
+                  path / "hub.json", exc.strerror or exc)
+        tmp.unlink(missing_ok=True)
 
 
 def read_endpoints(path: Path) -> dict | None:

@@ -13,6 +13,7 @@ disabled, removed or re-keyed.
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
@@ -124,14 +125,20 @@ class Gate:
     def connected(self, role: Role | None = None) -> list[str]:
         return [cid for cid, live in self._live.items() if role is None or live.identity.role is role]
 
-    def kick_invalid_devices(self) -> list[str]:
-        """Drop devices whose registry entry no longer admits them; return their IDs."""
+    def kick(self, reason_for: Callable[[Identity, str], str | None]) -> list[tuple[Identity, str]]:
+        """Drop every live connection ``reason_for(identity, password)`` gives a reason for.
+
+        The hub uses it for revocations (device disabled, removed or re-keyed, service
+        key rotated) and for SAS tokens that expired during the session.
+        Returns the dropped identities with their reasons.
+        """
         kicked = []
         for cid, live in list(self._live.items()):
-            if live.identity.role is Role.DEVICE and not self._auth.still_valid(cid, live.password):
-                log.info("dropping device %s: disabled, removed or re-keyed", cid)
+            reason = reason_for(live.identity, live.password)
+            if reason:
+                log.info("dropping %s %s: %s", live.identity.role.value, cid, reason)
                 live.writer.transport.abort()
-                kicked.append(cid)
+                kicked.append((live.identity, reason))
         return kicked
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

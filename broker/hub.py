@@ -5,6 +5,7 @@ Tests and ``devstreams hub up`` use the same class.
 """
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -12,12 +13,14 @@ from pathlib import Path
 
 from wire.connstr import ConnectionString
 from wire.tls import client_context
+from wire.topics import Role
 
-from . import datadir, pki
+from . import auth, datadir, pki
 from .amqtt_fixes import HubBroker
 from .auth import Authenticator
 from .controller import StreamController
 from .gate import LISTENER, Gate
+from .limits import EveryInterval
 from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 
@@ -157,17 +160,73 @@ class Hub:
     # -- background ------------------------------------------------------------------------------
 
     async def _watch_registry(self) -> None:
-        """Apply CLI changes (disable, remove, rotate-key) to live connections."""
+        """Apply CLI changes to live connections and streams; publish the open streams.
+
+        - a registry change (``device disable/remove/rotate-key``, ``hub connection-string
+          --rotate``): drop the MQTT sessions whose credentials no longer verify and end
+          the streams of those identities (``StreamController.check_revocations``);
+        - ``streams close``: end the streams an operator named;
+        - every ``session_expiry_check_interval``: drop sessions whose SAS token ran out;
+        - every ``open_streams_refresh``: write the open streams for ``streams list``.
+        """
+        s = self.settings
+        if self.gateway is not None and self.controller is not None:
+            self.controller.on_gateway_control = self.gateway.apply_control
         version = self.registry.data_version()
-        while True:
-            await asyncio.sleep(self.settings.registry_poll_interval)
-            try:
-                current = self.registry.data_version()
-                if current != version:
-                    version = current
-                    self._gate.kick_invalid_devices()
-            except Exception:
-                log.exception("registry watch failed")
+        errors = EveryInterval(s.disk_error_log_interval)
+        next_expiry = next_publish = 0.0
+        published = True  # clear a list left by a hub that did not stop cleanly
+        try:
+            while True:
+                await asyncio.sleep(s.registry_poll_interval)
+                now = time.monotonic()
+                try:
+                    current = self.registry.data_version()
+                    if current != version:
+                        version = current
+                        self._apply_registry_changes()
+                    if now >= next_expiry:
+                        next_expiry = now + s.session_expiry_check_interval
+                        wall = time.time()
+                        self._gate.kick(lambda identity, password: auth.expired(identity, password, wall))
+                    if now >= next_publish:
+                        next_publish = now + s.open_streams_refresh
+                        rows = self.open_streams()
+                        if rows or published:  # an empty list is written once, then left alone
+                            ok = self.registry.replace_open_streams(rows)
+                            published = bool(rows) or not ok
+                except Exception:
+                    ready, suppressed = errors.ready(now)
+                    if ready:
+                        log.exception("registry watch failed (%d more failures not shown)", suppressed)
+        finally:
+            if self.registry is not None:
+                self.registry.replace_open_streams([])
+
+    def _apply_registry_changes(self) -> None:
+        kicked = self._gate.kick(functools.partial(auth.revoked, self.registry))
+        devices = {identity.client_id: reason for identity, reason in kicked if identity.role is Role.DEVICE}
+        if self.controller is None:
+            return
+        self.controller.check_revocations(devices)
+        for stream_id in self.registry.take_close_requests():
+            self.controller.close_stream(stream_id)  # unknown ids still go to every gateway
+
+    def open_streams(self) -> list[dict]:
+        """Streams the controller knows, with live byte counts from the built-in gateway."""
+        live = {row["stream_id"]: row for row in (self.gateway.open_streams() if self.gateway else [])}
+        now = time.time()
+        rows = []
+        for known in self.controller.known_streams() if self.controller else []:
+            row = live.pop(known.stream_id, None)
+            state = "open" if known.opened else "accepted" if known.accepted else "pending"
+            counts = (row["bytes_to_device"], row["bytes_to_service"]) if row else known.bytes or (None, None)
+            rows.append({"stream_id": known.stream_id, "device": known.device, "name": known.name, "state": state,
+                         "created": known.created, "gateway": known.gateway, "service": known.service,
+                         "bytes_to_device": counts[0], "bytes_to_service": counts[1], "updated": now})
+        for row in live.values():  # open here but unknown to the controller: should not happen
+            rows.append({**row, "state": "open", "created": now - row["age_s"], "service": None, "updated": now})
+        return rows
 
     def _on_stream_opened(self, stream_id: str) -> None:
         if self.controller is not None:

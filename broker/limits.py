@@ -62,3 +62,58 @@ class StreamSlots:
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+class KeyedBuckets:
+    """A TokenBucket per key (a service's MQTT client id), bounded in memory.
+
+    A bucket that has been idle for ``burst / rate`` seconds is full again, the
+    same as a new one, so dropping it loses nothing: the map only holds keys seen
+    within that window.  ``forget`` drops a key at once (its client disconnected).
+    """
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[TokenBucket, float]] = {}
+        self._idle = burst / rate
+        self._next_sweep = 0.0
+
+    def take(self, key: str, now: float) -> bool:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        bucket = self._buckets.get(key, (None, 0.0))[0] or TokenBucket(self.rate, self.burst)
+        self._buckets[key] = (bucket, now)
+        return bucket.take(now)
+
+    def forget(self, key: str) -> None:
+        self._buckets.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < self._idle}
+        self._next_sweep = now + max(1.0, self._idle)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass
+class EveryInterval:
+    """Say yes at most once per ``interval`` seconds, counting the noes in between.
+
+    For errors that repeat per row or per message (a full disk, a flood): one log
+    line per minute that says how many were left out, instead of a traceback each.
+    """
+
+    interval: float
+    _next: float | None = field(init=False, default=None)
+    _suppressed: int = field(init=False, default=0)
+
+    def ready(self, now: float) -> tuple[bool, int]:
+        """(log now?, how many were suppressed since the last yes)."""
+        if self._next is None or now >= self._next:
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self.interval
+            return True, suppressed
+        self._suppressed += 1
+        return False, 0

@@ -34,16 +34,20 @@ class HubSettings:
     max_new_streams_per_second: float = 200.0  # average rate of new stream requests the hub admits
     new_streams_burst: int = 200          # new stream requests admitted at once above that rate
     max_pending_per_device: int = 256     # unanswered requests one device may have at once
+    # Per service connection (MQTT client id): one client's flood is refused at its own door.
+    service_requests_per_second: float = 50.0  # stream requests one service connection may make per second
+    service_requests_burst: int = 100     # stream requests one service connection may make at once
     # Broker.
     max_connections: int = 10000          # MQTT connections (devices, services, gateways) at once
     max_connect_packet_bytes: int = 8192  # largest MQTT CONNECT the gate reads before authenticating
     connect_packet_timeout: float = 10.0  # s; a TLS client must send CONNECT within this
     registry_poll_interval: float = 0.5   # s; how soon a CLI change (disable, remove) reaches the hub
+    session_expiry_check_interval: float = 1.0  # s; how soon a session whose SAS token ran out is dropped
     # Gateway (the built-in one).
     gateway_peer_timeout: float = 60.0    # s; how long the first side waits for its peer
-    gateway_ping_interval: float = 10.0   # s; WebSocket pings to each side of a stream
-    gateway_ping_timeout: float = 10.0    # s; a side that does not answer a ping in this is lost
-    gateway_close_timeout: float = 2.0    # s; longest a closing handshake may take before the socket is cut
+    gateway_ping_interval: float = 10.0   # s; heartbeat pings to each side of a stream at least this often
+    gateway_ping_timeout: float = 10.0    # s; a side silent for ping interval + this, while read, is lost
+    gateway_close_timeout: float = 2.0    # s; longest an abnormal close may take (a clean one waits for the reader)
     max_stream_lifetime: float = 0.0      # s; a stream is ended after this (0 = unlimited)
     gateway_open_timeout: float = 10.0    # s; TLS handshake + WebSocket upgrade must finish within this
     gateway_max_message_bytes: int = MAX_MESSAGE_BYTES  # largest WebSocket message a side may send
@@ -51,6 +55,8 @@ class HubSettings:
     gateway_write_limit: int = 256 * 1024  # bytes buffered for sending before the relay waits
     # Activity log.
     activity_retention_days: int = 30     # activity log entries older than this are pruned at start
+    open_streams_refresh: float = 1.0     # s; how often 'devstreams streams list' sees new byte counts
+    disk_error_log_interval: float = 60.0  # s; a failing disk (full) is logged once per this, not per row
 
     def advertised_host(self) -> str:
         return self.hosts[0] if self.hosts else "localhost"
@@ -102,11 +108,12 @@ def validate(s: HubSettings) -> HubSettings:
     for name in ("response_timeout", "connect_timeout", "max_new_streams_per_second",
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
-                 "gateway_open_timeout"):
+                 "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
+                 "open_streams_refresh", "disk_error_log_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
-                 "activity_retention_days", "gateway_max_queue", "gateway_write_limit"):
+                 "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     if s.max_stream_lifetime < 0:

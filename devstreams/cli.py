@@ -14,7 +14,7 @@ import warnings
 from wire.errors import DevstreamsError
 from wire.redact import redact
 
-from . import agentcmds, gatewaycmds, hubcmds, servicecmds
+from . import agentcmds, gatewaycmds, hubcmds, servicecmds, streamcmds
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gatewaycmds.register(groups, common)
     agentcmds.register(groups, common)
     servicecmds.register(groups, common)
+    streamcmds.register(groups, common)
     return parser
 
 

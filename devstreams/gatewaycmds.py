@@ -149,6 +149,7 @@ async def gateway_up(args) -> int:
         raise ConfigError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
     if args.hub:
         reporter = _mqtt_reporter(args, data, key, gateway.port)
+        reporter.attach(gateway)  # the hub's revocations reach open streams; byte counts reach the hub
         await reporter.start()
     print(f"gateway listening on {args.bind}:{gateway.port} as {gateway.public_url}", flush=True)
     try:

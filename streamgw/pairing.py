@@ -49,6 +49,8 @@ class StreamEntry:
     sides: dict[Side, object] = field(default_factory=dict)   # side -> connection handle
     attached: set[Side] = field(default_factory=set)
     finished: bool = False
+    revoked: str = ""       # why an operator ended it (device disabled, stream closed …), if so
+    record: object = None   # the relay's live StreamRecord once paired (bytes so far)
 
     @property
     def paired(self) -> bool:
@@ -100,6 +102,20 @@ class Pairing:
             if not entry.sides:
                 self._streams.pop(entry.stream_id, None)
 
+    def revoke(self, stream_id: str, now: float) -> StreamEntry | None:
+        """Refuse every later socket of ``stream_id`` (its unused tokens die); return its entry if any.
+
+        The caller closes the entry's sockets and then calls ``finish``.
+        """
+        self._mark_ended(stream_id, now)
+        return self._streams.get(stream_id)
+
+    def streams_of(self, device_id: str) -> list[StreamEntry]:
+        return [e for e in self._streams.values() if e.device_id == device_id]
+
+    def streams(self) -> list[StreamEntry]:
+        return list(self._streams.values())
+
     def finish(self, entry: StreamEntry, now: float) -> bool:
         """End a stream once; True the first time."""
         if entry.finished:
@@ -108,8 +124,11 @@ class Pairing:
         self._streams.pop(entry.stream_id, None)
         for handle in entry.sides.values():
             self._handles.pop(handle, None)
-        self._ended[entry.stream_id] = now
+        self._mark_ended(entry.stream_id, now)
+        return True
+
+    def _mark_ended(self, stream_id: str, now: float) -> None:
+        self._ended[stream_id] = now
         if len(self._ended) > 4 * self.max_streams:  # forget the oldest; their tokens expired long ago
             for sid in sorted(self._ended, key=self._ended.get)[: len(self._ended) // 2]:
                 del self._ended[sid]
-        return True

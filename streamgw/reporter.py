@@ -6,11 +6,16 @@ duration and reason to the activity log).  The built-in gateway calls the
 controller directly; a gateway elsewhere logs in to the broker as
 ``hub:gateway`` with a token signed by the stream-signing key it already holds.
 Reports made while the hub is unreachable are dropped (and logged).
+
+The same session carries the hub's orders the other way: on the gateway control
+topic the hub says which streams to end (a device was disabled or re-keyed, the
+service key was rotated, an operator closed a stream).
 """
 
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from wire import messages as msg
 from wire import sas, topics
@@ -21,6 +26,7 @@ from .relay import StreamRecord
 log = logging.getLogger(__name__)
 
 TOKEN_TTL = 24 * 3600
+STATS_INTERVAL = 1.0  # seconds between byte-count reports while streams are open
 
 
 class MqttReporter:
@@ -30,12 +36,49 @@ class MqttReporter:
         self._mqtt = MqttSession(
             client_id=self.client_id, host=host, port=port, username=topics.GATEWAY_USER,
             password=lambda: sas.make_token(signing_key, sas.GATEWAY_RESOURCE, TOKEN_TTL),
-            ssl_context=ssl_context, keepalive=30)
+            ssl_context=ssl_context, keepalive=30, subscriptions=(topics.gateway_control(),),
+            on_message=self._on_message)
+        self._stats_topic = topics.gateway_stats(self.client_id)
         self._starting: asyncio.Task | None = None
+        self._stats: asyncio.Task | None = None
+        self._control: Callable[[msg.GatewayControl], object] | None = None
+        self._open_streams: Callable[[], list[dict]] | None = None
+
+    def attach(self, gateway, stats_interval: float = STATS_INTERVAL) -> None:
+        """Apply the hub's orders to ``gateway`` and send the hub its live byte counts."""
+        self._control = gateway.apply_control
+        self._open_streams = gateway.open_streams
+        self._stats_interval = stats_interval
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            control = msg.decode_gateway_control(payload)
+        except msg.MessageError as exc:
+            log.warning("ignoring a bad control message from the hub: %s", exc)
+            return
+        if self._control is not None:
+            try:
+                self._control(control)
+            except Exception:
+                log.exception("applying a control message failed")
 
     async def start(self) -> None:
         """Connect in the background: the gateway serves streams even while the hub is away."""
         self._starting = asyncio.create_task(self._connect())
+        if self._open_streams is not None:
+            self._stats = asyncio.create_task(self._report_stats())
+
+    async def _report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self._stats_interval)
+            try:
+                rows = [(r["stream_id"], r["bytes_to_device"], r["bytes_to_service"])
+                        for r in self._open_streams() if r["paired"]]
+                for i in range(0, len(rows), msg.MAX_STATS_STREAMS):
+                    stats = msg.GatewayStats(streams=tuple(rows[i:i + msg.MAX_STATS_STREAMS]))
+                    self._mqtt.publish(self._stats_topic, msg.encode(stats), qos=CONTROL_QOS)
+            except Exception:
+                log.exception("reporting byte counts failed")
 
     async def _connect(self) -> None:
         try:
@@ -44,9 +87,10 @@ class MqttReporter:
             log.error("cannot report streams to the hub: %s", exc)
 
     async def stop(self) -> None:
-        if self._starting is not None:
-            self._starting.cancel()
-            await asyncio.gather(self._starting, return_exceptions=True)
+        for task in (self._starting, self._stats):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._mqtt.stop()
 
     @property

@@ -18,7 +18,8 @@ from websockets.http11 import Request, Response
 
 from wire import streamtoken
 from wire.errors import TokenError
-from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, stream_id_from_path
+from wire.messages import GatewayControl
+from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
 from wire.streamtoken import Side
 from wire.wslink import LiveServerConnection
 
@@ -155,6 +156,7 @@ class Gateway:
     async def _run(self, entry: StreamEntry, meeting: _Meeting) -> None:
         record = StreamRecord(entry.stream_id, entry.device_id, entry.stream_name, started=time.time())
         log.info("stream %s (%s/%s) paired", entry.stream_id[:8], entry.device_id, entry.stream_name)
+        entry.record = record
         try:
             await relay(meeting.sockets[Side.DEVICE], meeting.sockets[Side.SERVICE], record,
                         self.settings.max_lifetime, self.settings.close_timeout)
@@ -166,6 +168,7 @@ class Gateway:
         if not self._pairing.finish(entry, time.time()):
             return
         self._meetings.pop(entry.stream_id, None)
+        record.close_reason = entry.revoked or record.close_reason
         log.info("stream %s ended after %.1f s: %s (to device %d B, to service %d B)", entry.stream_id[:8],
                  record.duration, record.close_reason, record.bytes_to_device, record.bytes_to_service)
         if self._on_closed is not None:
@@ -173,3 +176,64 @@ class Gateway:
                 self._on_closed(record)
             except Exception:
                 log.exception("stream-closed callback failed")
+
+    # -- revocation (the hub's orders: device disabled, key rotated, operator close) --------------
+
+    def apply_control(self, control: GatewayControl) -> int:
+        """End the streams a control message names; return how many were open here."""
+        closed = 0
+        for stream_id in control.streams:
+            closed += self.close_stream(stream_id, control.reason)
+        if control.device:
+            for entry in self._pairing.streams_of(control.device):
+                closed += self.close_stream(entry.stream_id, control.reason)
+        return closed
+
+    def close_stream(self, stream_id: str, reason: str) -> bool:
+        """End a stream now with CLOSE_REVOKED and ``reason``; refuse its unused tokens from now on.
+
+        True if the stream was open (or half open) here.  A stream id this gateway
+        never saw is remembered as ended, so a token minted for it is refused.
+        """
+        reason = _close_reason(reason or "stream closed by the hub")
+        entry = self._pairing.revoke(stream_id, time.time())
+        if entry is None or entry.finished:
+            return False
+        entry.revoked = reason
+        log.info("closing stream %s (%s/%s): %s", stream_id[:8], entry.device_id, entry.stream_name, reason)
+        meeting = self._meetings.get(stream_id)
+        sockets = list(meeting.sockets.values()) if meeting is not None else []
+        for ws in sockets:
+            task = asyncio.ensure_future(ws.close(CLOSE_REVOKED, reason))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+        if meeting is None or not meeting.paired.is_set():
+            # No relay runs: end it here (a waiting side's handler returns once ``done`` is set).
+            if meeting is not None:
+                meeting.paired.set()
+                meeting.done.set()
+            self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
+                                          started=entry.created, close_reason=reason))
+        return True
+
+    def open_streams(self) -> list[dict]:
+        """What is open here now, with live byte counts (for ``devstreams streams list``)."""
+        now = time.time()
+        rows = []
+        for entry in self._pairing.streams():
+            record = entry.record
+            rows.append({"stream_id": entry.stream_id, "device": entry.device_id, "name": entry.stream_name,
+                         "age_s": round(now - entry.created, 1), "paired": entry.paired,
+                         "bytes_to_device": getattr(record, "bytes_to_device", 0),
+                         "bytes_to_service": getattr(record, "bytes_to_service", 0),
+                         "gateway": self.public_url})
+        return rows
+
+
+_closing: set[asyncio.Future] = set()  # close handshakes under way (a task needs a reference)
+
+
+def _close_reason(text: str, limit: int = 123) -> str:
+    """A WebSocket close reason is at most 123 bytes of UTF-8."""
+    data = text.encode()[:limit]
+    return data.decode(errors="ignore")

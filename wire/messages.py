@@ -101,6 +101,34 @@ class GatewayEvent:
     duration: float = 0.0
 
 
+MAX_CONTROL_STREAMS = 128  # stream ids per GatewayControl message (the hub splits longer lists)
+
+
+@dataclass(frozen=True)
+class GatewayControl:
+    """Hub -> every gateway: end these streams now and refuse their unused tokens.
+
+    ``streams``: stream ids (open, or accepted but not yet opened); ``device``: also
+    end every open stream of this device (it was disabled, removed or re-keyed);
+    ``reason`` goes to both sides in the WebSocket close.
+    """
+
+    streams: tuple[str, ...] = ()
+    device: str = ""
+    reason: str = ""
+
+
+MAX_STATS_STREAMS = 100  # streams per GatewayStats message (the gateway splits longer lists)
+
+
+@dataclass(frozen=True)
+class GatewayStats:
+    """Gateway -> hub, every second or so while streams are open: ``[stream id, bytes to device,
+    bytes to service]`` for each open stream."""
+
+    streams: tuple[tuple[str, int, int], ...] = ()
+
+
 def encode(message: Any) -> bytes:
     data = asdict(message)
     for key, value in data.items():
@@ -200,3 +228,33 @@ def decode_gateway_event(payload: bytes) -> GatewayEvent:
     return GatewayEvent(event=event, stream_id=_str(d, "stream_id", 64), device=_str(d, "device", 128, False),
                         name=_str(d, "name", 64, False), reason=_str(d, "reason", 256, False),
                         duration=max(0.0, _num(d, "duration", 0.0)), **counts)
+
+
+def decode_gateway_control(payload: bytes) -> GatewayControl:
+    d = _load(payload)
+    streams = d.get("streams", [])
+    if not isinstance(streams, list) or len(streams) > MAX_CONTROL_STREAMS:
+        raise MessageError(f"field 'streams' must be a list of at most {MAX_CONTROL_STREAMS} stream ids")
+    for sid in streams:
+        if not isinstance(sid, str) or not 0 < len(sid) <= 64:
+            raise MessageError("field 'streams' holds an invalid stream id")
+    device = _str(d, "device", 128, required=False)
+    if device and not DEVICE_ID_RE.match(device):
+        raise MessageError(f"invalid device ID {device!r}")
+    if not streams and not device:
+        raise MessageError("a control message names no stream and no device")
+    return GatewayControl(streams=tuple(streams), device=device, reason=_str(d, "reason", 120, required=False))
+
+
+def decode_gateway_stats(payload: bytes) -> GatewayStats:
+    d = _load(payload)
+    rows = d.get("streams")
+    if not isinstance(rows, list) or len(rows) > MAX_STATS_STREAMS:
+        raise MessageError(f"field 'streams' must be a list of at most {MAX_STATS_STREAMS} entries")
+    out = []
+    for row in rows:
+        if (not isinstance(row, list) or len(row) != 3 or not isinstance(row[0], str) or not 0 < len(row[0]) <= 64
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in row[1:])):
+            raise MessageError("each entry of 'streams' must be [stream id, bytes to device, bytes to service]")
+        out.append((row[0], row[1], row[2]))
+    return GatewayStats(streams=tuple(out))

@@ -37,6 +37,7 @@ CLOSE_PEER_LOST = 4002           # the other side vanished (crash, dead network,
 CLOSE_PROTOCOL = 4003            # a side sent something the protocol does not allow
 CLOSE_LIFETIME = 4004            # the stream reached its maximum life
 CLOSE_ABORTED = 4005             # a side ended its end abnormally (its TCP connection reset, an error)
+CLOSE_REVOKED = 4006             # an operator revoked access (device disabled, key rotated, stream closed)
 
 CLOSE_REASONS = {
     CLOSE_PEER_CLOSED: "peer closed the stream",
@@ -45,6 +46,7 @@ CLOSE_REASONS = {
     CLOSE_PROTOCOL: "protocol violation",
     CLOSE_LIFETIME: "stream reached its maximum lifetime",
     CLOSE_ABORTED: "peer aborted the stream",
+    CLOSE_REVOKED: "access revoked",
     CLOSE_GOING_AWAY: "gateway shutting down",
 }
 

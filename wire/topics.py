@@ -45,11 +45,26 @@ def gateway_events(client_id: str) -> str:
     return f"{ROOT}/gateways/{client_id}/events"
 
 
+def gateway_stats(client_id: str) -> str:
+    """Gateway -> hub: live byte counts of its open streams (for ``devstreams streams list``)."""
+    return f"{ROOT}/gateways/{client_id}/stats"
+
+
+def gateway_control() -> str:
+    """Hub -> every gateway: close streams (revocations, operator closes).
+
+    One topic for all gateways: they hold the same signing key and are equally
+    trusted, and the hub need not know which gateway serves a stream.
+    """
+    return f"{ROOT}/gateways/control"
+
+
 # What the controller listens to.
 ALL_DEVICE_RESPONSES = f"{ROOT}/devices/+/streams/res"
 ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
 ALL_SERVICE_REQUESTS = f"{ROOT}/services/+/req"
 ALL_GATEWAY_EVENTS = f"{ROOT}/gateways/+/events"
+ALL_GATEWAY_STATS = f"{ROOT}/gateways/+/stats"
 
 
 def split(topic: str) -> list[str]:
@@ -106,7 +121,9 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
             return topic == service_requests(client_id)
         return topic == service_responses(client_id)
     if role is Role.GATEWAY:
-        return action is Action.PUBLISH and topic == gateway_events(client_id)
+        if action is Action.PUBLISH:
+            return topic in (gateway_events(client_id), gateway_stats(client_id))
+        return topic == gateway_control()
     return False
 
 
