@@ -204,7 +204,7 @@ class Gateway:
         meeting = self._meetings.get(stream_id)
         sockets = list(meeting.sockets.values()) if meeting is not None else []
         for ws in sockets:
-            task = asyncio.ensure_future(ws.close(CLOSE_REVOKED, reason))
+            task = asyncio.ensure_future(close_within(ws, CLOSE_REVOKED, reason, self.settings.close_timeout))
             _closing.add(task)
             task.add_done_callback(_closing.discard)
         if meeting is None or not meeting.paired.is_set():

@@ -89,6 +89,7 @@ async def setup_times(hub, device: str, count: int) -> list[float]:
     return times
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(120)
 def test_a_flooding_service_is_refused_at_its_door_and_others_stay_fast(hub, tmp_path):
     """1,000 requests/s from one connection: it gets LIMIT answers naming the per-connection setting,

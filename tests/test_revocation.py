@@ -42,6 +42,7 @@ def cli_ok(hub, *args) -> str:
     return result.stdout
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("command,reason", [("disable", "device pump-7 disabled"),
                                             ("remove", "device pump-7 removed"),
@@ -74,6 +75,7 @@ def test_device_revocation_ends_open_streams_unused_tokens_and_session(hub, tmp_
     assert any(reason in (e["reason"] or "") for e in entries), entries
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(60)
 def test_device_revocation_answers_its_pending_requests(hub):
     async def never_answers(request):
@@ -117,6 +119,7 @@ def _ended(sock: socket.socket, timeout: float) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(90)
 def test_rotating_the_service_key_ends_running_proxies_streams(hub, tmp_path):
     with agent(hub, tmp_path, "svc-rot", "--echo"), proxy(hub, tmp_path, "svc-rot", "echo") as (port, proc):
@@ -145,6 +148,7 @@ def test_rotating_the_service_key_ends_running_proxies_streams(hub, tmp_path):
     assert "service key rotated" in " ".join(str(e["reason"]) for e in hub.registry().activity())
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(90)
 def test_revocation_reaches_a_standalone_gateway(tmp_path):
     from bench.openssh import free_port

@@ -104,7 +104,7 @@ def test_hub_toml_settings(tmp_path):
     with pytest.raises(ConfigError, match="unknown setting 'respnse_timeout'"):
         load(tmp_path)
     (tmp_path / "hub.toml").write_text("response_timeout = 'soon'\n")
-    with pytest.raises(ConfigError, match="must be a float"):
+    with pytest.raises(ConfigError, match="must be a number"):
         load(tmp_path)
     with pytest.raises(ConfigError, match="greater than 0"):
         validate(HubSettings(response_timeout=0))
