@@ -54,7 +54,7 @@ AUTH_REFUSED = {134, 135}
 
 # OpenSSL verify codes (X509_V_ERR_*) that mean "I do not know who signed this certificate".
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
-_HOSTNAME_MISMATCH = 62
+_NAME_MISMATCH = {62, 64}  # host name, IP address
 
 
 class LogLimiter:
@@ -77,7 +77,7 @@ def describe_connect_error(exc: BaseException | None, host: str, port: int) -> t
     where = f"{host}:{port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = getattr(exc, "verify_code", None)
-        if code == _HOSTNAME_MISMATCH:
+        if code in _NAME_MISMATCH:
             return "tls-name", (f"TLS: the hub's certificate does not name {host!r}: connect with a name "
                                 "it was issued for ('devstreams hub up --host NAME' adds one)")
         if code in _UNTRUSTED:
