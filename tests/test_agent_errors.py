@@ -2,12 +2,14 @@
 
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 import pytest
 
-from devprocs import Devstreams, agent, connect, one_line
-from helpers import hub_running, run, wait_for
+from devprocs import Devstreams, agent, clean_env, connect, one_line
+from helpers import REPO, hub_running, run, wait_for
 from wire.connstr import ConnectionString, parse
 from wire.mqtt import LogLimiter, describe_connect_error, takeover_delay
 
@@ -106,9 +108,16 @@ def test_agent_with_the_hub_down_says_so(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_connect_names_the_tls_cause(hub):
-    result = connect("--connection-string", hub.service_cs(), "--device", "x", "--stream", "echo", timeout=30)
-    assert result.returncode != 0
+@pytest.mark.parametrize("command", ["connect", "proxy"])
+def test_connect_and_proxy_name_the_tls_cause(hub, command):
+    flags = ["--connection-string", hub.service_cs(), "--device", "x", "--stream", "echo"]
+    if command == "connect":
+        result = connect(*flags, timeout=30)
+    else:
+        result = subprocess.run([sys.executable, "-m", "devstreams", "proxy", *flags, "--bind", "127.0.0.1",
+                                 "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=30,
+                                env=clean_env(), stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
     assert NOT_TRUSTED in one_line(result.stderr)
 
 
