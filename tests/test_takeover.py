@@ -1,6 +1,7 @@
 """A second login with a device's credentials: the newest connection wins, the older one is
 disconnected, says so once, and retries with backoff (issue 8, item 4)."""
 
+import asyncio
 import queue
 import ssl
 import time
@@ -117,3 +118,41 @@ def test_raw_login_with_the_device_key_displaces_the_agent_which_comes_back(hub,
             assert proc.log().count(TAKEOVER.format("solo")) == 1, proc.log()
         finally:
             raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_takeover_of_a_connection_that_no_longer_reads_is_bounded(tmp_path):
+    """An older connection that never answers the close is cut after takeover_timeout."""
+    import socket
+
+    from helpers import hub_running
+    from test_packets import connect_packet
+
+    with hub_running(tmp_path, takeover_timeout=1.0) as hub:
+        cs_text = hub.add_device("frozen")
+        cs = parse(cs_text)
+        ctx = ssl.create_default_context(cafile=hub.ca_file)
+        frozen = ctx.wrap_socket(socket.create_connection(("localhost", hub.hub.mqtt_port), timeout=10),
+                                 server_hostname="localhost")
+        try:
+            frozen.sendall(connect_packet("frozen", "frozen", sas.make_token(cs.key, sas.device_resource("frozen"))))
+            assert frozen.recv(4) == b"\x20\x02\x00\x00"
+            # from now on this client reads nothing and answers nothing (not even TLS close_notify)
+
+            async def main():
+                proc = await asyncio.to_thread(Devstreams, tmp_path / "agent-frozen.log", "agent",
+                                               "--connection-string", cs_text, "--ca-file", hub.ca_file, "--echo")
+                try:
+                    started = time.monotonic()
+                    await wait_for(lambda: "frozen" in hub.hub.controller.online_devices, timeout=15,
+                                   what="the new agent online")
+                    elapsed = time.monotonic() - started
+                    print(f"takeover of a frozen connection: agent online after {elapsed:.1f} s")
+                    assert elapsed < 10
+                    assert hub.hub._gate.connected().count("frozen") == 1
+                finally:
+                    await asyncio.to_thread(proc.stop)
+
+            run(main(), timeout=50)
+        finally:
+            frozen.close()
