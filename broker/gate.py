@@ -53,7 +53,7 @@ from wire.mqtt import LogLimiter
 from wire.topics import Role, device_notice
 
 from .auth import AuthRefused, Authenticator, Identity
-from .packetguard import PacketGuard
+from .packetguard import PacketGuard, check_will
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,13 @@ class Gate:
         if writer.is_closing():  # dropped to make room while it was logging in
             return
         client_id = packet.client_id or ""
+        if packet.will_flag:
+            bad_will = check_will(packet.will_topic, packet.will_message, packet.will_retain_flag,
+                                  self._max_retained_bytes)
+            if bad_will:
+                log.info("refusing client %r from %s: %s", client_id, peer, bad_will)
+                writer.transport.abort()
+                return
         try:
             identity = self._auth.authenticate(client_id, packet.username, packet.password)
         except AuthRefused as refused:

@@ -132,5 +132,18 @@ class PacketGuard:
         return reason
 
 
+def check_will(topic: str | None, message: bytes | None, retain: bool, max_retained_bytes: int) -> str | None:
+    """The same rules for a CONNECT's last will, which the broker publishes for the client later."""
+    raw = (topic or "").encode()
+    if not raw:
+        return "last will with an empty topic"
+    if b"+" in raw or b"#" in raw:
+        return f"last will to a topic with a wildcard ({_show(raw)})"
+    if retain and len(message or b"") > max_retained_bytes:
+        return (f"retained last will of {len(message)} bytes is over the limit of {max_retained_bytes} "
+                "(max_retained_payload_bytes)")
+    return None
+
+
 def _show(topic: bytes) -> str:
     return repr(topic[:100].decode("utf-8", "replace"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from broker.packetguard import PacketGuard
+from broker.packetguard import PacketGuard, check_will
 
 LIMIT, RETAINED = 1000, 64
 
@@ -107,3 +107,12 @@ def test_big_bodies_are_skipped_not_kept():
     for i in range(0, len(packet), 65536):
         assert guard.feed(packet[i:i + 65536]) is None
     assert guard.packets == 1 and len(guard._head) == 0
+
+
+def test_last_will_follows_the_same_rules():
+    status = "devstreams/devices/d/status"
+    assert check_will(status, b'{"online": false, "conn": "x"}', True, RETAINED) is None
+    assert check_will(status, b"z" * 5000, False, RETAINED) is None  # not retained: only the packet limit
+    assert "retained last will of 65 bytes" in check_will(status, b"z" * 65, True, RETAINED)
+    assert "wildcard" in check_will("devstreams/devices/+/status", b"", False, RETAINED)
+    assert "empty topic" in check_will("", b"", False, RETAINED)

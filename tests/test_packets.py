@@ -35,6 +35,12 @@ def connect_packet(client_id: str, username: str, password: str) -> bytes:
     return b"\x10" + _remaining(len(body)) + body
 
 
+def connect_with_will(client_id: str, username: str, password: str, will_topic: str, will: bytes) -> bytes:
+    body = (_str("MQTT") + b"\x04\xe6\x00\x1e" + _str(client_id) + _str(will_topic)
+            + len(will).to_bytes(2, "big") + will + _str(username) + _str(password))
+    return b"\x10" + _remaining(len(body)) + body
+
+
 def publish_header(topic: str, payload_len: int, retain: bool = False) -> bytes:
     var = _str(topic)
     return bytes([0x30 | int(retain)]) + _remaining(len(var) + payload_len) + var
@@ -154,6 +160,28 @@ def test_wildcard_topic_and_big_retained_status_close_the_connection(hub, tmp_pa
     reasons = [r.getMessage() for r in caplog.records if "closing the connection of sneaky" in r.getMessage()]
     assert len(reasons) == 3, reasons
     assert "wildcard" in reasons[0] and "wildcard" in reasons[1] and "max_retained_payload_bytes" in reasons[2]
+
+
+@pytest.mark.timeout(60)
+def test_big_retained_last_will_is_refused_at_connect(hub, caplog):
+    caplog.set_level(logging.INFO, logger="broker.gate")
+    hub.add_device("willful")
+    creds = device_login(hub, "willful")
+
+    async def main():
+        ctx = ssl.create_default_context(cafile=hub.ca_file)
+        reader, writer = await asyncio.open_connection("localhost", hub.hub.mqtt_port, ssl=ctx)
+        writer.write(connect_with_will(*creds, topics.device_status("willful"), b"w" * 4000))
+        await writer.drain()
+        try:
+            data = await asyncio.wait_for(reader.read(4), 10)
+        except (ConnectionError, ssl.SSLError):
+            data = b""
+        assert data == b"", "no CONNACK: the connection is closed"
+        writer.transport.abort()
+
+    run(main())
+    assert any("retained last will of 4000 bytes" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.timeout(90)
