@@ -8,28 +8,62 @@ only then hands the connection (CONNECT bytes replayed) to amqtt's ``external``
 listener.  Refusals get a CONNACK with a return code and never reach amqtt.
 The gate also remembers live connections so the hub can drop a device that was
 disabled, removed or re-keyed.
+
+Takeover (a second login with the same client id).  amqtt 0.12 does not close
+the older connection when a client id logs in again: the old client stays
+connected and receives nothing (a deaf device shown online), and a clean-session
+CONNECT deletes the session the old one still uses.  Like other IoT hubs, the
+newest connection wins: once a CONNECT for a live client id has passed
+authentication (a wrong password never disturbs the live one), the gate
+disconnects the older connection and waits, bounded by ``takeover_timeout``,
+until amqtt has completely finished with it (its handler returned, its last
+will published) before the new CONNECT reaches amqtt.  MQTT 3.1.1 has no
+server DISCONNECT with a reason, so before closing a displaced *device* the gate
+writes one complete QoS 0 PUBLISH on ``devstreams/devices/<id>/notice`` straight
+to the old connection (paho hands any PUBLISH to ``on_message`` even without a
+subscription; writes from this event loop are whole packets, amqtt writes whole
+packets too) and then closes it gracefully, so the notice arrives before the
+end of the stream.  The displaced agent logs one line and backs off.
+
+After CONNECT every byte from the client passes a ``PacketGuard``
+(broker/packetguard.py) before amqtt reads it: an oversized packet is refused
+from its fixed header, before its body is read, by closing that connection.
+
+Connections that have not logged in yet are at most
+``max_unauthenticated_connections``; beyond that the oldest of them is dropped
+first, so a flood of idle TLS connections cannot keep a device from logging in
+and never touches a logged-in one.
 """
 
 import asyncio
+import json
 import logging
+import resource
 import ssl
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.publish import PublishPacket
 
-from wire.topics import Role
+from wire.mqtt import LogLimiter
+from wire.topics import Role, device_notice
 
 from .auth import AuthRefused, Authenticator, Identity
+from .packetguard import PacketGuard, check_will
 
 log = logging.getLogger(__name__)
 
 LISTENER = "default"  # the amqtt listener of type "external" the gate feeds
 CONNECT_PACKET_TYPE = 1
 TLS_READ_BUFFER = 4 * 1024  # MQTT control traffic is small; OpenSSL buffers partial records
+READ_CHUNK = 16 * 1024      # what the guarded reader asks the socket for at a time
+CONNACK_SERVER_UNAVAILABLE = 3
+FD_HEADROOM = 100           # files the hub needs besides MQTT connections (registry, gateway, logs)
 
 
 def shrink_tls_buffer(writer: asyncio.StreamWriter) -> None:
@@ -47,23 +81,56 @@ def shrink_tls_buffer(writer: asyncio.StreamWriter) -> None:
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
 
 
-class _ReplayReader(StreamReaderAdapter):
-    """A reader that first returns the CONNECT bytes the gate already consumed."""
+class _GuardedReader(StreamReaderAdapter):
+    """What amqtt reads from: first the CONNECT the gate consumed, then client bytes that passed the guard.
 
-    def __init__(self, prefix: bytes, reader: asyncio.StreamReader):
+    It reads only when amqtt asks (so TCP backpressure stays) and at most
+    ``READ_CHUNK`` beyond what amqtt asked for.  On refusal it calls
+    ``on_refuse(reason)`` once and from then on reports end of stream.
+    """
+
+    def __init__(self, prefix: bytes, reader: asyncio.StreamReader, guard: PacketGuard, on_refuse):
         super().__init__(reader)
-        self._prefix = prefix
+        self._buf = bytearray(prefix)
+        self._guard = guard
+        self._on_refuse = on_refuse
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = await self._reader.read(READ_CHUNK)
+        if not chunk:
+            self._eof = True
+            return False
+        reason = self._guard.feed(chunk)
+        if reason is not None:
+            self._eof = True
+            self._buf.clear()
+            self._on_refuse(reason)
+            return False
+        self._buf += chunk
+        return True
 
     async def read(self, n: int = -1) -> bytes:
-        if not self._prefix:
-            return await super().read(n)
         if n < 0:
-            head, self._prefix = self._prefix, b""
-            return head + await super().read(n)
-        head, self._prefix = self._prefix[:n], self._prefix[n:]
-        if len(head) < n:
-            head += await super().read(n - len(head))
-        return head
+            if not self._buf:
+                await self._fill()
+        else:
+            while len(self._buf) < n:
+                if not await self._fill():
+                    partial = bytes(self._buf)
+                    self._buf.clear()
+                    raise asyncio.IncompleteReadError(partial, n)
+        if n < 0:
+            n = len(self._buf)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        super().feed_eof()
 
 
 async def read_connect(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -87,27 +154,79 @@ async def read_connect(reader: asyncio.StreamReader, limit: int) -> bytes:
     return bytes(header) + await reader.readexactly(length)
 
 
+def nofile_target(soft: int, hard: int, needed: int) -> int:
+    """The soft RLIMIT_NOFILE to ask for: the hard limit, or ``needed`` when the hard one is unlimited."""
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    if hard == resource.RLIM_INFINITY:
+        return max(soft, needed)
+    return max(soft, hard)
+
+
+def raise_nofile_limit(max_connections: int) -> int:
+    """Raise the soft open-file limit to the hard one; warn if it is still below what is needed.
+
+    Every MQTT connection is a file descriptor; the default soft limit (often
+    1024) would cap the hub far below ``max_connections`` with "Too many open files".
+    """
+    needed = max_connections + FD_HEADROOM
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = nofile_target(soft, hard, needed)
+        if target != soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d", soft, target)
+            soft = target
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit: %s", exc)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open-file limit (%d) is below max_connections (%d) + %d: raise it "
+                    "(ulimit -n, or LimitNOFILE= in the systemd unit) or lower max_connections",
+                    soft, max_connections, FD_HEADROOM)
+    return soft
+
+
+def takeover_notice(device_id: str) -> bytes:
+    """The one PUBLISH a displaced device receives before its connection closes."""
+    payload = json.dumps({"event": "takeover",
+                          "reason": f"another connection with device ID {device_id} took over"}).encode()
+    return PublishPacket.build(device_notice(device_id), payload, None, False, 0, False).to_bytes()
+
+
 @dataclass
 class _Live:
     identity: Identity
     password: str
     writer: asyncio.StreamWriter
+    task: asyncio.Task | None = None
+    since: float = field(default_factory=time.monotonic)
 
 
 class Gate:
     def __init__(self, broker: Broker, authenticator: Authenticator, *, max_connect_bytes: int = 8192,
-                 connect_timeout: float = 10.0, max_connections: int = 10000):
+                 connect_timeout: float = 10.0, max_connections: int = 10000,
+                 max_packet_bytes: int = 64 * 1024, max_retained_bytes: int = 1024,
+                 takeover_timeout: float = 5.0, max_unauthenticated: int = 1000):
         self._broker = broker
         self._auth = authenticator
         self._max_connect_bytes = max_connect_bytes
         self._connect_timeout = connect_timeout
         self._max_connections = max_connections
+        self._max_packet_bytes = max_packet_bytes
+        self._max_retained_bytes = max_retained_bytes
+        self._takeover_timeout = takeover_timeout
+        self._max_unauthenticated = max_unauthenticated
         self._server: asyncio.Server | None = None
         self._live: dict[str, _Live] = {}
         self._handlers: set[asyncio.Task] = set()
+        self._unauthenticated: dict[asyncio.Task, asyncio.StreamWriter] = {}  # oldest first
+        self._shed_log = LogLimiter(60.0)
+        self.shed = 0  # unauthenticated connections dropped to make room
         self.port = 0
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
+        raise_nofile_limit(self._max_connections)
         self._server = await asyncio.start_server(self._on_client, host, port, ssl=ssl_context,
                                                   ssl_handshake_timeout=self._connect_timeout,
                                                   reuse_address=True, limit=2 ** 16)
@@ -121,6 +240,10 @@ class Gate:
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    @property
+    def unauthenticated(self) -> int:
+        return len(self._unauthenticated)
 
     def connected(self, role: Role | None = None) -> list[str]:
         return [cid for cid, live in self._live.items() if role is None or live.identity.role is role]
@@ -154,39 +277,108 @@ class Gate:
         finally:
             self._handlers.discard(task)
 
+    def _make_room(self) -> bool:
+        """Admit one more connection: drop the oldest not-yet-logged-in ones first; False if full anyway.
+
+        The newest connection (this one) is never the one dropped here, and a
+        logged-in connection never is: it is not in ``_unauthenticated``.
+        """
+        dropped = 0
+        while True:
+            over_total = len(self._handlers) - dropped > self._max_connections
+            over_unauth = len(self._unauthenticated) > self._max_unauthenticated
+            if not (over_total or over_unauth) or len(self._unauthenticated) <= 1:
+                return not over_total
+            oldest = next(iter(self._unauthenticated))
+            self._unauthenticated.pop(oldest).transport.abort()
+            dropped += 1
+            self.shed += 1
+            if self._shed_log.allow("shed", time.monotonic()):
+                log.warning("dropping the oldest connections that have not logged in yet "
+                            "(max_unauthenticated_connections %d, max_connections %d)",
+                            self._max_unauthenticated, self._max_connections)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         shrink_tls_buffer(writer)
         peer = writer.get_extra_info("peername")
-        if len(self._handlers) > self._max_connections:
-            log.warning("refusing %s: %d connections is the limit", peer, self._max_connections)
-            writer.transport.abort()
-            return
+        task = asyncio.current_task()
+        self._unauthenticated[task] = writer
         try:
-            raw = await asyncio.wait_for(read_connect(reader, self._max_connect_bytes), self._connect_timeout)
-            packet = await ConnectPacket.from_stream(BufferReader(raw))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            writer.transport.abort()
-            return
-        except (ValueError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
-            log.info("refusing %s: bad CONNECT (%s)", peer, exc)
-            writer.transport.abort()
+            if not self._make_room():
+                log.warning("refusing %s: %d connections is the limit", peer, self._max_connections)
+                writer.transport.abort()
+                return
+            try:
+                raw = await asyncio.wait_for(read_connect(reader, self._max_connect_bytes), self._connect_timeout)
+                packet = await ConnectPacket.from_stream(BufferReader(raw))
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                writer.transport.abort()
+                return
+            except (ValueError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
+                log.info("refusing %s: bad CONNECT (%s)", peer, exc)
+                writer.transport.abort()
+                return
+        finally:
+            self._unauthenticated.pop(task, None)
+        if writer.is_closing():  # dropped to make room while it was logging in
             return
         client_id = packet.client_id or ""
+        if packet.will_flag:
+            bad_will = check_will(packet.will_topic, packet.will_message, packet.will_retain_flag,
+                                  self._max_retained_bytes)
+            if bad_will:
+                log.info("refusing client %r from %s: %s", client_id, peer, bad_will)
+                writer.transport.abort()
+                return
         try:
             identity = self._auth.authenticate(client_id, packet.username, packet.password)
         except AuthRefused as refused:
             log.info("refusing client %r from %s: %s", client_id, peer, refused.reason)
             await self._refuse(writer, refused.code)
             return
-        live = _Live(identity, packet.password, writer)
+        live = _Live(identity, packet.password, writer, task)
+        old = self._live.get(client_id)
         self._live[client_id] = live
         try:
-            await self._broker.external_connected(_ReplayReader(raw, reader), StreamWriterAdapter(writer),
-                                                  LISTENER)
+            if old is not None:
+                if not await self._take_over(client_id, old, peer):
+                    await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE)
+                    return
+                if self._live.get(client_id) is not live or writer.is_closing():
+                    return  # an even newer connection took over while this one waited
+            guard = PacketGuard(self._max_packet_bytes, self._max_retained_bytes)
+
+            def refuse(reason: str) -> None:
+                log.info("closing the connection of %s: %s", client_id, reason)
+                writer.transport.abort()
+
+            await self._broker.external_connected(_GuardedReader(raw, reader, guard, refuse),
+                                                  StreamWriterAdapter(writer), LISTENER)
         finally:
             if self._live.get(client_id) is live:
                 del self._live[client_id]
             writer.transport.abort()
+
+    async def _take_over(self, client_id: str, old: _Live, peer) -> bool:
+        """Disconnect the older connection of client_id and wait until amqtt is done with it."""
+        log.info("client %s logged in again from %s: disconnecting its older connection", client_id, peer)
+        if old.identity.role is Role.DEVICE and not old.writer.is_closing():
+            try:
+                old.writer.write(takeover_notice(client_id))
+            except (ConnectionError, RuntimeError):
+                pass
+        old.writer.close()  # graceful: the notice goes out first
+        if old.task is None or old.task is asyncio.current_task():
+            return True
+        done, _ = await asyncio.wait({old.task}, timeout=self._takeover_timeout)
+        if done:
+            return True
+        old.writer.transport.abort()
+        done, _ = await asyncio.wait({old.task}, timeout=self._takeover_timeout)
+        if not done:
+            log.warning("client %s: the broker did not let go of the older connection within %g s; "
+                        "refusing the new one", client_id, 2 * self._takeover_timeout)
+        return bool(done)
 
     @staticmethod
     async def _refuse(writer: asyncio.StreamWriter, code: int) -> None:

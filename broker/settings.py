@@ -43,6 +43,11 @@ class HubSettings:
     connect_packet_timeout: float = 10.0  # s; a TLS client must send CONNECT within this
     registry_poll_interval: float = 0.5   # s; how soon a CLI change (disable, remove) reaches the hub
     session_expiry_check_interval: float = 1.0  # s; how soon a session whose SAS token ran out is dropped
+    # Broker, after login (gate): bigger packets close the connection before their body is read.
+    max_packet_bytes: int = 65536         # any MQTT packet a client sends after CONNECT
+    max_retained_payload_bytes: int = 1024  # a retained PUBLISH (presence on a status topic)
+    takeover_timeout: float = 5.0         # s; a second login waits this long for the older connection to end
+    max_unauthenticated_connections: int = 1000  # not logged in yet; beyond it the oldest are dropped
     # Gateway (the built-in one).
     gateway_peer_timeout: float = 60.0    # s; how long the first side waits for its peer
     gateway_ping_interval: float = 10.0   # s; heartbeat pings to each side of a stream at least this often
@@ -109,11 +114,12 @@ def validate(s: HubSettings) -> HubSettings:
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
-                 "open_streams_refresh", "disk_error_log_interval"):
+                 "open_streams_refresh", "disk_error_log_interval", "takeover_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
-                 "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst"):
+                 "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst",
+                 "max_packet_bytes", "max_unauthenticated_connections"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     if s.max_stream_lifetime < 0:
@@ -123,6 +129,10 @@ def validate(s: HubSettings) -> HubSettings:
     if not CHUNK_BYTES <= s.gateway_max_message_bytes <= MAX_MESSAGE_BYTES:
         raise ConfigError(f"setting gateway_max_message_bytes must be between {CHUNK_BYTES} (what the SDKs "
                           f"send) and {MAX_MESSAGE_BYTES} (what they accept)")
+    if s.max_retained_payload_bytes < 0:
+        raise ConfigError("setting max_retained_payload_bytes must be 0 or more")
+    if s.max_packet_bytes < 1024:
+        raise ConfigError("setting max_packet_bytes must be at least 1024 (stream requests carry tokens)")
     for name in ("mqtt_port", "gateway_port"):
         if not 0 <= getattr(s, name) < 65536:
             raise ConfigError(f"setting {name} must be a port number (0 lets the OS pick)")

@@ -106,7 +106,8 @@ class DeviceAgent:
             ssl_context=self.ssl_context, subscriptions=(topics.device_requests(cs.device_id),),
             on_message=self._on_message, on_connected=self._on_connected,
             will=Will(status, lambda conn: msg.encode(msg.Presence(online=False, conn=conn))),
-            keepalive=s.keepalive, reconnect_min=s.reconnect_min, reconnect_max=s.reconnect_max)
+            keepalive=s.keepalive, reconnect_min=s.reconnect_min, reconnect_max=s.reconnect_max,
+            takeover_min=s.takeover_min, takeover_max=s.takeover_max, stop_when_refused=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -116,7 +117,17 @@ class DeviceAgent:
         await self._mqtt.start(timeout=timeout)
 
     async def wait_closed(self) -> None:
-        await self._closed.wait()
+        """Return after ``stop()``; raise UnauthorizedError if the hub stopped accepting this device
+        (disabled, removed or re-keyed while running): retrying could never succeed."""
+        closed = asyncio.ensure_future(self._closed.wait())
+        failed = asyncio.ensure_future(asyncio.shield(self._mqtt.failure))
+        try:
+            await asyncio.wait({closed, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            failed.cancel()
+        if self._mqtt.failure.done() and not self._closed.is_set():
+            raise self._mqtt.failure.result()
 
     async def stop(self) -> None:
         if self._mqtt.connected:

@@ -8,6 +8,8 @@ class AgentSettings:
     keepalive: int = 30                # MQTT keepalive; the hub notices a dead device after 1.5x this
     reconnect_min: float = 1.0         # backoff after the hub goes away ...
     reconnect_max: float = 30.0        # ... doubling up to this
+    takeover_min: float = 2.0          # after another connection with this device ID took over: wait ...
+    takeover_max: float = 60.0         # ... doubling (with jitter) up to this, so two copies alternate slowly
     token_ttl: float = 3600.0          # lifetime of the login token made from the device key
     max_streams: int = 256             # streams served at once; more are rejected as busy
     gateway_connect_timeout: float = 30.0

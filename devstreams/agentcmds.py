@@ -70,7 +70,14 @@ async def run_agent(args) -> int:
             starting.result()  # a refused key ends here, with its message
             offered = sorted(allow) + (["echo"] if echo_enabled else [])
             log.info("agent for device %s serving: %s", agent.device_id, ", ".join(offered))
-            await stopping
+            # ends on a signal, or raises when the hub no longer accepts this device (disabled meanwhile)
+            closed = asyncio.create_task(agent.wait_closed())
+            try:
+                await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+            if closed.done() and not closed.cancelled():
+                closed.result()
     finally:
         for task in (stopping, starting):
             task.cancel()

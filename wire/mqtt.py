@@ -7,12 +7,30 @@ silently kill its thread.  Before every connect the password (a short-lived SAS
 token) and the last will (with a fresh connection nonce) are renewed, and on
 every connect all subscriptions are made again (``session_present`` is false
 after a broker restart).
+
+Failures say why, once: paho hands ``on_connect_fail`` no exception (it catches
+the ``OSError`` of ``reconnect()`` in its loop and drops it), so ``_Client``
+records it; :func:`describe_connect_error` turns it into one sentence ("TLS: the
+hub's certificate is not trusted: pass --ca-file", "cannot reach hub at H:P:
+connection refused") that a retrying session logs at warning level the first
+time and then at most once a minute per cause (:class:`LogLimiter`), and that a
+session which does not retry raises.
+
+Takeover: when another connection logs in with the same client id, the hub
+writes one PUBLISH on ``devstreams/devices/<id>/notice`` and closes this one.
+The session logs that once and waits a growing, jittered delay before
+reconnecting (paho would retry after ``reconnect_min`` every time, because it
+resets its backoff after each successful CONNACK), so two copies of one agent
+alternate visibly instead of fighting every second.
 """
 
 import asyncio
+import json
 import logging
+import random
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +39,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .errors import HubUnavailableError, UnauthorizedError
+from .topics import device_notice
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +50,71 @@ CONTROL_QOS = 0
 
 # CONNACK reasons that mean "your credentials are refused" (MQTT 3.1.1 rc 4 and 5 as paho maps them).
 AUTH_REFUSED = {134, 135}
+
+
+# OpenSSL verify codes (X509_V_ERR_*) that mean "I do not know who signed this certificate".
+_UNTRUSTED = {2, 18, 19, 20, 21, 27}
+_NAME_MISMATCH = {62, 64}  # host name, IP address
+
+
+class LogLimiter:
+    """Say something the first time, then at most once per ``interval`` seconds per key (no clock inside)."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+def describe_connect_error(exc: BaseException | None, host: str, port: int) -> tuple[str, str]:
+    """(cause key, one sentence) for why a connection to the hub failed."""
+    where = f"{host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = getattr(exc, "verify_code", None)
+        if code in _NAME_MISMATCH:
+            return "tls-name", (f"TLS: the hub's certificate does not name {host!r}: connect with a name "
+                                "it was issued for ('devstreams hub up --host NAME' adds one)")
+        if code in _UNTRUSTED:
+            return "tls-trust", ("TLS: the hub's certificate is not trusted: pass --ca-file "
+                                 "(the hub's ca.pem, printed by 'devstreams hub show')")
+        return "tls-verify", f"TLS: the hub's certificate was refused: {getattr(exc, 'verify_message', exc)}"
+    if isinstance(exc, ssl.SSLError):
+        return "tls", f"TLS: the handshake with the hub at {where} failed: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", f"cannot reach hub at {where}: connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns", f"cannot reach hub at {where}: unknown host name ({exc.strerror})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timeout", f"cannot reach hub at {where}: timed out"
+    if isinstance(exc, OSError):
+        return "os", f"cannot reach hub at {where}: {exc.strerror or exc}"
+    return "unknown", f"cannot reach hub at {where}"
+
+
+def takeover_delay(count: int, low: float, high: float, jitter: float) -> float:
+    """Wait after the ``count``-th takeover in a row: low, 2*low, 4*low ... up to high, times jitter."""
+    return min(high, low * 2 ** max(0, count - 1)) * jitter
+
+
+class _Client(paho.Client):
+    """paho's client, keeping the exception of the last failed connect (paho drops it)."""
+
+    last_connect_error: BaseException | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            rc = super().reconnect()
+        except OSError as exc:
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return rc
 
 
 @dataclass(frozen=True)
@@ -49,7 +133,8 @@ class MqttSession:
                  on_connected: Callable[[str], None] | None = None,
                  on_disconnected: Callable[[], None] | None = None,
                  will: Will | None = None, keepalive: int = 30,
-                 reconnect_min: float = 1.0, reconnect_max: float = 30.0, retry_first_connect: bool = True):
+                 reconnect_min: float = 1.0, reconnect_max: float = 30.0, retry_first_connect: bool = True,
+                 takeover_min: float = 2.0, takeover_max: float = 60.0, stop_when_refused: bool = False):
         self.client_id = client_id
         self.host, self.port = host, port
         self._username = username
@@ -61,6 +146,15 @@ class MqttSession:
         self._will = will
         self._keepalive = keepalive
         self._retry_first = retry_first_connect  # devices wait for the hub; a service call should not
+        self._reconnect_min = max(1, int(reconnect_min))
+        self._reconnect_max = int(reconnect_max)
+        self._takeover_min, self._takeover_max = takeover_min, takeover_max
+        self._takeovers = 0            # in a row: reset once a connection held for long
+        self._connected_at = 0.0
+        self._displaced = False
+        self._stop_when_refused = stop_when_refused  # a device disabled while running: give up, say why
+        self.failure: asyncio.Future | None = None   # set to the error that ended the session for good
+        self._log_limit = LogLimiter(60.0)
         self.conn_id = ""
         self.connected = False
         self.ever_connected = False
@@ -68,10 +162,10 @@ class MqttSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._pending_subs: dict[int, str] = {}
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   clean_session=True, protocol=paho.MQTTv311)
+        self._client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                               clean_session=True, protocol=paho.MQTTv311)
         self._client.tls_set_context(ssl_context)
-        self._client.reconnect_delay_set(min_delay=max(1, int(reconnect_min)), max_delay=int(reconnect_max))
+        self._client.reconnect_delay_set(min_delay=self._reconnect_min, max_delay=self._reconnect_max)
         self._client.suppress_exceptions = True
         self._client.on_connect = self._paho_on_connect
         self._client.on_disconnect = self._paho_on_disconnect
@@ -86,6 +180,7 @@ class MqttSession:
         """Connect and subscribe; raise UnauthorizedError or HubUnavailableError."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
+        self.failure = self._loop.create_future()
         self._renew()
         try:
             self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
@@ -160,6 +255,10 @@ class MqttSession:
                 self._connect_refused(reason_code)
                 return
             self.connected = True
+            self._connected_at = time.monotonic()
+            self._displaced = False
+            # a takeover stretched paho's backoff for one wait; later losses start short again
+            client.reconnect_delay_set(min_delay=self._reconnect_min, max_delay=self._reconnect_max)
             log.info("connected to %s:%s as %s", self.host, self.port, self.client_id)
             self._pending_subs.clear()
             for topic in self._subscriptions:
@@ -180,8 +279,15 @@ class MqttSession:
             if not self.ever_connected:
                 self._post(self._settle, UnauthorizedError(msg))
                 self._client.disconnect()  # no point retrying a wrong key
-        else:
-            log.warning("hub refused the connection: %s", reason_code)
+            elif self._stop_when_refused:
+                self._post(self._fail, UnauthorizedError(msg))
+                self._client.disconnect()
+        elif self._log_limit.allow(f"connack-{value}", time.monotonic()):
+            log.warning("hub refused the connection: %s; retrying", reason_code)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_result(exc)
 
     def _connected_ready(self) -> None:
         self.ever_connected = True
@@ -209,7 +315,7 @@ class MqttSession:
         try:
             was = self.connected
             self.connected = False
-            if was and not self._stopping:
+            if was and not self._stopping and not self._displaced:
                 log.warning("lost the connection to the hub (%s); reconnecting", reason_code)
             if was and self._on_disconnected is not None:
                 self._post(self._on_disconnected)
@@ -220,19 +326,47 @@ class MqttSession:
 
     def _paho_on_connect_fail(self, client, userdata) -> None:
         try:
+            key, cause = describe_connect_error(getattr(client, "last_connect_error", None), self.host, self.port)
             if not self.ever_connected and not self._retry_first:
-                self._post(self._settle, HubUnavailableError(
-                    f"cannot connect to the hub at {self.host}:{self.port}: check the host and port in the "
-                    "connection string and that 'devstreams hub up' is running"))
+                if key.startswith("tls"):
+                    text = cause
+                else:
+                    text = (f"{cause}: check the host and port in the connection string and that "
+                            "'devstreams hub up' is running")
+                self._post(self._settle, HubUnavailableError(text))
                 client.disconnect()
                 return
-            log.debug("connect to %s:%s failed; will retry", self.host, self.port)
+            if self._log_limit.allow(key, time.monotonic()):
+                log.warning("%s (retrying)", cause)
+            else:
+                log.debug("connect to %s:%s failed again: %s", self.host, self.port, cause)
             self._renew()
         except Exception:
             log.exception("error in MQTT connect-fail handler")
 
+    def _on_takeover(self, client, payload: bytes) -> None:
+        """Another connection logged in with our client id; the hub is closing this one."""
+        now = time.monotonic()
+        if self._connected_at and now - self._connected_at > 2 * self._takeover_max:
+            self._takeovers = 0  # we held the session for long: this is a new episode
+        self._takeovers += 1
+        delay = takeover_delay(self._takeovers, self._takeover_min, self._takeover_max, random.uniform(0.8, 1.2))
+        self._displaced = True
+        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, self._reconnect_max))
+        try:
+            reason = json.loads(payload).get("reason") or ""
+        except (ValueError, AttributeError):
+            reason = ""
+        reason = reason if isinstance(reason, str) and reason else \
+            f"another connection with device ID {self.client_id} took over"
+        log.warning("%s; retrying in %.0f s (is a second agent running with these credentials?)",
+                    reason[:200], delay)
+
     def _paho_on_message(self, client, userdata, message) -> None:
         try:
+            if message.topic == device_notice(self.client_id):
+                self._on_takeover(client, bytes(message.payload))  # in paho's thread: before its reconnect wait
+                return
             if self._on_message is not None:
                 self._post(self._on_message, message.topic, bytes(message.payload))
         except Exception:

@@ -30,6 +30,11 @@ def device_status(device_id: str) -> str:
     return f"{ROOT}/devices/{device_id}/status"
 
 
+def device_notice(device_id: str) -> str:
+    """Hub -> device, written by the gate just before it closes a connection (e.g. a takeover)."""
+    return f"{ROOT}/devices/{device_id}/notice"
+
+
 def service_requests(client_id: str) -> str:
     """Service -> hub: create-stream requests."""
     return f"{ROOT}/services/{client_id}/req"
