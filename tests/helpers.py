@@ -91,8 +91,18 @@ class HubThread:
 
 
 def run(coro, timeout: float = 60):
-    """Run a coroutine to completion on a fresh loop, with a hard timeout."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    """Run a coroutine to completion on a fresh loop, with a hard timeout (stuck tasks are printed)."""
+    async def bounded():
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            for other in asyncio.all_tasks():
+                if other is not asyncio.current_task():
+                    other.print_stack(file=sys.stderr)
+            task.cancel()
+            raise TimeoutError(f"still running after {timeout} s (stacks of the stuck tasks on stderr)")
+        return task.result()
+    return asyncio.run(bounded())
 
 
 async def wait_for(predicate, timeout: float = 10, interval: float = 0.05, what: str = "condition"):

@@ -13,10 +13,12 @@ import logging
 import socket
 import ssl
 import struct
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from .mqtt import describe_connect_error
 from .errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
 from .streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
                           CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
@@ -160,23 +162,13 @@ async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | Non
             raise LimitExceededError(f"the gateway is at capacity: {reason}") from None
         raise StreamError(f"the gateway refused the stream (HTTP {status}): {reason}") from None
     except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
-        raise HubUnavailableError(f"cannot reach the gateway at {url.split('/streams/')[0]}: "
-                                  f"{_describe(exc)}") from None
+        parts = urlsplit(url)
+        cause, why = describe_connect_error(exc, parts.hostname or "", parts.port or 443)
+        if cause == "unknown":
+            why = f"cannot reach the gateway at {url.split('/streams/')[0]}: {exc or type(exc).__name__}"
+        raise HubUnavailableError(f"stream gateway {url.split('/streams/')[0]}: {why}") from None
     ws.start_liveness(ping_interval, ping_timeout)
     return Stream(ws)
-
-
-def _describe(exc: BaseException) -> str:
-    """Why a connection failed, in words a user can act on (TLS causes named)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        if "Hostname mismatch" in str(exc) or "doesn't match" in str(exc) or "IP address mismatch" in str(exc):
-            return "TLS: the gateway's certificate does not name this host (use a name it was issued for)"
-        return "TLS: the hub's certificate is not trusted: pass --ca-file (the hub's tls/ca.pem)"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    return str(exc) or type(exc).__name__
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
