@@ -24,7 +24,7 @@ from bench.procs import first_line, stop_process
 from devprocs import Devstreams, HubProcess
 from device_agent import DeviceAgent
 from helpers import REPO, run, wait_for
-from service_client import ServiceClient
+from service_client import ServiceClient, StreamClosedError
 from wire.stream import Stream
 from wire.streamproto import CLOSE_PEER_CLOSED, MAX_MESSAGE_BYTES
 from wire.streamtoken import Side
@@ -234,3 +234,38 @@ def test_kill_9_of_the_proxy_mid_upload_resets_the_device_side_target(hub_proc, 
     assert seen.get("done"), "the target never saw the end of the stream"
     assert isinstance(seen["error"], ConnectionResetError), \
         f"after {seen['bytes']} bytes the target saw {seen['error']!r}, not a reset"
+
+
+@pytest.mark.timing
+@pytest.mark.timeout(60)
+def test_closing_while_the_peer_still_sends_returns_promptly(hub):
+    """A side that closes reads no more: what the peer still sends is dropped (as TCP drops data for a
+    closed socket), so the closing handshake cannot get stuck behind it."""
+    ended = {}
+
+    async def firehose(request):
+        async with await request.accept() as stream:
+            block = b"z" * 65536
+            try:
+                while True:
+                    await stream.send(block)
+            except StreamClosedError as exc:
+                ended["code"] = exc.code
+
+    async def main():
+        async with DeviceAgent(hub.add_device("chatty"), firehose, ca_file=hub.ca_file), \
+                ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+            await wait_for(lambda: "chatty" in hub.hub.controller.online_devices, what="agent online")
+            stream = await (await svc.create_stream("chatty", "data")).open()
+            got = 0
+            while got < 4 * MiB:
+                got += len(await stream.recv())
+            await asyncio.sleep(1)                   # our queue fills and reading pauses
+            started = time.monotonic()
+            await stream.close()
+            closing = time.monotonic() - started
+            await wait_for(lambda: "code" in ended, timeout=10, what="the device's side to end")
+            return closing
+    closing = run(main(), timeout=50)
+    assert closing < 3, f"close() took {closing:.1f} s"
+    assert ended["code"] == CLOSE_PEER_CLOSED

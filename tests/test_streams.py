@@ -70,6 +70,8 @@ def test_64_mib_each_way_at_once(hub):
         async with pair(hub, "bulk", handler) as (_, svc):
             async with await (await svc.create_stream("bulk", "data")).open() as stream:
                 (count, digest), _ = await asyncio.gather(drain(stream), push(stream, up))
+            # our close is answered at once; the last bytes may still be on their way to the device
+            await wait_for(lambda: "received" in device_side, timeout=60, what="the device's end of data")
         assert (count, digest) == (size, hashlib.sha256(down).digest())
         assert device_side["received"] == (size, hashlib.sha256(up).digest())
     run(main(), timeout=110)

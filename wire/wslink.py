@@ -63,6 +63,10 @@ def unread_bytes(sock) -> int:
         return 0
 
 
+def _drop(frame) -> None:
+    """Where data frames go once this side has closed."""
+
+
 class _LivenessMixin:
     """Adds ``start_liveness(interval, timeout)`` to a websockets asyncio connection."""
 
@@ -85,6 +89,25 @@ class _LivenessMixin:
             resume()
 
         assembler.pause, assembler.resume = paused, resumed
+
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """websockets' close, after which incoming data is dropped instead of queued.
+
+        Whoever closes reads no more; if data from the peer kept queueing, reading
+        would pause and the peer's close frame, behind that data, would never be
+        read: with no close timeout, both sides would wait for each other forever.
+        Dropping it is what TCP does with data that arrives for a closed socket.
+        """
+        self._stop_receiving()
+        await super().close(code, reason)
+
+    def _stop_receiving(self) -> None:
+        assembler = self.recv_messages
+        assembler.put = _drop
+        assembler.high = assembler.low = None   # never pause again
+        if assembler.paused:
+            assembler.paused = False
+            assembler.resume()
 
     def data_received(self, data: bytes) -> None:
         if self.liveness is not None:
