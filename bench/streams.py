@@ -25,12 +25,17 @@ async def _setup(cs: str, ca: str, device: str, count: int) -> dict:
     return percentiles(samples) | {"streams": count}
 
 
-async def _rate(cs: str, ca: str, device: str, seconds: float, workers: int) -> dict:
+async def _rate(cs: str, ca: str, device: str, seconds: float, workers: int, clients: int = 4) -> dict:
+    """New streams per second the hub sustains, from ``clients`` service connections (the hub also
+    limits each connection on its own: ``service_requests_per_second``)."""
     done, failed = 0, 0
-    async with ServiceClient(cs, ca_file=ca) as svc:
+    services = [ServiceClient(cs, ca_file=ca) for _ in range(clients)]
+    try:
+        for svc in services:
+            await svc.connect()
         deadline = time.perf_counter() + seconds
 
-        async def worker():
+        async def worker(svc: ServiceClient):
             nonlocal done, failed
             while time.perf_counter() < deadline:
                 try:
@@ -39,10 +44,13 @@ async def _rate(cs: str, ca: str, device: str, seconds: float, workers: int) -> 
                 except Exception:
                     failed += 1
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        await asyncio.gather(*(worker(services[i % clients]) for i in range(workers)))
         elapsed = time.perf_counter() - start
+    finally:
+        for svc in services:
+            await svc.close()
     return {"streams_per_s": done / elapsed, "completed": done, "failed": failed, "seconds": elapsed,
-            "workers": workers}
+            "workers": workers, "clients": clients}
 
 
 def setup_times(cs, ca, device, count) -> dict:

@@ -35,8 +35,8 @@ class HubSettings:
     new_streams_burst: int = 200          # new stream requests admitted at once above that rate
     max_pending_per_device: int = 256     # unanswered requests one device may have at once
     # Per service connection (MQTT client id): one client's flood is refused at its own door.
-    service_requests_per_second: float = 50.0  # stream requests one service connection may make per second
-    service_requests_burst: int = 100     # stream requests one service connection may make at once
+    service_requests_per_second: float = 100.0  # stream requests one service connection may make per second
+    service_requests_burst: int = 200     # stream requests one service connection may make at once
     # Broker.
     max_connections: int = 10000          # MQTT connections (devices, services, gateways) at once
     max_connect_packet_bytes: int = 8192  # largest MQTT CONNECT the gate reads before authenticating
