@@ -143,8 +143,11 @@ def test_rejections_carry_their_reason_and_the_proxy_keeps_serving(hub, tmp_path
 
         def closed_by_proxy(port: int) -> int:
             """Connect to the proxy; it must reset the connection (not hang, not a clean EOF); returns our port."""
-            with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            with socket.socket() as client:
+                client.settimeout(20)
+                client.bind(("127.0.0.1", 0))  # our port is known even if the reset beats connect()
                 with pytest.raises(ConnectionResetError):
+                    client.connect(("127.0.0.1", port))
                     client.recv(100)
                 return client.getsockname()[1]
 

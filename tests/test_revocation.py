@@ -134,16 +134,13 @@ def test_rotating_the_service_key_ends_running_proxies_streams(hub, tmp_path):
         # the proxy's MQTT session was dropped and its old key cannot log in again
         run(wait_for(lambda: not any(c.startswith("svc:") for c in hub.call(hub.hub._gate.connected)),
                      timeout=REVOKE_DEADLINE, what="service session dropped"))
-        refused = socket.create_connection(("127.0.0.1", port), timeout=30)
-        try:
-            refused.sendall(b"after rotation\n")
-            try:
+        try:  # the proxy resets the connection: it may already arrive during connect or send
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as refused:
+                refused.sendall(b"after rotation\n")
                 answer = refused.recv(65536)
-            except ConnectionResetError:
-                answer = b""
-            assert answer == b"", "the proxy opened a new stream with the rotated-out key"
-        finally:
-            refused.close()
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert answer == b"", "the proxy opened a new stream with the rotated-out key"
         assert hub.hub.controller.open_streams == 0
     assert "service key rotated" in " ".join(str(e["reason"]) for e in hub.registry().activity())
 
