@@ -127,3 +127,13 @@ def hub_running(tmp_path, **settings):
         yield hub
     finally:
         hub.stop()
+
+
+def mqtt_remaining_length(n: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length (for hand-made packets)."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

@@ -3,26 +3,18 @@
 import pytest
 
 from broker.packetguard import PacketGuard, check_will
+from helpers import mqtt_remaining_length
 
 LIMIT, RETAINED = 1000, 64
 
 
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def publish(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> bytes:
     body = len(topic).to_bytes(2, "big") + topic + (b"\x00\x01" if qos else b"") + payload
-    return bytes([0x30 | qos << 1 | int(retain)]) + remaining_length(len(body)) + body
+    return bytes([0x30 | qos << 1 | int(retain)]) + mqtt_remaining_length(len(body)) + body
 
 
 PINGREQ = b"\xc0\x00"
-SUBSCRIBE = b"\x82" + remaining_length(9) + b"\x00\x01\x00\x04a/bc\x00"
+SUBSCRIBE = b"\x82" + mqtt_remaining_length(9) + b"\x00\x01\x00\x04a/bc\x00"
 DISCONNECT = b"\xe0\x00"
 
 GOOD = [
@@ -39,8 +31,8 @@ GOOD = [
 
 BAD = [
     (publish(b"a/b", b"x" * (LIMIT - 4)), "over the limit"),
-    (b"\x30" + remaining_length(256 * 1024 * 1024 - 1), "over the limit"),
-    (b"\x82" + remaining_length(LIMIT + 1), "over the limit"),
+    (b"\x30" + mqtt_remaining_length(256 * 1024 * 1024 - 1), "over the limit"),
+    (b"\x82" + mqtt_remaining_length(LIMIT + 1), "over the limit"),
     (publish(b"a/+", b"x"), "wildcard"),
     (publish(b"#", b"x", qos=1), "wildcard"),
     (publish(b"devstreams/devices/d/status", b"y" * (RETAINED + 1), retain=True), "retained"),
@@ -89,7 +81,7 @@ def test_bad_packet_refused_at_every_split_after_good_ones(packet, why):
 
 def test_oversized_packet_is_refused_from_its_header_alone():
     guard = PacketGuard(64 * 1024, RETAINED)
-    header = b"\x30" + remaining_length(256 * 1024 * 1024 - 1)
+    header = b"\x30" + mqtt_remaining_length(256 * 1024 * 1024 - 1)
     assert guard.feed(header[:-1]) is None
     assert "268435455 bytes is over the limit of 65536" in guard.feed(header[-1:])
 

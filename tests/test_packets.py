@@ -11,7 +11,7 @@ import pytest
 
 from broker.gate import nofile_target, raise_nofile_limit
 from devprocs import agent
-from helpers import cli, hub_running, run, wait_for
+from helpers import cli, hub_running, mqtt_remaining_length, run, wait_for
 from wire import sas, topics
 from wire.connstr import parse
 
@@ -21,29 +21,20 @@ def _str(s: str) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def connect_packet(client_id: str, username: str, password: str) -> bytes:
     body = _str("MQTT") + b"\x04\xc2\x00\x1e" + _str(client_id) + _str(username) + _str(password)
-    return b"\x10" + _remaining(len(body)) + body
+    return b"\x10" + mqtt_remaining_length(len(body)) + body
 
 
 def connect_with_will(client_id: str, username: str, password: str, will_topic: str, will: bytes) -> bytes:
     body = (_str("MQTT") + b"\x04\xe6\x00\x1e" + _str(client_id) + _str(will_topic)
             + len(will).to_bytes(2, "big") + will + _str(username) + _str(password))
-    return b"\x10" + _remaining(len(body)) + body
+    return b"\x10" + mqtt_remaining_length(len(body)) + body
 
 
 def publish_header(topic: str, payload_len: int, retain: bool = False) -> bytes:
     var = _str(topic)
-    return bytes([0x30 | int(retain)]) + _remaining(len(var) + payload_len) + var
+    return bytes([0x30 | int(retain)]) + mqtt_remaining_length(len(var) + payload_len) + var
 
 
 async def login(hub, client_id, username, password):
