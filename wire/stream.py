@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .mqtt import describe_connect_error
 from .errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
+from .mqtt import describe_connect_error
 from .streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
                           CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
 from .wslink import LiveClientConnection
