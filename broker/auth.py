@@ -12,13 +12,11 @@ Anything else is refused with the MQTT 3.1.1 CONNACK code that fits.
 
 import functools
 import logging
-import re
 from dataclasses import dataclass
 
 from wire import sas
 from wire.errors import TokenError
-from wire.names import is_device_id
-from wire.topics import CONTROLLER_USER, GATEWAY_USER, SERVICE_CLIENT_PREFIX, SERVICE_USER_PREFIX, Role
+from wire.topics import IdentityError, Role, parse_login
 
 from .registry import Registry
 
@@ -28,8 +26,6 @@ CONNACK_IDENTIFIER_REJECTED = 2
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
 
-SERVICE_CLIENT_RE = re.compile(r"^svc:[A-Za-z0-9._-]{1,60}$")
-GATEWAY_CLIENT_RE = re.compile(r"^gw:[A-Za-z0-9._-]{1,60}$")
 CONTROLLER_RESOURCE = "hub/controller"
 
 
@@ -55,13 +51,19 @@ class Authenticator:
     def authenticate(self, client_id: str, username: str | None, password: str | None) -> Identity:
         if not username or not password:
             raise AuthRefused(CONNACK_NOT_AUTHORIZED, "username and password are required")
-        if username == CONTROLLER_USER:
-            return self._controller(client_id, password)
-        if username == GATEWAY_USER:
-            return self._gateway(client_id, password)
-        if username.startswith(SERVICE_USER_PREFIX):
-            return self._service(client_id, username[len(SERVICE_USER_PREFIX):], password)
-        return self._device(client_id, username, password)
+        try:
+            claim = parse_login(username, client_id or "")
+        except IdentityError as exc:
+            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, str(exc)) from None
+        if claim.role is Role.CONTROLLER:
+            self._check(self._controller_key, password, CONTROLLER_RESOURCE)
+        elif claim.role is Role.GATEWAY:
+            self._check(self._gateway_key, password, sas.GATEWAY_RESOURCE)
+        elif claim.role is Role.SERVICE:
+            self._service(claim.policy, password)
+        else:
+            self._device(claim.client_id, password)
+        return Identity(claim.role, claim.client_id)
 
     def _check(self, key: bytes, password: str, resource: str, now: float | None = None) -> None:
         try:
@@ -69,42 +71,24 @@ class Authenticator:
         except TokenError as exc:
             raise AuthRefused(CONNACK_BAD_CREDENTIALS, exc.reason) from None
 
-    def _controller(self, client_id: str, password: str) -> Identity:
-        if client_id != CONTROLLER_USER:
-            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "controller client id mismatch")
-        self._check(self._controller_key, password, CONTROLLER_RESOURCE)
-        return Identity(Role.CONTROLLER, client_id)
-
-    def _gateway(self, client_id: str, password: str) -> Identity:
-        if not GATEWAY_CLIENT_RE.match(client_id or ""):
-            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "gateway client id must look like gw:<name>")
-        self._check(self._gateway_key, password, sas.GATEWAY_RESOURCE)
-        return Identity(Role.GATEWAY, client_id)
-
-    def _service(self, client_id: str, policy: str, password: str) -> Identity:
-        if not SERVICE_CLIENT_RE.match(client_id or "") or not client_id.startswith(SERVICE_CLIENT_PREFIX):
-            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "service client id must look like svc:<id>")
+    def _service(self, policy: str, password: str) -> None:
         key = self._registry.policy_key(policy)
         if key is None:
             raise AuthRefused(CONNACK_NOT_AUTHORIZED, f"no service policy {policy!r}")
         self._check(key, password, sas.service_resource(policy))
-        return Identity(Role.SERVICE, client_id)
 
-    def _device(self, client_id: str, device_id: str, password: str, now: float | None = None) -> Identity:
-        if client_id != device_id or not is_device_id(device_id):
-            raise AuthRefused(CONNACK_IDENTIFIER_REJECTED, "device client id must equal the device ID")
+    def _device(self, device_id: str, password: str, now: float | None = None) -> None:
         device = self._registry.get(device_id)
         if device is None:
             raise AuthRefused(CONNACK_NOT_AUTHORIZED, "unknown device")
         if not device.enabled:
             raise AuthRefused(CONNACK_NOT_AUTHORIZED, "device is disabled")
         self._check(device.key, password, sas.device_resource(device_id), now=now)
-        return Identity(Role.DEVICE, client_id)
 
     def still_valid(self, client_id: str, password: str) -> bool:
         """Re-check a live device against the registry (after disable, remove, rotate-key)."""
         try:
-            self._device(client_id, client_id, password, now=0)  # expiry is checked apart: expired()
+            self._device(client_id, password, now=0)  # expiry is checked apart: expired()
             return True
         except AuthRefused:
             return False

@@ -11,7 +11,7 @@ from amqtt.contexts import Action as AmqttAction
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from wire.topics import Action, allowed, role_of
+from wire.topics import Action, IdentityError, allowed, parse_login
 
 from .auth import AuthRefused
 
@@ -45,7 +45,11 @@ class HubAclPlugin(BaseTopicPlugin):
                               action: AmqttAction | None = None) -> bool:
         if session is None or not topic or action not in _ACTIONS:
             return False
-        ok = allowed(role_of(session.username), session.client_id or "", _ACTIONS[action], topic)
+        try:  # the gate and the auth plugin accepted this login, so it parses
+            role = parse_login(session.username or "", session.client_id or "").role
+        except IdentityError:
+            return False
+        ok = allowed(role, session.client_id or "", _ACTIONS[action], topic)
         if not ok and action is not AmqttAction.RECEIVE:
             self.context.logger.info("ACL: %s may not %s %s", session.client_id, action.value, topic)
         return ok

@@ -91,8 +91,15 @@ def test_acl_rule_gives_each_identity_only_its_own_topics():
     assert not topics.allowed(G, "gw:a", P, topics.gateway_events("gw:b"))
     assert not topics.allowed(G, "gw:a", Sub, topics.ALL_SERVICE_REQUESTS)
     assert not topics.allowed(D, "a", P, topics.gateway_events("gw:a"))
-    assert topics.role_of("hub:gateway") is G
-    assert topics.role_of("svc:service") is S and topics.role_of("pump-7") is D
+    assert topics.parse_login("hub:gateway", "gw:a") == topics.Claim(G, "gw:a")
+    assert topics.parse_login("svc:service", "svc:x1") == topics.Claim(S, "svc:x1", policy="service")
+    assert topics.parse_login("pump-7", "pump-7") == topics.Claim(D, "pump-7")
+    assert topics.parse_login("hub:controller", "hub:controller").role is C
+    for username, client_id in (("pump-7", "pump-8"), ("svc:service", "pump-7"), ("svc:service", "svc:"),
+                                ("hub:gateway", "svc:x"), ("hub:controller", "svc:x"), ("a/b", "a/b"),
+                                ("svc:service", "svc:" + "x" * 61)):
+        with pytest.raises(topics.IdentityError):
+            topics.parse_login(username, client_id)
 
 
 def test_hub_toml_settings(tmp_path):

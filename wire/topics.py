@@ -6,13 +6,17 @@ Every identity can touch only topics that carry its own ID; the broker's ACL
 enforces that with :func:`allowed`.
 """
 
+import re
+from dataclasses import dataclass
 from enum import Enum
+
+from .names import is_device_id
 
 ROOT = "devstreams"
 CONTROLLER_USER = "hub:controller"
 GATEWAY_USER = "hub:gateway"
 GATEWAY_CLIENT_PREFIX = "gw:"
-SERVICE_CLIENT_PREFIX = "svc:"
+SERVICE_PREFIX = "svc:"       # a service's username (svc:<policy>) and client id (svc:<id>) alike
 
 
 def device_requests(device_id: str) -> str:
@@ -133,24 +137,49 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
 
 
 # -- identities: who may log in as what --------------------------------------------------------
+#
+# The one parser of what a login claims to be, from its username and client id alone; the
+# broker's authentication (broker/auth.py) then checks the password for that claim, and its ACL
+# (broker/plugins.py) asks the same parser for the role.
 
-SERVICE_USER_PREFIX = "svc:"
+_SUFFIX = r"[A-Za-z0-9._-]{1,60}"
+SERVICE_CLIENT_RE = re.compile(rf"^{re.escape(SERVICE_PREFIX)}{_SUFFIX}$")
+GATEWAY_CLIENT_RE = re.compile(rf"^{re.escape(GATEWAY_CLIENT_PREFIX)}{_SUFFIX}$")
+
+
+class IdentityError(ValueError):
+    """The username and client id do not name a valid identity (CONNACK 2, identifier rejected)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    role: Role
+    client_id: str
+    policy: str = ""    # services: the policy whose key signs the password
+
+
+def parse_login(username: str, client_id: str) -> Claim:
+    """Who a CONNECT says it is: a device, a service, the controller or a gateway."""
+    if username == CONTROLLER_USER:
+        if client_id != CONTROLLER_USER:
+            raise IdentityError("controller client id mismatch")
+        return Claim(Role.CONTROLLER, client_id)
+    if username == GATEWAY_USER:
+        if not GATEWAY_CLIENT_RE.match(client_id or ""):
+            raise IdentityError("gateway client id must look like gw:<name>")
+        return Claim(Role.GATEWAY, client_id)
+    if username.startswith(SERVICE_PREFIX):
+        if not SERVICE_CLIENT_RE.match(client_id or ""):
+            raise IdentityError("service client id must look like svc:<id>")
+        return Claim(Role.SERVICE, client_id, policy=username[len(SERVICE_PREFIX):])
+    if client_id != username or not is_device_id(username):
+        raise IdentityError("device client id must equal the device ID")
+    return Claim(Role.DEVICE, client_id)
 
 
 def service_username(policy: str) -> str:
-    return f"{SERVICE_USER_PREFIX}{policy}"
+    return f"{SERVICE_PREFIX}{policy}"
 
 
 def new_service_client_id(suffix: str) -> str:
-    return f"{SERVICE_CLIENT_PREFIX}{suffix}"
-
-
-def role_of(username: str | None) -> Role:
-    """The role an authenticated username stands for (the gate checked the password)."""
-    if username == CONTROLLER_USER:
-        return Role.CONTROLLER
-    if username == GATEWAY_USER:
-        return Role.GATEWAY
-    if username and username.startswith(SERVICE_USER_PREFIX):
-        return Role.SERVICE
-    return Role.DEVICE
+    return f"{SERVICE_PREFIX}{suffix}"
