@@ -205,13 +205,13 @@ class _Live:
 
 class Gate:
     def __init__(self, broker: Broker, authenticator: Authenticator, *, max_connect_bytes: int = 8192,
-                 connect_timeout: float = 10.0, max_connections: int = 10000,
+                 connect_packet_timeout: float = 10.0, max_connections: int = 10000,
                  max_packet_bytes: int = 64 * 1024, max_retained_bytes: int = 1024,
                  takeover_timeout: float = 5.0, max_unauthenticated: int = 1000):
         self._broker = broker
         self._auth = authenticator
         self._max_connect_bytes = max_connect_bytes
-        self._connect_timeout = connect_timeout
+        self._connect_packet_timeout = connect_packet_timeout
         self._max_connections = max_connections
         self._max_packet_bytes = max_packet_bytes
         self._max_retained_bytes = max_retained_bytes
@@ -228,7 +228,7 @@ class Gate:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
         raise_nofile_limit(self._max_connections)
         self._server = await asyncio.start_server(self._on_client, host, port, ssl=ssl_context,
-                                                  ssl_handshake_timeout=self._connect_timeout,
+                                                  ssl_handshake_timeout=self._connect_packet_timeout,
                                                   reuse_address=True, limit=2 ** 16)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -309,7 +309,8 @@ class Gate:
                 writer.transport.abort()
                 return
             try:
-                raw = await asyncio.wait_for(read_connect(reader, self._max_connect_bytes), self._connect_timeout)
+                raw = await asyncio.wait_for(read_connect(reader, self._max_connect_bytes),
+                                             self._connect_packet_timeout)
                 packet = await ConnectPacket.from_stream(BufferReader(raw))
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 writer.transport.abort()

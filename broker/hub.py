@@ -88,7 +88,7 @@ class Hub:
         self._broker = HubBroker(config)
         await self._broker.start()
         self._gate = Gate(self._broker, authenticator, max_connect_bytes=s.max_connect_packet_bytes,
-                          connect_timeout=s.connect_packet_timeout, max_connections=s.max_connections,
+                          connect_packet_timeout=s.connect_packet_timeout, max_connections=s.max_connections,
                           max_packet_bytes=s.max_packet_bytes, max_retained_bytes=s.max_retained_payload_bytes,
                           takeover_timeout=s.takeover_timeout, max_unauthenticated=s.max_unauthenticated_connections)
         await self._gate.start(s.bind, s.mqtt_port, server_ssl)

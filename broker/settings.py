@@ -141,7 +141,7 @@ def validate(s: HubSettings) -> HubSettings:
 
 def gateway_kwargs(s: HubSettings) -> dict:
     """The built-in gateway's ``GatewaySettings`` arguments: every gateway limit comes from here."""
-    return dict(host=s.bind, port=s.gateway_port, connect_timeout=s.gateway_peer_timeout,
+    return dict(host=s.bind, port=s.gateway_port, peer_timeout=s.gateway_peer_timeout,
                 ping_interval=s.gateway_ping_interval, ping_timeout=s.gateway_ping_timeout,
                 close_timeout=s.gateway_close_timeout, max_lifetime=s.max_stream_lifetime,
                 max_streams=s.max_concurrent_streams, open_timeout=s.gateway_open_timeout,

@@ -105,7 +105,7 @@ def _limits(args, data: Path) -> dict:
     """The hub's gateway limits (hub.toml in the data dir, else defaults), then the flags."""
     from broker.settings import gateway_kwargs, load, validate
     limits = gateway_kwargs(validate(load(data)))
-    for flag, name in (("peer_timeout", "connect_timeout"), ("ping_interval", "ping_interval"),
+    for flag, name in (("peer_timeout", "peer_timeout"), ("ping_interval", "ping_interval"),
                        ("ping_timeout", "ping_timeout"), ("max_streams", "max_streams")):
         value = getattr(args, flag)
         if value is not None:

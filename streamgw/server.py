@@ -3,7 +3,7 @@
 Tokens are checked in ``process_request`` so a refusal is an HTTP 401/403 with
 the reason as body, before any WebSocket exists; nothing a refused client does
 reaches a stream that is already flowing.  The first side to arrive waits for
-its peer up to ``connect_timeout``; the second side's handler runs the relay.
+its peer up to ``peer_timeout``; the second side's handler runs the relay.
 """
 
 import asyncio
@@ -140,7 +140,7 @@ class Gateway:
         stays queued, bounded by max_queue) and relayed when the peer comes, as
         TCP would deliver it.
         """
-        timeout = self.settings.connect_timeout
+        timeout = self.settings.peer_timeout
         try:
             await asyncio.wait_for(meeting.paired.wait(), timeout)
         except asyncio.TimeoutError:

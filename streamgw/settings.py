@@ -10,7 +10,7 @@ class GatewaySettings:
     host: str = "0.0.0.0"
     port: int = 8443                    # 0 = the OS picks
     public_url: str | None = None       # what tokens name as audience; default wss://localhost:<port>
-    connect_timeout: float = 60.0       # how long the first side waits for its peer
+    peer_timeout: float = 60.0          # how long the first side waits for its peer
     ping_interval: float = 10.0         # a silently dead peer is noticed within interval + timeout
     ping_timeout: float = 10.0
     close_timeout: float = 2.0          # how long a closing handshake may take before the socket is cut
