@@ -39,9 +39,8 @@ import hashlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 from wire import messages as msg
 from wire.messages import Outcome
