@@ -1,0 +1,564 @@
+"""The negotiation core: every stream-negotiation rule, without I/O (sans-I/O).
+
+Events and the current time go in as plain method calls with already-decoded
+messages: a service request (with the registry's ``Device`` record, or None,
+looked up by the caller), a device answer, presence, a gateway event, a timer
+that fired, a registry change.  Each call returns a list of actions, small
+frozen dataclasses the caller carries out in order:
+
+    PublishToDevice  send a StreamRequest to the device over MQTT
+    Answer           send a ServiceResponse to the service over MQTT
+    Schedule/Cancel  start/stop a timer; when it fires, call ``timer(key, now)``
+    Emit             an event for the activity log / registry: RequestAnswered,
+                     StreamEnded, DevicePresence
+    CloseStreams     a GatewayControl for every gateway (revocation)
+
+The core owns one explicit state per stream (``State``: REQUESTED -> PENDING
+-> ACCEPTED -> OPEN -> CLOSED, transitions in ``_move`` only; anything else,
+such as a late device answer, a second close or a gateway event for a stream
+it does not know, is ignored) and the admission limits of ``broker.limits``.
+Like websockets' ``protocol.py`` or h11, it never reads a clock: every method
+takes ``now`` (monotonic seconds; ``wall`` where an epoch time goes on the wire).
+
+Tokens: the core decides *what* to mint (stream id, side, gateway, lifetime)
+but is given the minting at construction -- ``mint(stream_id, side, audience,
+ttl, device_id, stream_name)`` and ``new_id()`` -- because signing needs the
+hub's key and ids need randomness.  Both are pure enough to inject in tests
+(a fixed string, a counter) and the adapter (``broker.controller``) passes the
+real ``wire.streamtoken.mint`` bound to the signing key and ``uuid4``.  Letting
+the adapter mint instead would split one decision (the token lifetime follows
+the negotiated timeouts) over two modules.
+
+Diagnostics go through ``logging`` like everywhere else; that is not I/O the
+rules depend on.  The publish that can fail (the device's request) is reported
+back by the adapter with ``undeliverable(rid, now)``.
+"""
+
+import enum
+import hashlib
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from wire import messages as msg
+from wire.messages import Outcome
+from wire.streamproto import stream_url
+from wire.streamtoken import Side
+
+from .limits import EveryInterval, KeyedBuckets, StreamSlots, TokenBucket
+from .registry import Device
+from .settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+
+def key_digest(key: bytes | None) -> bytes:
+    """Enough of a key to notice it changed, without keeping the key."""
+    return hashlib.sha256(key or b"").digest()[:16]
+
+
+class State(enum.Enum):
+    REQUESTED = "requested"   # admitted, slot held, not yet sent to the device
+    PENDING = "pending"       # asked the device, waiting for its answer
+    ACCEPTED = "accepted"     # the device accepted; waiting for a side at the gateway
+    OPEN = "open"             # a side reached the gateway; only its close frees the slot
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    State.REQUESTED: {State.PENDING, State.CLOSED},
+    State.PENDING: {State.ACCEPTED, State.OPEN, State.CLOSED},
+    State.ACCEPTED: {State.OPEN, State.CLOSED},
+    State.OPEN: {State.CLOSED},
+    State.CLOSED: set(),
+}
+
+
+@dataclass
+class KnownStream:
+    """A stream the controller negotiated: pending, accepted, or open at a gateway."""
+
+    stream_id: str
+    device: str
+    name: str
+    service: str            # the requesting service's MQTT client id
+    gateway: str
+    device_key: bytes       # key_digest of the device key it was admitted under
+    service_key: bytes      # key_digest of the service key then in force
+    created: float          # wall clock
+    state: State = State.REQUESTED
+    bytes: tuple[int, int] | None = None  # (to device, to service) as a standalone gateway last reported
+    # the request, while the device has not answered
+    rid: str = ""
+    service_rid: str = ""
+    started: float = 0.0    # monotonic
+    waited: float = 0.0     # the response timeout it was given
+    url: str = ""
+    service_token: str = field(default="", repr=False)
+    seen_open: bool = False      # a gateway reported it opened before the device's answer arrived
+    seen_closed: bool = False    # ... or closed
+
+    @property
+    def accepted(self) -> bool:
+        return self.state in (State.ACCEPTED, State.OPEN)
+
+    @property
+    def opened(self) -> bool:
+        return self.state is State.OPEN
+
+
+SERVICE_KEY_ROTATED = "service key rotated"
+
+
+def revocation(stream: KnownStream, device: Device | None, service_key: bytes) -> tuple[Outcome, str] | None:
+    """Why ``stream`` may no longer flow given the registry now, or None."""
+    if device is None:
+        return Outcome.NOT_FOUND, f"device {stream.device} removed"
+    if not device.enabled:
+        return Outcome.DISABLED, f"device {stream.device} disabled"
+    if key_digest(device.key) != stream.device_key:
+        return Outcome.UNAUTHORIZED, f"device {stream.device} key rotated"
+    if service_key != stream.service_key:
+        return Outcome.UNAUTHORIZED, SERVICE_KEY_ROTATED
+    return None
+
+
+@dataclass
+class StreamBook:
+    """Streams the controller knows, by id: plain object, no I/O."""
+
+    _streams: dict[str, KnownStream] = field(default_factory=dict)
+
+    def add(self, stream: KnownStream) -> None:
+        self._streams[stream.stream_id] = stream
+
+    def get(self, stream_id: str) -> KnownStream | None:
+        return self._streams.get(stream_id)
+
+    def remove(self, stream_id: str) -> KnownStream | None:
+        return self._streams.pop(stream_id, None)
+
+    def all(self) -> list[KnownStream]:
+        return list(self._streams.values())
+
+    def revoked(self, devices: dict[str, Device | None], service_key: bytes
+                ) -> list[tuple[KnownStream, Outcome, str]]:
+        """The streams to end now; ``devices`` holds the registry entry of each device in the book."""
+        found = []
+        for stream in self._streams.values():
+            why = revocation(stream, devices.get(stream.device), service_key)
+            if why is not None:
+                found.append((stream, *why))
+        return found
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PublishToDevice:
+    device: str
+    request: msg.StreamRequest
+
+
+@dataclass(frozen=True)
+class Answer:
+    service: str
+    response: msg.ServiceResponse
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Call ``timer(key, now)`` after ``delay`` seconds (replaces a timer with the same key)."""
+
+    key: Hashable
+    delay: float
+
+
+@dataclass(frozen=True)
+class Cancel:
+    key: Hashable
+
+
+@dataclass(frozen=True)
+class RequestAnswered:
+    """One activity-log row per answered request (flood refusals excepted)."""
+
+    device: str
+    name: str
+    stream_id: str | None
+    outcome: Outcome
+    reason: str
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """A gateway reported a stream closed: its activity-log row."""
+
+    stream_id: str
+    device: str
+    name: str
+    reason: str
+    bytes_to_device: int
+    bytes_to_service: int
+    duration: float
+
+
+@dataclass(frozen=True)
+class DevicePresence:
+    device: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class Emit:
+    event: RequestAnswered | StreamEnded | DevicePresence
+
+
+@dataclass(frozen=True)
+class CloseStreams:
+    control: msg.GatewayControl
+
+
+Action = PublishToDevice | Answer | Schedule | Cancel | Emit | CloseStreams
+
+RESPONSE_TIMER = "response"
+NO_SHOW_TIMER = "no-show"
+_ENDED_MEMORY = 4096   # stream ids whose close was logged, so a repeated report is logged once
+
+
+class Negotiation:
+    """Decides every stream request; see the module docstring for the contract."""
+
+    def __init__(self, settings: HubSettings, *, mint: Callable[..., str], new_id: Callable[[], str],
+                 gateways: Callable[[], list[str]], service_key: bytes | None = None):
+        self._settings = settings
+        self._mint = mint
+        self._new_id = new_id
+        self._gateways = gateways
+        self._gateway_cycle = itertools.count()
+        self.presence: dict[str, str] = {}             # device id -> connection nonce
+        self._by_rid: dict[str, KnownStream] = {}       # hub rid -> stream waiting for the device
+        self.book = StreamBook()
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self.bucket = TokenBucket(settings.max_new_streams_per_second, settings.new_streams_burst)
+        self.slots = StreamSlots(settings.max_concurrent_streams, settings.max_pending_per_device)
+        self.service_buckets = KeyedBuckets(settings.service_requests_per_second, settings.service_requests_burst)
+        self._flood_log = EveryInterval(settings.disk_error_log_interval)
+        self._flooded: dict[str, int] = {}             # client id -> refusals since the last log line
+        self.service_key = key_digest(service_key)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _move(stream: KnownStream, to: State) -> bool:
+        """The one place a stream changes state; False (and no change) for a transition that is not allowed."""
+        if to not in _TRANSITIONS[stream.state]:
+            log.debug("stream %s: ignoring %s -> %s", stream.stream_id, stream.state.value, to.value)
+            return False
+        stream.state = to
+        return True
+
+    def state(self, stream_id: str) -> State | None:
+        known = self.book.get(stream_id)
+        return known.state if known is not None else None
+
+    @property
+    def open_streams(self) -> int:
+        return len(self.slots)
+
+    # -- service requests -------------------------------------------------------------------------
+
+    def within_rate(self, service: str, now: float) -> bool:
+        """Before decoding: may this service connection ask for one more stream now?"""
+        return self.service_buckets.take(service, now)
+
+    def refuse_flood(self, service: str, rid: str | None, now: float) -> list[Action]:
+        """Over this connection's rate: answer LIMIT at once, no database work, one log line a minute."""
+        actions: list[Action] = []
+        if rid:
+            s = self._settings
+            actions.append(Answer(service, msg.ServiceResponse(
+                rid=rid, outcome=Outcome.LIMIT,
+                reason=(f"this connection's limit of {s.service_requests_per_second:g} stream requests per second "
+                        f"(burst {s.service_requests_burst}, service_requests_per_second) is reached; "
+                        "retry shortly"))))
+        self._flooded[service] = self._flooded.get(service, 0) + 1
+        ready, _ = self._flood_log.ready(now)
+        if ready:
+            worst = sorted(self._flooded.items(), key=lambda kv: -kv[1])[:5]
+            log.warning("refused stream requests over the per-connection rate limit: %s",
+                        ", ".join(f"{cid} {n}" for cid, n in worst))
+            self._flooded.clear()
+        return actions
+
+    def bad_request(self, service: str, rid: str | None, reason: str) -> list[Action]:
+        """A request that failed validation: answered if it had a usable rid."""
+        if not rid:
+            return []
+        return [Answer(service, msg.ServiceResponse(rid=rid, outcome=Outcome.BAD_REQUEST, reason=reason))]
+
+    def admission(self, request: msg.ServiceRequest, device: Device | None, now: float) -> tuple[Outcome, str] | None:
+        if device is None:
+            return Outcome.NOT_FOUND, f"device {request.device} is not registered on this hub"
+        if not device.enabled:
+            return Outcome.DISABLED, f"device {request.device} is disabled"
+        if request.device not in self.presence:
+            return Outcome.OFFLINE, f"device {request.device} is not connected to the hub"
+        refusal = self.slots.refusal(request.device)
+        if refusal:
+            return Outcome.LIMIT, refusal
+        if not self.bucket.take(now):
+            return Outcome.LIMIT, (f"the hub's limit of {self._settings.max_new_streams_per_second:g} "
+                                   "new streams per second is reached; retry shortly")
+        return None
+
+    def service_request(self, service: str, request: msg.ServiceRequest, device: Device | None, *,
+                        now: float, wall: float, started: float | None = None) -> list[Action]:
+        """A decoded request; ``device`` is the registry's record of ``request.device`` (None: unknown).
+
+        ``started``: when the request arrived (latency is measured from there), default ``now``.
+        """
+        started = now if started is None else started
+        refusal = self.admission(request, device, now)
+        if refusal is not None:
+            outcome, reason = refusal
+            return [Answer(service, msg.ServiceResponse(rid=request.rid, outcome=outcome, reason=reason)),
+                    Emit(RequestAnswered(request.device, request.name, None, outcome, reason,
+                                         (now - started) * 1000))]
+        assert device is not None
+        s = self._settings
+        response_timeout = min(request.response_timeout, s.response_timeout)
+        connect_timeout = min(request.connect_timeout, s.connect_timeout)
+        stream_id = self._new_id()
+        rid = self._new_id()[:16]
+        gateways = self._gateways()
+        gateway = gateways[next(self._gateway_cycle) % len(gateways)].rstrip("/")
+        url = stream_url(gateway, stream_id)
+        ttl = response_timeout + connect_timeout
+
+        def token(side: Side) -> str:
+            return self._mint(stream_id=stream_id, side=side, audience=gateway, ttl=ttl,
+                              device_id=request.device, stream_name=request.name)
+
+        known = KnownStream(stream_id=stream_id, device=request.device, name=request.name, service=service,
+                            gateway=gateway, device_key=key_digest(device.key), service_key=self.service_key,
+                            created=wall, rid=rid, service_rid=request.rid, started=started, waited=response_timeout,
+                            url=url, service_token=token(Side.SERVICE))
+        self.book.add(known)
+        self._by_rid[rid] = known
+        self.slots.hold(stream_id, request.device)
+        wire_request = msg.StreamRequest(rid=rid, stream_id=stream_id, name=request.name, url=url,
+                                         token=token(Side.DEVICE), expires=wall + response_timeout)
+        self._move(known, State.PENDING)
+        return [Schedule((RESPONSE_TIMER, rid), response_timeout), PublishToDevice(request.device, wire_request)]
+
+    def undeliverable(self, rid: str, now: float) -> list[Action]:
+        """The adapter could not publish the request to the device."""
+        known = self._by_rid.get(rid)
+        if known is None:
+            return []
+        return self._finish(known, Outcome.OFFLINE, "the hub could not deliver the request to the device", now)
+
+    # -- device answers, presence -----------------------------------------------------------------
+
+    def device_answer(self, device: str | None, response: msg.StreamResponse, now: float) -> list[Action]:
+        known = self._by_rid.get(response.rid)
+        if known is None or known.device != device:
+            log.debug("response from %s for an unknown or finished request", device)
+            return []
+        if response.status == 200:
+            return self._finish(known, Outcome.ACCEPTED, "", now)
+        return self._finish(known, Outcome.REJECTED, response.reason or "rejected by the device", now)
+
+    def device_presence(self, device: str | None, presence: msg.Presence, now: float) -> list[Action]:
+        """Online replaces the connection nonce; offline counts only from the connection that is current
+        (an old connection's late will after a takeover is ignored)."""
+        if not device:
+            return []
+        if presence.online:
+            self.presence[device] = presence.conn
+            return [Emit(DevicePresence(device, True))]
+        if self.presence.get(device) != presence.conn:
+            return []
+        del self.presence[device]
+        actions: list[Action] = [Emit(DevicePresence(device, False))]
+        for known in [k for k in self._by_rid.values() if k.device == device]:
+            actions += self._finish(known, Outcome.OFFLINE, f"device {device} went offline before answering", now)
+        return actions
+
+    def _finish(self, known: KnownStream, outcome: Outcome, reason: str, now: float) -> list[Action]:
+        """Answer the service once; the stream goes ACCEPTED (or OPEN) or CLOSED."""
+        if self._by_rid.pop(known.rid, None) is None:
+            return []
+        actions: list[Action] = [Cancel((RESPONSE_TIMER, known.rid))]
+        self.slots.answered(known.device)
+        if outcome is Outcome.ACCEPTED:
+            response = msg.ServiceResponse(rid=known.service_rid, outcome=outcome, url=known.url,
+                                           token=known.service_token, stream_id=known.stream_id)
+            if known.seen_closed:          # the gateway already saw it end
+                self._close(known)
+            elif known.seen_open:          # only its close frees the slot
+                self._move(known, State.OPEN)
+            else:
+                # An accepted stream keeps its slot until the gateway reports it closed.  If no side ever
+                # reaches the gateway, the slot is freed once both tokens have expired and the gateway's
+                # peer wait is over.
+                self._move(known, State.ACCEPTED)
+                s = self._settings
+                actions.append(Schedule((NO_SHOW_TIMER, known.stream_id),
+                                        s.connect_timeout + s.gateway_peer_timeout + 5))
+        else:
+            response = msg.ServiceResponse(rid=known.service_rid, outcome=outcome, reason=reason)
+            self._close(known)
+        actions.append(Answer(known.service, response))
+        actions.append(Emit(RequestAnswered(known.device, known.name, known.stream_id, outcome, reason,
+                                            (now - known.started) * 1000)))
+        return actions
+
+    def _close(self, known: KnownStream) -> None:
+        self._move(known, State.CLOSED)
+        self.slots.release(known.stream_id)
+        self.book.remove(known.stream_id)
+
+    # -- timers -----------------------------------------------------------------------------------
+
+    def timer(self, key: Hashable, now: float) -> list[Action]:
+        kind, ident = key  # type: ignore[misc]
+        if kind == RESPONSE_TIMER:
+            known = self._by_rid.get(ident)
+            if known is None:
+                return []
+            return self._finish(known, Outcome.TIMEOUT,
+                                f"timed out waiting for the response from device {known.device} ({known.waited:g} s)",
+                                now)
+        if kind == NO_SHOW_TIMER:       # no side came: free the slot (a stale timer of an open stream does nothing)
+            return self.stream_closed(ident) if self.state(ident) is State.ACCEPTED else []
+        return []
+
+    def shutdown(self, now: float) -> list[Action]:
+        """The hub stops: answer every pending request, stop every timer."""
+        actions: list[Action] = []
+        for known in list(self._by_rid.values()):
+            actions += self._finish(known, Outcome.TIMEOUT, "the hub is shutting down", now)
+        for known in self.book.all():
+            if known.state is State.ACCEPTED:
+                actions.append(Cancel((NO_SHOW_TIMER, known.stream_id)))
+        return actions
+
+    # -- gateway events ---------------------------------------------------------------------------
+
+    def gateway_event(self, event: msg.GatewayEvent) -> list[Action]:
+        """A standalone gateway's report (the built-in one calls the methods below directly)."""
+        if event.event == "opened":
+            return self.stream_opened(event.stream_id)
+        return self.stream_ended(stream_id=event.stream_id, device=event.device, name=event.name,
+                                 reason=event.reason, bytes_to_device=event.bytes_to_device,
+                                 bytes_to_service=event.bytes_to_service, duration=event.duration)
+
+    def gateway_stats(self, stats: msg.GatewayStats) -> None:
+        for stream_id, to_device, to_service in stats.streams:
+            known = self.book.get(stream_id)
+            if known is not None:
+                known.bytes = (to_device, to_service)
+
+    def stream_opened(self, stream_id: str) -> list[Action]:
+        """The gateway saw a side arrive: from now on only its close frees the slot."""
+        known = self.book.get(stream_id)
+        if known is None:
+            return []
+        if known.state is State.PENDING:     # the device's answer is still on its way
+            known.seen_open = True
+            return []
+        if known.state is State.ACCEPTED and self._move(known, State.OPEN):
+            return [Cancel((NO_SHOW_TIMER, stream_id))]
+        return []
+
+    def stream_closed(self, stream_id: str) -> list[Action]:
+        """Free the stream's slot (a gateway close or the no-show timer); a second call does nothing."""
+        known = self.book.get(stream_id)
+        if known is None:
+            self.slots.release(stream_id)
+            return []
+        if known.state in (State.REQUESTED, State.PENDING):  # the service is still owed its answer
+            known.seen_closed = True
+            self.slots.release(stream_id)
+            return []
+        actions: list[Action] = [Cancel((NO_SHOW_TIMER, stream_id))] if known.state is State.ACCEPTED else []
+        self._close(known)
+        return actions
+
+    def stream_ended(self, *, stream_id: str, device: str, name: str, reason: str, bytes_to_device: int,
+                     bytes_to_service: int, duration: float) -> list[Action]:
+        """A stream closed at a gateway: free its slot and write it to the activity log (once)."""
+        actions = self.stream_closed(stream_id)
+        if stream_id in self._ended:
+            return actions
+        self._ended[stream_id] = None
+        while len(self._ended) > _ENDED_MEMORY:
+            self._ended.popitem(last=False)
+        actions.append(Emit(StreamEnded(stream_id, device, name, reason, bytes_to_device, bytes_to_service,
+                                        round(duration, 3))))
+        return actions
+
+    # -- revocation -------------------------------------------------------------------------------
+
+    def devices_in_book(self) -> set[str]:
+        return {k.device for k in self.book.all()}
+
+    def check_revocations(self, devices: dict[str, Device | None], policy_key: bytes | None,
+                          kicked_devices: dict[str, str] | None, now: float) -> tuple[int, list[Action]]:
+        """After a registry change: end every stream the registry no longer admits.
+
+        ``devices``: the registry's record of every device in ``devices_in_book()``;
+        ``kicked_devices`` (device -> reason): devices whose MQTT session was just
+        dropped: gateways also end any open stream of theirs the core does not know
+        (one that outlived a hub restart, at a standalone gateway).
+        """
+        self.service_key = key_digest(policy_key)
+        by_reason: dict[tuple[str, Outcome, str], list[KnownStream]] = {}
+        for stream, outcome, reason in self.book.revoked(devices, self.service_key):
+            device = "" if reason == SERVICE_KEY_ROTATED else stream.device  # device-wide at gateways
+            by_reason.setdefault((device, outcome, reason), []).append(stream)
+        covered = {device for device, _, _ in by_reason}
+        for device, reason in (kicked_devices or {}).items():
+            if device not in covered:
+                by_reason[(device, Outcome.UNAUTHORIZED, reason)] = []
+        ended = 0
+        actions: list[Action] = []
+        for (device, outcome, reason), streams in by_reason.items():
+            ended += len(streams)
+            actions += self._end_streams(streams, outcome, reason, now, device=device)
+        return ended, actions
+
+    def close_stream(self, stream_id: str, reason: str, now: float) -> tuple[bool, list[Action]]:
+        """An operator's ``devstreams streams close``; False if the core did not know the stream."""
+        known = self.book.get(stream_id)
+        actions = self._end_streams([known] if known else [], Outcome.UNAUTHORIZED, reason, now,
+                                    unknown=() if known else (stream_id,))
+        return known is not None, actions
+
+    def _end_streams(self, streams: list[KnownStream], outcome: Outcome, reason: str, now: float, *,
+                     device: str = "", unknown: tuple[str, ...] = ()) -> list[Action]:
+        actions: list[Action] = []
+        ids = {k.stream_id for k in streams}
+        for known in [k for k in self._by_rid.values() if k.stream_id in ids]:
+            actions += self._finish(known, outcome, reason, now)     # answers the service, frees the slot
+        for known in streams:
+            if known.state is State.ACCEPTED:                         # no gateway holds it: free it here
+                actions += self.stream_closed(known.stream_id)
+        if streams or device:
+            log.info("ending %d stream(s)%s: %s", len(streams), f" of device {device}" if device else "", reason)
+        ordered = sorted(ids) + list(unknown)
+        chunks = [ordered[i:i + msg.MAX_CONTROL_STREAMS] for i in range(0, len(ordered), msg.MAX_CONTROL_STREAMS)]
+        for n, chunk in enumerate(chunks or [[]]):
+            if not chunk and not device:
+                continue
+            actions.append(CloseStreams(msg.GatewayControl(streams=tuple(chunk), device=device if n == 0 else "",
+                                                           reason=reason[:120])))
+        return actions

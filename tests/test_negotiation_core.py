@@ -1,0 +1,386 @@
+"""Unit tests of the sans-I/O negotiation core (broker/negotiation.py): no network, no clock, no sleeps.
+
+The end-to-end behaviour through a real hub is in test_negotiation.py, test_revocation.py and friends;
+these pin every outcome and limit of the rules themselves, each in well under a millisecond.
+"""
+
+import itertools
+
+import pytest
+
+from broker.negotiation import (NO_SHOW_TIMER, RESPONSE_TIMER, Answer, Cancel, CloseStreams, DevicePresence, Emit,
+                                Negotiation, PublishToDevice, RequestAnswered, Schedule, State, StreamEnded)
+from broker.registry import Device
+from broker.settings import HubSettings
+from wire import messages as msg
+from wire.messages import Outcome
+from wire.streamtoken import Side
+
+SVC = "svc:ops"
+
+
+def device(dev_id="pump-7", key=b"k1", enabled=True):
+    return Device(id=dev_id, key=key, enabled=enabled, created=0, online=True, last_seen=None)
+
+
+def make(**settings) -> Negotiation:
+    ids = itertools.count()
+    minted = []
+
+    def mint(*, stream_id, side, audience, ttl, device_id, stream_name):
+        minted.append((stream_id, side, audience, ttl, device_id, stream_name))
+        return f"tok-{side.value}-{stream_id}"
+
+    core = Negotiation(HubSettings().replace(**settings) if settings else HubSettings(),
+                       mint=mint, new_id=lambda: f"{next(ids):08x}" + "f" * 24, gateways=lambda: ["wss://gw1/", "wss://gw2"],
+                       service_key=b"policy-1")
+    core.minted = minted
+    return core
+
+
+def online(core, dev="pump-7", conn="c1"):
+    return core.device_presence(dev, msg.Presence(online=True, conn=conn), now=0)
+
+
+def request(core, dev="pump-7", *, rid="r1", now=0.0, record=..., service=SVC, **kw):
+    rec = device(dev) if record is ... else record
+    return core.service_request(service, msg.ServiceRequest(rid=rid, device=dev, name="ssh", **kw), rec,
+                                now=now, wall=1000.0 + now)
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def answer(actions) -> msg.ServiceResponse:
+    (a,) = of(actions, Answer)
+    return a.response
+
+
+def logged(actions) -> RequestAnswered:
+    (e,) = [a.event for a in of(actions, Emit) if isinstance(a.event, RequestAnswered)]
+    return e
+
+
+def sent(actions) -> msg.StreamRequest:
+    (p,) = of(actions, PublishToDevice)
+    return p.request
+
+
+def accepted_stream(core, dev="pump-7", rid="r1", now=0.0):
+    req = sent(request(core, dev, rid=rid, now=now))
+    acts = core.device_answer(dev, msg.StreamResponse(rid=req.rid, status=200), now=now + 0.01)
+    assert answer(acts).outcome is Outcome.ACCEPTED
+    return req.stream_id
+
+
+# -- outcomes ---------------------------------------------------------------------------------------
+
+def test_accept_answers_with_url_and_service_token_and_holds_the_slot():
+    core = make()
+    online(core)
+    acts = request(core, response_timeout=5, connect_timeout=7)
+    req = sent(acts)
+    assert of(acts, Schedule) == [Schedule((RESPONSE_TIMER, req.rid), 5)]
+    assert req.url.startswith("wss://gw1/") and req.stream_id in req.url and req.token == f"tok-device-{req.stream_id}"
+    assert req.expires == 1005.0 and core.state(req.stream_id) is State.PENDING
+    assert {(m[1], m[3]) for m in core.minted} == {(Side.SERVICE, 12), (Side.DEVICE, 12)}  # ttl: both timeouts
+    acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), now=0.25)
+    res = answer(acts)
+    assert (res.rid, res.outcome, res.url, res.token, res.stream_id) == (
+        "r1", Outcome.ACCEPTED, req.url, f"tok-service-{req.stream_id}", req.stream_id)
+    row = logged(acts)
+    assert (row.outcome, row.stream_id, row.reason, row.latency_ms) == (Outcome.ACCEPTED, req.stream_id, "", 250.0)
+    assert Cancel((RESPONSE_TIMER, req.rid)) in acts
+    assert Schedule((NO_SHOW_TIMER, req.stream_id), 60 + 60 + 5) in acts
+    assert core.state(req.stream_id) is State.ACCEPTED and core.open_streams == 1
+
+
+def test_gateways_are_used_in_turn():
+    core = make()
+    online(core)
+    urls = [sent(request(core, rid=f"r{n}")).url for n in range(3)]
+    assert [u.split("/")[2] for u in urls] == ["gw1", "gw2", "gw1"]
+
+
+def test_reject_reaches_the_service_with_the_devices_reason_and_frees_the_slot():
+    core = make()
+    online(core)
+    req = sent(request(core))
+    acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=400, reason="no such service"), 1)
+    assert (answer(acts).outcome, answer(acts).reason) == (Outcome.REJECTED, "no such service")
+    assert logged(acts).outcome is Outcome.REJECTED
+    assert core.state(req.stream_id) is None and core.open_streams == 0
+    req = sent(request(core, rid="r2"))
+    acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=400), 1)
+    assert answer(acts).reason == "rejected by the device"
+
+
+@pytest.mark.parametrize("record, present, outcome, reason", [
+    (None, True, Outcome.NOT_FOUND, "device pump-7 is not registered on this hub"),
+    (device(enabled=False), True, Outcome.DISABLED, "device pump-7 is disabled"),
+    (device(), False, Outcome.OFFLINE, "device pump-7 is not connected to the hub"),
+], ids=["unknown", "disabled", "offline"])
+def test_refusals_before_asking_the_device(record, present, outcome, reason):
+    core = make()
+    if present:
+        online(core)
+    acts = request(core, record=record, now=2.0)
+    assert answer(acts) == msg.ServiceResponse(rid="r1", outcome=outcome, reason=reason)
+    assert logged(acts) == RequestAnswered("pump-7", "ssh", None, outcome, reason, 0.0)
+    assert not of(acts, PublishToDevice) and core.open_streams == 0 and not core.minted
+
+
+def test_timeout_answers_once_and_a_late_answer_is_ignored():
+    core = make(response_timeout=3)
+    online(core)
+    req = sent(request(core, response_timeout=10))          # the hub's setting caps the service's wish
+    acts = core.timer((RESPONSE_TIMER, req.rid), now=3.0)
+    assert answer(acts) == msg.ServiceResponse(
+        rid="r1", outcome=Outcome.TIMEOUT, reason="timed out waiting for the response from device pump-7 (3 s)")
+    assert logged(acts).latency_ms == 3000.0 and core.open_streams == 0
+    assert core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), 3.1) == []
+    assert core.timer((RESPONSE_TIMER, req.rid), now=4.0) == []
+
+
+def test_an_answer_from_another_device_is_ignored():
+    core = make()
+    online(core)
+    online(core, "other")
+    req = sent(request(core))
+    assert core.device_answer("other", msg.StreamResponse(rid=req.rid, status=200), 1) == []
+    assert core.state(req.stream_id) is State.PENDING
+
+
+def test_device_going_offline_answers_its_pending_requests():
+    core = make()
+    online(core, conn="c1")
+    req = sent(request(core))
+    acts = core.device_presence("pump-7", msg.Presence(online=False, conn="c1"), 1.0)
+    assert Emit(DevicePresence("pump-7", False)) in acts
+    assert answer(acts).outcome is Outcome.OFFLINE
+    assert answer(acts).reason == "device pump-7 went offline before answering"
+    assert core.state(req.stream_id) is None and "pump-7" not in core.presence
+
+
+def test_undeliverable_request_is_answered_offline():
+    core = make()
+    online(core)
+    req = sent(request(core))
+    acts = core.undeliverable(req.rid, 0.0)
+    assert answer(acts).reason == "the hub could not deliver the request to the device"
+    assert Cancel((RESPONSE_TIMER, req.rid)) in acts and core.open_streams == 0
+
+
+# -- presence ---------------------------------------------------------------------------------------
+
+def test_takeover_an_old_connections_will_does_not_mark_the_device_offline():
+    core = make()
+    assert online(core, conn="old") == [Emit(DevicePresence("pump-7", True))]
+    online(core, conn="new")                                  # the device logged in again
+    assert core.device_presence("pump-7", msg.Presence(online=False, conn="old"), 1) == []
+    assert core.presence == {"pump-7": "new"}
+    assert core.device_presence("pump-7", msg.Presence(online=False, conn="new"), 2) == [
+        Emit(DevicePresence("pump-7", False))]
+    assert core.device_presence("pump-7", msg.Presence(online=False, conn="new"), 3) == []   # once
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+def test_hub_concurrent_stream_limit():
+    core = make(max_concurrent_streams=2)
+    online(core)
+    accepted_stream(core, rid="a")
+    sent(request(core, rid="b"))
+    res = answer(request(core, rid="c"))
+    assert (res.outcome, res.reason) == (Outcome.LIMIT, "the hub's limit of 2 concurrent streams is reached")
+
+
+def test_pending_per_device_limit_counts_unanswered_requests_only():
+    core = make(max_pending_per_device=1)
+    online(core)
+    online(core, "other")
+    req = sent(request(core, rid="a"))
+    res = answer(request(core, rid="b"))
+    assert (res.outcome, res.reason) == (
+        Outcome.LIMIT, "device has 1 unanswered stream requests (max_pending_per_device)")
+    assert of(request(core, "other", rid="c"), PublishToDevice), "another device is not affected"
+    core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), 0.1)
+    assert of(request(core, rid="d"), PublishToDevice), "an answered request no longer counts"
+
+
+def test_new_streams_per_second_limit():
+    core = make(max_new_streams_per_second=2, new_streams_burst=2)
+    online(core)
+    assert all(of(request(core, rid=f"r{n}", now=0.0), PublishToDevice) for n in range(2))
+    res = answer(request(core, rid="r3", now=0.0))
+    assert (res.outcome, res.reason) == (
+        Outcome.LIMIT, "the hub's limit of 2 new streams per second is reached; retry shortly")
+    assert of(request(core, rid="r4", now=0.5), PublishToDevice), "a token comes back after 1/rate s"
+
+
+def test_per_service_connection_rate_limit():
+    core = make(service_requests_per_second=1, service_requests_burst=2)
+    assert core.within_rate(SVC, 0) and core.within_rate(SVC, 0) and not core.within_rate(SVC, 0)
+    assert core.within_rate("svc:other", 0), "another connection has its own budget"
+    acts = core.refuse_flood(SVC, "r9", 0)
+    assert acts == [Answer(SVC, msg.ServiceResponse(
+        rid="r9", outcome=Outcome.LIMIT,
+        reason=("this connection's limit of 1 stream requests per second (burst 2, service_requests_per_second) "
+                "is reached; retry shortly")))], "answered, but no activity-log row"
+    assert core.refuse_flood(SVC, None, 0) == []
+    assert core.within_rate(SVC, 1.0)
+
+
+def test_bad_request_is_answered_when_it_has_a_rid():
+    core = make()
+    assert answer(core.bad_request(SVC, "r1", "name: too long")) == msg.ServiceResponse(
+        rid="r1", outcome=Outcome.BAD_REQUEST, reason="name: too long")
+    assert core.bad_request(SVC, None, "not json") == []
+
+
+# -- gateway events ---------------------------------------------------------------------------------
+
+def test_gateway_no_show_frees_the_slot():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    assert core.open_streams == 1
+    assert core.timer((NO_SHOW_TIMER, sid), now=125) == [Cancel((NO_SHOW_TIMER, sid))]
+    assert core.open_streams == 0 and core.state(sid) is None
+    assert core.timer((NO_SHOW_TIMER, sid), now=126) == []
+
+
+def test_open_stream_keeps_its_slot_until_the_gateway_closes_it():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    assert core.stream_opened(sid) == [Cancel((NO_SHOW_TIMER, sid))]
+    assert core.state(sid) is State.OPEN and core.stream_opened(sid) == []
+    assert core.timer((NO_SHOW_TIMER, sid), now=500) == [] and core.open_streams == 1, "no no-show once open"
+    acts = core.stream_ended(stream_id=sid, device="pump-7", name="ssh", reason="closed", bytes_to_device=5,
+                             bytes_to_service=7, duration=1.23456)
+    assert of(acts, Emit) == [Emit(StreamEnded(sid, "pump-7", "ssh", "closed", 5, 7, 1.235))]
+    assert core.open_streams == 0 and core.state(sid) is None
+
+
+def test_stream_closed_twice_is_counted_once():
+    core = make(max_concurrent_streams=2)
+    online(core)
+    sid = accepted_stream(core, rid="a")
+    other = accepted_stream(core, rid="b")
+    core.stream_opened(sid)
+    ended = dict(stream_id=sid, device="pump-7", name="ssh", reason="closed", bytes_to_device=1,
+                 bytes_to_service=2, duration=1.0)
+    assert len(of(core.stream_ended(**ended), Emit)) == 1
+    assert of(core.stream_ended(**ended), Emit) == [], "one activity-log row"
+    core.stream_closed(sid)
+    assert core.open_streams == 1 and core.state(other) is State.ACCEPTED, "the other stream keeps its slot"
+
+
+def test_gateway_events_for_unknown_streams_are_ignored_safely():
+    core = make()
+    assert core.stream_opened("nope") == [] and core.stream_closed("nope") == []
+    acts = core.gateway_event(msg.GatewayEvent(event="closed", stream_id="nope", device="d", name="n"))
+    assert [type(a.event) for a in of(acts, Emit)] == [StreamEnded], "a stream from before a restart is still logged"
+    core.gateway_stats(msg.GatewayStats(streams=(("nope", 1, 2),)))
+
+
+def test_gateway_close_before_the_devices_answer_still_answers_the_service():
+    core = make()
+    online(core)
+    req = sent(request(core))
+    core.stream_opened(req.stream_id)
+    core.stream_closed(req.stream_id)
+    assert core.open_streams == 0
+    acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), 0.1)
+    assert answer(acts).outcome is Outcome.ACCEPTED and not of(acts, Schedule)
+    assert core.state(req.stream_id) is None
+
+
+def test_gateway_open_before_the_devices_answer_needs_no_no_show_timer():
+    core = make()
+    online(core)
+    req = sent(request(core))
+    core.stream_opened(req.stream_id)
+    acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), 0.1)
+    assert not of(acts, Schedule) and core.state(req.stream_id) is State.OPEN and core.open_streams == 1
+
+
+def test_gateway_stats_update_known_streams():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    core.gateway_stats(msg.GatewayStats(streams=((sid, 10, 20),)))
+    assert core.book.get(sid).bytes == (10, 20)
+
+
+# -- revocation -------------------------------------------------------------------------------------
+
+def test_revocation_ends_the_right_streams():
+    core = make()
+    for dev in ("pump-7", "pump-8"):
+        online(core, dev)
+    pending = sent(request(core, "pump-7", rid="p"))
+    accepted = accepted_stream(core, "pump-7", rid="a")
+    opened = accepted_stream(core, "pump-7", rid="o")
+    core.stream_opened(opened)
+    keep = accepted_stream(core, "pump-8", rid="k")
+    ended, acts = core.check_revocations({"pump-7": device(enabled=False), "pump-8": device("pump-8")},
+                                         b"policy-1", None, now=1.0)
+    assert ended == 3
+    res = answer(acts)
+    assert (res.rid, res.outcome, res.reason) == ("p", Outcome.DISABLED, "device pump-7 disabled")
+    assert of(acts, CloseStreams) == [CloseStreams(msg.GatewayControl(
+        streams=tuple(sorted([pending.stream_id, accepted, opened])), device="pump-7",
+        reason="device pump-7 disabled"))]
+    assert core.state(accepted) is None, "accepted but not at a gateway: freed here"
+    assert core.state(opened) is State.OPEN, "open: the gateway's close frees it"
+    assert core.state(keep) is State.ACCEPTED and core.open_streams == 2
+
+
+def test_rotated_service_key_ends_every_stream_not_device_wide():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    ended, acts = core.check_revocations({"pump-7": device()}, b"policy-2", None, now=1.0)
+    assert ended == 1 and of(acts, CloseStreams) == [CloseStreams(msg.GatewayControl(
+        streams=(sid,), device="", reason="service key rotated"))]
+
+
+def test_kicked_device_without_known_streams_still_reaches_the_gateways():
+    core = make()
+    ended, acts = core.check_revocations({}, b"policy-1", {"pump-9": "device pump-9 removed"}, now=0)
+    assert ended == 0 and acts == [CloseStreams(msg.GatewayControl(device="pump-9", reason="device pump-9 removed"))]
+    assert core.check_revocations({}, b"policy-1", None, now=0) == (0, [])
+
+
+def test_operator_close_of_known_and_unknown_streams():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    known, acts = core.close_stream(sid, "stream closed by an operator", 1)
+    assert known and CloseStreams(msg.GatewayControl(streams=(sid,), reason="stream closed by an operator")) in acts
+    assert core.open_streams == 0
+    known, acts = core.close_stream("gone", "bye", 1)
+    assert not known and acts == [CloseStreams(msg.GatewayControl(streams=("gone",), reason="bye"))]
+
+
+def test_shutdown_answers_pending_requests_and_stops_timers():
+    core = make()
+    online(core)
+    req = sent(request(core, rid="p"))
+    sid = accepted_stream(core, rid="a")
+    acts = core.shutdown(5.0)
+    assert answer(acts) == msg.ServiceResponse(rid="p", outcome=Outcome.TIMEOUT, reason="the hub is shutting down")
+    assert Cancel((RESPONSE_TIMER, req.rid)) in acts and Cancel((NO_SHOW_TIMER, sid)) in acts
+
+
+def test_state_transitions_only_go_forward():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    known = core.book.get(sid)
+    assert not core._move(known, State.PENDING) and known.state is State.ACCEPTED
+    assert core._move(known, State.OPEN) and not core._move(known, State.ACCEPTED)
+    assert core._move(known, State.CLOSED) and not core._move(known, State.OPEN)
