@@ -38,6 +38,7 @@ from collections.abc import Callable, Hashable, Iterable
 
 from wire import messages as msg
 from wire import sas, streamtoken, topics
+from wire.events import EventSink, GatewayStreamClosed, GatewayStreamOpened
 from wire.mqtt import CONTROL_QOS, MqttSession
 
 from . import negotiation as core
@@ -62,6 +63,10 @@ class StreamController:
                                  new_id=lambda: uuid.uuid4().hex, gateways=gateways,
                                  service_key=registry.policy_key())
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        # Stream events (the core's Emit actions) go to one sink; the activity log and presence
+        # writer is its first subscriber, later ones (metrics) subscribe to ``events`` too.
+        self.events = EventSink(log_interval=settings.disk_error_log_interval)
+        self.events.subscribe(self._write_registry)
         self.on_gateway_control: Callable[[msg.GatewayControl], object] | None = None  # the built-in gateway
         self._mqtt = MqttSession(
             client_id=topics.CONTROLLER_USER, host=mqtt_host, port=mqtt_port,
@@ -203,7 +208,7 @@ class StreamController:
             if timer is not None:
                 timer.cancel()
         elif isinstance(action, core.Emit):
-            self._emit(action.event)
+            self.events.emit(action.event)
         elif isinstance(action, core.CloseStreams):
             self._mqtt.publish(topics.gateway_control(), msg.encode(action.control), qos=CONTROL_QOS)
             if self.on_gateway_control is not None:
@@ -217,26 +222,30 @@ class StreamController:
         self._timers.pop(key, None)
         self._apply(self._core.timer(key, time.monotonic()))
 
-    def _emit(self, event) -> None:
+    def on_gateway_event(self, event) -> None:
+        """A subscriber for a gateway's ``EventSink`` (the built-in gateway, via hub.py)."""
+        if isinstance(event, GatewayStreamOpened):
+            self.stream_opened(event.stream_id)
+        elif isinstance(event, GatewayStreamClosed):
+            self.stream_ended(stream_id=event.stream_id, device=event.device, name=event.name, reason=event.reason,
+                              bytes_to_device=event.bytes_to_device, bytes_to_service=event.bytes_to_service,
+                              duration=event.duration)
+
+    def _write_registry(self, event) -> None:
+        """The activity log and presence writer: the sink logs a failing disk, rate-limited."""
         if isinstance(event, core.RequestAnswered):
             log.info("stream request %s/%s: %s in %.1f ms%s", event.device, event.name, event.outcome.value,
                      event.latency_ms, f" ({event.reason})" if event.reason else "")
-            try:
-                self._registry.log_request(device=event.device, name=event.name, stream_id=event.stream_id,
-                                           outcome=event.outcome.value, reason=event.reason,
-                                           latency_ms=round(event.latency_ms, 2))
-            except Exception:
-                log.exception("could not write the activity log")
+            self._registry.log_request(device=event.device, name=event.name, stream_id=event.stream_id,
+                                       outcome=event.outcome.value, reason=event.reason,
+                                       latency_ms=round(event.latency_ms, 2))
         elif isinstance(event, core.StreamEnded):
-            try:
-                self._registry.log_stream(device=event.device, name=event.name, stream_id=event.stream_id,
-                                          reason=event.reason, bytes_to_device=event.bytes_to_device,
-                                          bytes_to_service=event.bytes_to_service, duration_s=event.duration)
-            except Exception:
-                log.exception("could not log a closed stream")
+            self._registry.log_stream(device=event.device, name=event.name, stream_id=event.stream_id,
+                                      reason=event.reason, bytes_to_device=event.bytes_to_device,
+                                      bytes_to_service=event.bytes_to_service, duration_s=event.duration)
         elif isinstance(event, core.DevicePresence):
-            self._registry.set_presence(event.device, event.online)
             log.info("device %s is %s", event.device, "online" if event.online else "offline")
+            self._registry.set_presence(event.device, event.online)
 
 
 def _rid_of(payload: bytes) -> str | None:

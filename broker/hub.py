@@ -99,8 +99,8 @@ class Hub:
         # Every gateway limit comes from HubSettings (max_concurrent_streams included), none from defaults.
         settings = GatewaySettings(**gateway_kwargs(s),
                                    public_url=f"wss://{s.advertised_host()}:{{port}}")  # port filled in at bind
-        self.gateway = Gateway(settings, signing_key, server_ssl, on_stream_closed=self._on_stream_closed,
-                               on_stream_opened=self._on_stream_opened)
+        self.gateway = Gateway(settings, signing_key, server_ssl)
+        self.gateway.events.subscribe(self._on_gateway_event)
         await self.gateway.start()
 
     async def stop(self) -> None:
@@ -230,13 +230,7 @@ class Hub:
             rows.append({**row, "state": "open", "created": now - row["age_s"], "service": None, "updated": now})
         return rows
 
-    def _on_stream_opened(self, stream_id: str) -> None:
+    def _on_gateway_event(self, event) -> None:
+        """The built-in gateway's sink subscriber: its opened/closed events go to the controller."""
         if self.controller is not None:
-            self.controller.stream_opened(stream_id)
-
-    def _on_stream_closed(self, record) -> None:
-        if self.controller is not None:
-            self.controller.stream_ended(stream_id=record.stream_id, device=record.device_id,
-                                         name=record.stream_name, reason=record.close_reason,
-                                         bytes_to_device=record.bytes_to_device,
-                                         bytes_to_service=record.bytes_to_service, duration=record.duration)
+            self.controller.on_gateway_event(event)

@@ -44,7 +44,7 @@ def register(groups, common) -> None:
                     help="streams open or waiting at once (default: hub.toml max_concurrent_streams, 1000)")
     up.add_argument("--hub", default=None, metavar="HOST:PORT",
                     help="the hub's MQTT endpoint, to report streams (activity log, stream limits) from "
-                         "another machine; default: write to the hub's data dir when it is here")
+                         "another machine; default: the hub running on --data-dir, if any")
     up.add_argument("--ca-file", default=None, help="the hub's CA, for --hub (default: <data-dir>/tls/ca.pem)")
     up.add_argument("--name", default=None, help="this gateway's name in reports (default: from its port)")
     up.set_defaults(run=gateway_up, default_log_level="info")
@@ -71,18 +71,19 @@ def _server_ssl(args, data: Path):
     return ctx
 
 
-def _registry_reporter(data: Path):
-    """Closed streams go straight to the hub's activity log when its data dir is on this machine."""
-    if not (data / "registry.db").exists():
-        return None
-    from broker.registry import open_registry
-    registry = open_registry(data)
+def _local_hub(data: Path) -> tuple[str, int, str] | None:
+    """The MQTT address and CA of a hub running on this data dir (from its hub.json), or None.
 
-    def record(rec) -> None:
-        registry.log_stream(device=rec.device_id, name=rec.stream_name, stream_id=rec.stream_id,
-                            reason=rec.close_reason, bytes_to_device=rec.bytes_to_device,
-                            bytes_to_service=rec.bytes_to_service, duration_s=round(rec.duration, 3))
-    return record
+    A gateway without ``--hub`` beside the hub reports to it over MQTT like a remote
+    one, so the hub frees the stream's slot and writes its activity log (once);
+    writing the registry directly would leave the slot taken until a fallback timer.
+    """
+    info = datadir.running_endpoints(data)
+    if not info or not isinstance(info.get("mqttPort"), int):
+        return None
+    bind = (info.get("settings") or {}).get("bind")
+    host = bind if bind not in (None, "", "0.0.0.0", "::", "127.0.0.1") else "localhost"
+    return host, info["mqttPort"], info.get("caFile") or str(data / "tls" / "ca.pem")
 
 
 def _hub_address(text: str) -> tuple[str, int]:
@@ -92,11 +93,15 @@ def _hub_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _mqtt_reporter(args, data: Path, key: bytes, port: int):
+def _mqtt_reporter(args, data: Path, key: bytes, port: int, local: tuple[str, int, str] | None):
     from streamgw import MqttReporter
     from wire.tls import client_context
-    host, hub_port = _hub_address(args.hub)
-    ca = args.ca_file or (str(data / "tls" / "ca.pem") if (data / "tls" / "ca.pem").exists() else None)
+    if local is not None:
+        host, hub_port, ca = local
+        ca = args.ca_file or ca
+    else:
+        host, hub_port = _hub_address(args.hub)
+        ca = args.ca_file or (str(data / "tls" / "ca.pem") if (data / "tls" / "ca.pem").exists() else None)
     name = args.name or re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{port}")[:60]
     return MqttReporter(host=host, port=hub_port, ssl_context=client_context(ca), signing_key=key, name=name)
 
@@ -128,27 +133,20 @@ async def gateway_up(args) -> int:
     settings = GatewaySettings(**_limits(args, data), host=args.bind, port=args.port, public_url=args.public_url)
     if args.hub:
         _hub_address(args.hub)  # refuse a bad address before listening
-    # Reports go over MQTT with --hub, else to a registry in the local data dir, if any.
-    reporter = None
-    local = _registry_reporter(data) if not args.hub else None
-
-    def opened(stream_id: str) -> None:
-        if reporter is not None:
-            reporter.opened(stream_id)
-
-    def closed(record) -> None:
-        if reporter is not None:
-            reporter.closed(record)
-        elif local is not None:
-            local(record)
-
-    gateway = Gateway(settings, key, _server_ssl(args, data), on_stream_closed=closed, on_stream_opened=opened)
+    # Stream events go to the gateway's sink; the MQTT reporter subscribes to it: to --hub, else to
+    # a hub running on the data dir (this machine).  With neither, nothing reports: say so once.
+    local = None if args.hub else _local_hub(data)
+    if not args.hub and local is None:
+        log.warning("no hub runs on %s and no --hub given: streams will not be reported (no activity log, "
+                    "no slot accounting); start the hub first or pass --hub HOST:PORT", data)
+    gateway = Gateway(settings, key, _server_ssl(args, data))
     try:
         await gateway.start()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
-    if args.hub:
-        reporter = _mqtt_reporter(args, data, key, gateway.port)
+    reporter = None
+    if args.hub or local is not None:
+        reporter = _mqtt_reporter(args, data, key, gateway.port, local)
         reporter.attach(gateway)  # the hub's revocations reach open streams; byte counts reach the hub
         await reporter.start()
     print(f"gateway listening on {args.bind}:{gateway.port} as {gateway.public_url}", flush=True)

@@ -19,9 +19,8 @@ from collections.abc import Callable
 
 from wire import messages as msg
 from wire import sas, topics
+from wire.events import GatewayStreamClosed, GatewayStreamOpened
 from wire.mqtt import CONTROL_QOS, MqttSession
-
-from .relay import StreamRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,8 @@ class MqttReporter:
         self._open_streams: Callable[[], list[dict]] | None = None
 
     def attach(self, gateway, stats_interval: float = STATS_INTERVAL) -> None:
-        """Apply the hub's orders to ``gateway`` and send the hub its live byte counts."""
+        """Report ``gateway``'s stream events, apply the hub's orders to it, send the hub its byte counts."""
+        gateway.events.subscribe(self.on_event)
         self._control = gateway.apply_control
         self._open_streams = gateway.open_streams
         self._stats_interval = stats_interval
@@ -97,14 +97,15 @@ class MqttReporter:
     def connected(self) -> bool:
         return self._mqtt.connected
 
-    def opened(self, stream_id: str) -> None:
-        self._send(msg.GatewayEvent(event="opened", stream_id=stream_id))
-
-    def closed(self, record: StreamRecord) -> None:
-        self._send(msg.GatewayEvent(event="closed", stream_id=record.stream_id, device=record.device_id,
-                                    name=record.stream_name, reason=record.close_reason[:256],
-                                    bytes_to_device=record.bytes_to_device,
-                                    bytes_to_service=record.bytes_to_service, duration=record.duration))
+    def on_event(self, event: object) -> None:
+        """A subscriber for the gateway's ``EventSink``: its opened/closed events go to the hub."""
+        if isinstance(event, GatewayStreamOpened):
+            self._send(msg.GatewayEvent(event="opened", stream_id=event.stream_id))
+        elif isinstance(event, GatewayStreamClosed):
+            self._send(msg.GatewayEvent(event="closed", stream_id=event.stream_id, device=event.device,
+                                        name=event.name, reason=event.reason[:256],
+                                        bytes_to_device=event.bytes_to_device,
+                                        bytes_to_service=event.bytes_to_service, duration=event.duration))
 
     def _send(self, event: msg.GatewayEvent) -> None:
         if not self._mqtt.publish(self._topic, msg.encode(event), qos=CONTROL_QOS):

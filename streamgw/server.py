@@ -11,6 +11,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -18,6 +19,7 @@ from websockets.http11 import Request, Response
 
 from wire import streamtoken
 from wire.errors import TokenError
+from wire.events import EventSink, GatewayStreamClosed, GatewayStreamOpened
 from wire.messages import GatewayControl
 from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
 from wire.streamtoken import Side
@@ -28,6 +30,12 @@ from .relay import StreamRecord, close_within, relay
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Closed(GatewayStreamClosed):
+    """The closed event plus the gateway's own record, for the ``on_stream_closed`` callback."""
+    record: StreamRecord | None = field(default=None, compare=False, repr=False)
 
 
 class _Meeting:
@@ -42,12 +50,18 @@ class _Meeting:
 class Gateway:
     def __init__(self, settings: GatewaySettings, signing_key: bytes, ssl_context: ssl.SSLContext | None,
                  on_stream_closed: Callable[[StreamRecord], None] | None = None,
-                 on_stream_opened: Callable[[str], None] | None = None):
+                 on_stream_opened: Callable[[str], None] | None = None, events: EventSink | None = None):
         self.settings = settings
         self._key = signing_key
         self._ssl = ssl_context
-        self._on_closed = on_stream_closed
-        self._on_opened = on_stream_opened
+        # Stream opened/closed go to one sink (wire.events); the hub's controller or a standalone
+        # gateway's reporter subscribe to it.  The two callbacks are kept as subscribers for callers.
+        self.events = events if events is not None else EventSink()
+        if on_stream_opened is not None:
+            self.events.subscribe(lambda e: on_stream_opened(e.stream_id) if isinstance(e, GatewayStreamOpened)
+                                  else None)
+        if on_stream_closed is not None:
+            self.events.subscribe(lambda e: on_stream_closed(e.record) if isinstance(e, _Closed) else None)
         self._pairing = Pairing(settings.max_streams)
         self._meetings: dict[str, _Meeting] = {}
         self._server: Server | None = None
@@ -125,8 +139,7 @@ class Gateway:
         meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
         meeting.sockets[side] = ws
         if len(meeting.sockets) == 1:
-            if self._on_opened is not None:
-                self._on_opened(entry.stream_id)
+            self.events.emit(GatewayStreamOpened(entry.stream_id))
             await self._wait_for_peer(entry, side, ws, meeting)
         else:
             meeting.paired.set()
@@ -171,11 +184,10 @@ class Gateway:
         record.close_reason = entry.revoked or record.close_reason
         log.info("stream %s ended after %.1f s: %s (to device %d B, to service %d B)", entry.stream_id[:8],
                  record.duration, record.close_reason, record.bytes_to_device, record.bytes_to_service)
-        if self._on_closed is not None:
-            try:
-                self._on_closed(record)
-            except Exception:
-                log.exception("stream-closed callback failed")
+        self.events.emit(_Closed(stream_id=record.stream_id, device=record.device_id, name=record.stream_name,
+                                 reason=record.close_reason, bytes_to_device=record.bytes_to_device,
+                                 bytes_to_service=record.bytes_to_service, duration=record.duration,
+                                 record=record))
 
     # -- revocation (the hub's orders: device disabled, key rotated, operator close) --------------
 

@@ -20,9 +20,9 @@ async def echo(request):
             await stream.send(chunk)
 
 
-def start_gateway(data_dir) -> tuple[subprocess.Popen, str]:
+def start_gateway(data_dir, port: int = 0) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "devstreams", "gateway", "up", "--data-dir", str(data_dir),
-                             "--bind", "127.0.0.1", "--port", "0", "--log-level", "warning"],
+                             "--bind", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "gateway listening" not in line:
@@ -33,13 +33,15 @@ def start_gateway(data_dir) -> tuple[subprocess.Popen, str]:
 
 @pytest.mark.timeout(90)
 def test_hub_spreads_streams_over_standalone_gateways(tmp_path):
+    from bench.openssh import free_port
     data = tmp_path / "hub"
     HubThread(data).start().stop()  # make the keys and certificates
     gateways, hub = [], None
     try:
-        gateways = [start_gateway(data) for _ in range(2)]
-        urls = tuple(url for _, url in gateways)
-        hub = HubThread(data, gateway_urls=urls).start()
+        ports = [free_port(), free_port()]
+        urls = tuple(f"wss://localhost:{port}" for port in ports)
+        hub = HubThread(data, gateway_urls=urls).start()  # first: the gateways find it in the data dir
+        gateways = [start_gateway(data, port) for port in ports]
         assert hub.hub.gateway is None  # no built-in gateway when external ones are given
 
         async def main():
@@ -60,9 +62,13 @@ def test_hub_spreads_streams_over_standalone_gateways(tmp_path):
                 with pytest.raises(TokenError, match="another gateway"):
                     await open_stream(other + "/streams/" + info.stream_id, info.token, ssl_context=svc.ssl_context)
         run(main())
-        time.sleep(0.5)
-        closed = [e for e in hub.registry().activity(device="spread") if e["kind"] == "stream"]
-        assert len(closed) >= 4, "standalone gateways write closed streams to the hub's activity log"
+
+        def closed():
+            return [e for e in hub.registry().activity(device="spread") if e["kind"] == "stream"]
+        # the gateways report to the hub running on their data dir, which writes the activity log once
+        run(wait_for(lambda: len(closed()) >= 4, timeout=10, what="closed streams in the activity log"))
+        ids = [e["stream_id"] for e in closed()]
+        assert len(ids) == len(set(ids)), ids
     finally:
         if hub is not None:
             hub.stop()
@@ -128,3 +134,60 @@ def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
             gateway.wait(10)
         if hub is not None:
             hub.stop()
+
+
+@pytest.mark.timeout(90)
+def test_gateway_beside_the_hub_reports_to_it_without_hub_flag(tmp_path):
+    """Only --data-dir: the gateway reports to the hub running there, so closing a stream frees its slot."""
+    from bench.openssh import free_port
+    from wire.errors import LimitExceededError
+
+    data = tmp_path / "hub"
+    port = free_port()
+    hub = gateway = None
+    try:
+        hub = HubThread(data, gateway_urls=(f"wss://localhost:{port}",), max_concurrent_streams=1).start()
+        gateway, _ = start_gateway(data, port)
+
+        async def main():
+            async with DeviceAgent(hub.add_device("near"), echo, ca_file=hub.ca_file), \
+                    ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+                await wait_for(lambda: "near" in hub.hub.controller.online_devices, what="online")
+                first = await (await svc.create_stream("near", "echo")).open()
+                await first.send(b"y" * 700)
+                got = b""
+                while len(got) < 700:
+                    got += await first.recv()
+                with pytest.raises(LimitExceededError):  # the first stream flows: its slot is taken
+                    await svc.create_stream("near", "echo")
+                await first.close()
+                # the gateway's "closed" report frees the slot well before any fallback timer
+                await wait_for(lambda: hub.hub.controller.open_streams == 0, timeout=10, what="slot freed")
+                async with await (await svc.create_stream("near", "echo")).open() as second:
+                    await second.send(b"again")
+                    assert await second.recv() == b"again"
+        run(main())
+
+        def closed():
+            return [e for e in hub.registry().activity(device="near") if e["kind"] == "stream"]
+        run(wait_for(lambda: len(closed()) == 2, timeout=10, what="both closed streams in the activity log"))
+        time.sleep(0.3)  # a second (duplicate) row for the same stream would land about now
+        rows = closed()
+        assert len(rows) == 2 and len({r["stream_id"] for r in rows}) == 2, rows
+        assert 700 in [r["bytes_to_device"] for r in rows], rows
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(10)
+        if hub is not None:
+            hub.stop()
+
+
+def test_gateway_without_a_hub_says_streams_are_not_reported(tmp_path):
+    data = tmp_path / "hub"
+    HubThread(data).start().stop()  # keys and certificates, but no hub running
+    proc, _ = start_gateway(data)
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)  # the warning comes before "gateway listening"
+    lines = [line for line in err.splitlines() if "will not be reported" in line]
+    assert len(lines) == 1 and "--hub" in lines[0], err
