@@ -38,7 +38,7 @@ from collections.abc import Callable, Hashable, Iterable
 
 from wire import messages as msg
 from wire import sas, streamtoken, topics
-from wire.events import EventSink, GatewayStreamClosed, GatewayStreamOpened
+from wire.events import EventSink, StreamClosed, StreamOpened
 from wire.mqtt import CONTROL_QOS, MqttSession
 
 from . import negotiation as core
@@ -224,9 +224,9 @@ class StreamController:
 
     def on_gateway_event(self, event) -> None:
         """A subscriber for a gateway's ``EventSink`` (the built-in gateway, via hub.py)."""
-        if isinstance(event, GatewayStreamOpened):
+        if isinstance(event, StreamOpened):
             self.stream_opened(event.stream_id)
-        elif isinstance(event, GatewayStreamClosed):
+        elif isinstance(event, StreamClosed):
             self.stream_ended(stream_id=event.stream_id, device=event.device, name=event.name, reason=event.reason,
                               bytes_to_device=event.bytes_to_device, bytes_to_service=event.bytes_to_service,
                               duration=event.duration)
@@ -239,7 +239,7 @@ class StreamController:
             self._registry.log_request(device=event.device, name=event.name, stream_id=event.stream_id,
                                        outcome=event.outcome.value, reason=event.reason,
                                        latency_ms=round(event.latency_ms, 2))
-        elif isinstance(event, core.StreamEnded):
+        elif isinstance(event, core.StreamClosed):
             self._registry.log_stream(device=event.device, name=event.name, stream_id=event.stream_id,
                                       reason=event.reason, bytes_to_device=event.bytes_to_device,
                                       bytes_to_service=event.bytes_to_service, duration_s=event.duration)

@@ -10,7 +10,7 @@ frozen dataclasses the caller carries out in order:
     Answer           send a ServiceResponse to the service over MQTT
     Schedule/Cancel  start/stop a timer; when it fires, call ``timer(key, now)``
     Emit             an event for the activity log / registry: RequestAnswered,
-                     StreamEnded, DevicePresence
+                     StreamClosed, DevicePresence
     CloseStreams     a GatewayControl for every gateway (revocation)
 
 The core owns one explicit state per stream (``State``: REQUESTED -> PENDING
@@ -43,6 +43,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from wire import messages as msg
+from wire.events import StreamClosed
 from wire.messages import Outcome
 from wire.streamproto import stream_url
 from wire.streamtoken import Side
@@ -197,19 +198,6 @@ class RequestAnswered:
 
 
 @dataclass(frozen=True)
-class StreamEnded:
-    """A gateway reported a stream closed: its activity-log row."""
-
-    stream_id: str
-    device: str
-    name: str
-    reason: str
-    bytes_to_device: int
-    bytes_to_service: int
-    duration: float
-
-
-@dataclass(frozen=True)
 class DevicePresence:
     device: str
     online: bool
@@ -217,7 +205,7 @@ class DevicePresence:
 
 @dataclass(frozen=True)
 class Emit:
-    event: RequestAnswered | StreamEnded | DevicePresence
+    event: RequestAnswered | StreamClosed | DevicePresence
 
 
 @dataclass(frozen=True)
@@ -502,7 +490,7 @@ class Negotiation:
         self._ended[stream_id] = None
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
-        actions.append(Emit(StreamEnded(stream_id, device, name, reason, bytes_to_device, bytes_to_service,
+        actions.append(Emit(StreamClosed(stream_id, device, name, reason, bytes_to_device, bytes_to_service,
                                         round(duration, 3))))
         return actions
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from wire import messages as msg
 from wire import sas, topics
-from wire.events import GatewayStreamClosed, GatewayStreamOpened
+from wire.events import StreamClosed, StreamOpened
 from wire.mqtt import CONTROL_QOS, MqttSession
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,9 @@ class MqttReporter:
 
     def on_event(self, event: object) -> None:
         """A subscriber for the gateway's ``EventSink``: its opened/closed events go to the hub."""
-        if isinstance(event, GatewayStreamOpened):
+        if isinstance(event, StreamOpened):
             self._send(msg.GatewayEvent(event="opened", stream_id=event.stream_id))
-        elif isinstance(event, GatewayStreamClosed):
+        elif isinstance(event, StreamClosed):
             self._send(msg.GatewayEvent(event="closed", stream_id=event.stream_id, device=event.device,
                                         name=event.name, reason=event.reason[:256],
                                         bytes_to_device=event.bytes_to_device,

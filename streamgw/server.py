@@ -19,7 +19,7 @@ from websockets.http11 import Request, Response
 
 from wire import streamtoken
 from wire.errors import TokenError
-from wire.events import EventSink, GatewayStreamClosed, GatewayStreamOpened
+from wire.events import EventSink, StreamClosed, StreamOpened
 from wire.messages import GatewayControl
 from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
 from wire.streamtoken import Side
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _Closed(GatewayStreamClosed):
+class _Closed(StreamClosed):
     """The closed event plus the gateway's own record, for the ``on_stream_closed`` callback."""
     record: StreamRecord | None = field(default=None, compare=False, repr=False)
 
@@ -58,7 +58,7 @@ class Gateway:
         # gateway's reporter subscribe to it.  The two callbacks are kept as subscribers for callers.
         self.events = events if events is not None else EventSink()
         if on_stream_opened is not None:
-            self.events.subscribe(lambda e: on_stream_opened(e.stream_id) if isinstance(e, GatewayStreamOpened)
+            self.events.subscribe(lambda e: on_stream_opened(e.stream_id) if isinstance(e, StreamOpened)
                                   else None)
         if on_stream_closed is not None:
             self.events.subscribe(lambda e: on_stream_closed(e.record) if isinstance(e, _Closed) else None)
@@ -139,7 +139,7 @@ class Gateway:
         meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
         meeting.sockets[side] = ws
         if len(meeting.sockets) == 1:
-            self.events.emit(GatewayStreamOpened(entry.stream_id))
+            self.events.emit(StreamOpened(entry.stream_id))
             await self._wait_for_peer(entry, side, ws, meeting)
         else:
             meeting.paired.set()

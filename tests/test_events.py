@@ -2,7 +2,7 @@
 
 import logging
 
-from wire.events import EventSink, GatewayStreamOpened
+from wire.events import EventSink, StreamOpened
 
 
 class Clock:
@@ -18,7 +18,7 @@ def test_every_subscriber_gets_every_event_in_order():
     a, b = [], []
     sink.subscribe(a.append)
     sink.subscribe(b.append)
-    events = [GatewayStreamOpened("s1"), "other", GatewayStreamOpened("s2")]
+    events = [StreamOpened("s1"), "other", StreamOpened("s2")]
     for event in events:
         sink.emit(event)
     assert a == events and b == events

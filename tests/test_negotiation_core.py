@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from broker.negotiation import (NO_SHOW_TIMER, RESPONSE_TIMER, Answer, Cancel, CloseStreams, DevicePresence, Emit,
-                                Negotiation, PublishToDevice, RequestAnswered, Schedule, State, StreamEnded)
+                                Negotiation, PublishToDevice, RequestAnswered, Schedule, State, StreamClosed)
 from broker.registry import Device
 from broker.settings import HubSettings
 from wire import messages as msg
@@ -260,7 +260,7 @@ def test_open_stream_keeps_its_slot_until_the_gateway_closes_it():
     assert core.timer((NO_SHOW_TIMER, sid), now=500) == [] and core.open_streams == 1, "no no-show once open"
     acts = core.stream_ended(stream_id=sid, device="pump-7", name="ssh", reason="closed", bytes_to_device=5,
                              bytes_to_service=7, duration=1.23456)
-    assert of(acts, Emit) == [Emit(StreamEnded(sid, "pump-7", "ssh", "closed", 5, 7, 1.235))]
+    assert of(acts, Emit) == [Emit(StreamClosed(sid, "pump-7", "ssh", "closed", 5, 7, 1.235))]
     assert core.open_streams == 0 and core.state(sid) is None
 
 
@@ -282,7 +282,7 @@ def test_gateway_events_for_unknown_streams_are_ignored_safely():
     core = make()
     assert core.stream_opened("nope") == [] and core.stream_closed("nope") == []
     acts = core.gateway_event(msg.GatewayEvent(event="closed", stream_id="nope", device="d", name="n"))
-    assert [type(a.event) for a in of(acts, Emit)] == [StreamEnded], "a stream from before a restart is still logged"
+    assert [type(a.event) for a in of(acts, Emit)] == [StreamClosed], "a stream from before a restart is still logged"
     core.gateway_stats(msg.GatewayStats(streams=(("nope", 1, 2),)))
 
 

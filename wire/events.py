@@ -2,7 +2,7 @@
 
 The hub's controller emits the negotiation core's events (request answered,
 stream ended, device online/offline) and a gateway emits its own
-(``GatewayStreamOpened`` / ``GatewayStreamClosed``).  Consumers -- the activity
+(``StreamOpened`` / ``StreamClosed``).  Consumers -- the activity
 log and presence writer, a standalone gateway's MQTT reporter, the hub
 forwarding its built-in gateway's events to the controller, later metrics --
 subscribe to an ``EventSink`` instead of each having its own callback path.
@@ -24,13 +24,13 @@ Subscriber = Callable[[object], object]
 
 
 @dataclass(frozen=True)
-class GatewayStreamOpened:
+class StreamOpened:
     """A gateway saw a stream's first side arrive: its concurrency slot stays taken."""
     stream_id: str
 
 
 @dataclass(frozen=True)
-class GatewayStreamClosed:
+class StreamClosed:
     """A stream ended at a gateway: free its slot and write it to the activity log."""
     stream_id: str
     device: str
