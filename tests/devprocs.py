@@ -103,30 +103,27 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def hub_up(log_path, data_dir) -> Devstreams:
+    """``devstreams hub up`` on loopback, ports picked by the OS (it may refuse to start: not waited for)."""
+    return Devstreams(log_path, "hub", "up", "--data-dir", str(data_dir), "--bind", "127.0.0.1",
+                      "--mqtt-port", "0", "--gateway-port", "0")
+
+
 class HubProcess:
-    """``devstreams hub up`` as its own process (so a test can kill -9 it), on OS-picked ports."""
+    """``devstreams hub up`` as its own process (so a test can kill -9 it), up when constructed."""
 
     def __init__(self, data_dir, log_path, toml: str = ""):
-        import json
-        import time
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         if toml:
             (data_dir / "hub.toml").write_text(toml)
-        self.proc = Devstreams(log_path, "hub", "up", "--data-dir", str(data_dir), "--bind", "127.0.0.1",
-                               "--mqtt-port", "0", "--gateway-port", "0")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                info = json.loads((data_dir / "hub.json").read_text())
-                if info.get("pid") == self.proc.proc.pid:
-                    break
-            except (OSError, ValueError):
-                pass
-            if self.proc.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.stop()
-                raise AssertionError(f"hub did not start; log:\n{self.proc.log()}")
-            time.sleep(0.1)
+        self.proc = hub_up(log_path, data_dir)
+        try:
+            line = self.proc.first_line()
+            assert "hub is up" in line, f"hub did not start: {line}\n{self.proc.log()}"
+        except BaseException:
+            self.proc.stop()
+            raise
         self.ca_file = str(data_dir / "tls" / "ca.pem")
 
     def cli(self, *args) -> str:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from broker import datadir
-from devprocs import Devstreams, one_line
+from devprocs import Devstreams, hub_up, one_line
 from helpers import cli
 
 
@@ -50,14 +50,9 @@ def test_hub_show_of_a_locked_data_dir_without_endpoints_says_starting(tmp_path)
 
 # -- real processes ------------------------------------------------------------------------------
 
-def hub_up(tmp_path, data_dir, name="hub"):
-    return Devstreams(tmp_path / f"{name}.log", "hub", "up", "--data-dir", str(data_dir), "--mqtt-port", "0",
-                      "--gateway-port", "0", "--bind", "127.0.0.1")
-
-
 @contextlib.contextmanager
 def running_hub(tmp_path, data_dir, name="hub"):
-    proc = hub_up(tmp_path, data_dir, name)
+    proc = hub_up(tmp_path / f"{name}.log", data_dir)
     try:
         assert "hub is up" in proc.first_line(), proc.log()
         yield proc
@@ -99,7 +94,7 @@ def test_second_hub_on_a_data_dir_in_use_exits_before_touching_anything(tmp_path
         hub_json = (data / "hub.json").read_bytes()
         assert json.loads(shown)["running"]
 
-        second = hub_up(tmp_path, data, "second")
+        second = hub_up(tmp_path / "second.log", data)
         try:
             second.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -31,6 +31,26 @@ def start_gateway(data_dir, port: int = 0) -> tuple[subprocess.Popen, str]:
     return proc, line.rsplit(" as ", 1)[1].strip()
 
 
+async def one_slot_freed_by_the_gateway(hub, svc, device: str, size: int) -> None:
+    """With max_concurrent_streams=1 and a standalone gateway: while a stream flows (its "opened" report
+    keeps the slot) a second one is refused; the gateway's "closed" report frees the slot well before
+    any fallback timer, and a new stream works."""
+    from wire.errors import LimitExceededError
+    first = await (await svc.create_stream(device, "echo")).open()
+    await first.send(b"x" * size)
+    got = 0
+    while got < size:
+        got += len(await first.recv())
+    await asyncio.sleep(1)  # the gateway has reported "opened" by now: the slot stays taken
+    with pytest.raises(LimitExceededError):
+        await svc.create_stream(device, "echo")
+    await first.close()
+    await wait_for(lambda: hub.hub.controller.open_streams == 0, timeout=10, what="slot freed")
+    async with await (await svc.create_stream(device, "echo")).open() as second:
+        await second.send(b"again")
+        assert await second.recv() == b"again"
+
+
 @pytest.mark.timeout(90)
 def test_hub_spreads_streams_over_standalone_gateways(tmp_path):
     from bench.openssh import free_port
@@ -88,7 +108,6 @@ def test_gateway_up_without_key_is_one_line(tmp_path):
 @pytest.mark.timeout(90)
 def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
     from bench.openssh import free_port
-    from wire.errors import LimitExceededError
 
     data = tmp_path / "hub"
     HubThread(data).start().stop()  # make the keys and certificates
@@ -112,18 +131,7 @@ def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
             async with DeviceAgent(hub.add_device("far"), echo, ca_file=hub.ca_file), \
                     ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
                 await wait_for(lambda: "far" in hub.hub.controller.online_devices, what="online")
-                first = await (await svc.create_stream("far", "echo")).open()
-                await first.send(b"x" * 1000)
-                assert len(await first.recv()) > 0
-                await asyncio.sleep(1)  # the gateway reported "opened": the slot stays taken
-                with pytest.raises(LimitExceededError):
-                    await svc.create_stream("far", "echo")
-                await first.close()
-                # the gateway's "closed" report frees the slot well before any fallback timer
-                await wait_for(lambda: hub.hub.controller.open_streams == 0, timeout=10, what="slot freed")
-                async with await (await svc.create_stream("far", "echo")).open() as second:
-                    await second.send(b"again")
-                    assert await second.recv() == b"again"
+                await one_slot_freed_by_the_gateway(hub, svc, "far", 1000)
         run(main())
         time.sleep(0.5)
         closed = [e for e in hub.registry().activity(device="far") if e["kind"] == "stream"]
@@ -140,7 +148,6 @@ def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
 def test_gateway_beside_the_hub_reports_to_it_without_hub_flag(tmp_path):
     """Only --data-dir: the gateway reports to the hub running there, so closing a stream frees its slot."""
     from bench.openssh import free_port
-    from wire.errors import LimitExceededError
 
     data = tmp_path / "hub"
     port = free_port()
@@ -153,19 +160,7 @@ def test_gateway_beside_the_hub_reports_to_it_without_hub_flag(tmp_path):
             async with DeviceAgent(hub.add_device("near"), echo, ca_file=hub.ca_file), \
                     ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
                 await wait_for(lambda: "near" in hub.hub.controller.online_devices, what="online")
-                first = await (await svc.create_stream("near", "echo")).open()
-                await first.send(b"y" * 700)
-                got = b""
-                while len(got) < 700:
-                    got += await first.recv()
-                with pytest.raises(LimitExceededError):  # the first stream flows: its slot is taken
-                    await svc.create_stream("near", "echo")
-                await first.close()
-                # the gateway's "closed" report frees the slot well before any fallback timer
-                await wait_for(lambda: hub.hub.controller.open_streams == 0, timeout=10, what="slot freed")
-                async with await (await svc.create_stream("near", "echo")).open() as second:
-                    await second.send(b"again")
-                    assert await second.recv() == b"again"
+                await one_slot_freed_by_the_gateway(hub, svc, "near", 700)
         run(main())
 
         def closed():
