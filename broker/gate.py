@@ -50,7 +50,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
-from wire.mqtt import LogLimiter
+from wire.throttle import LogLimiter
 from wire.topics import Role, device_notice
 
 from .auth import AuthRefused, Authenticator, Identity

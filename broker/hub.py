@@ -20,7 +20,7 @@ from .amqtt_fixes import HubBroker
 from .auth import Authenticator
 from .controller import StreamController
 from .gate import LISTENER, Gate
-from .limits import EveryInterval
+from wire.throttle import EveryInterval
 from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 

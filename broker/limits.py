@@ -95,25 +95,3 @@ class KeyedBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-@dataclass
-class EveryInterval:
-    """Say yes at most once per ``interval`` seconds, counting the noes in between.
-
-    For errors that repeat per row or per message (a full disk, a flood): one log
-    line per minute that says how many were left out, instead of a traceback each.
-    """
-
-    interval: float
-    _next: float | None = field(init=False, default=None)
-    _suppressed: int = field(init=False, default=0)
-
-    def ready(self, now: float) -> tuple[bool, int]:
-        """(log now?, how many were suppressed since the last yes)."""
-        if self._next is None or now >= self._next:
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self.interval
-            return True, suppressed
-        self._suppressed += 1
-        return False, 0

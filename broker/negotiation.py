@@ -47,8 +47,9 @@ from wire.events import StreamClosed
 from wire.messages import Outcome
 from wire.streamproto import stream_url
 from wire.streamtoken import Side
+from wire.throttle import EveryInterval
 
-from .limits import EveryInterval, KeyedBuckets, StreamSlots, TokenBucket
+from .limits import KeyedBuckets, StreamSlots, TokenBucket
 from .registry import Device
 from .settings import HubSettings
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from wire.errors import ConfigError
 from wire.names import check_device_id
 
-from .limits import EveryInterval
+from wire.throttle import EveryInterval
 
 log = logging.getLogger(__name__)
 

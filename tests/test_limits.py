@@ -5,7 +5,8 @@ import pytest
 from broker import auth
 from broker.auth import Identity
 from broker.controller import SERVICE_KEY_ROTATED, KnownStream, StreamBook, key_digest
-from broker.limits import EveryInterval, KeyedBuckets, TokenBucket
+from broker.limits import KeyedBuckets, TokenBucket
+from wire.throttle import EveryInterval
 from broker.registry import Device
 from streamgw.pairing import Pairing, Refusal
 from wire import messages as msg

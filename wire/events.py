@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .throttle import LogLimiter
+
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[object], object]
@@ -44,10 +46,8 @@ class StreamClosed:
 class EventSink:
     def __init__(self, *, log_interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self._subscribers: list[Subscriber] = []
-        self._log_interval = log_interval
+        self._failures = LogLimiter(log_interval)   # per subscriber
         self._clock = clock
-        self._last_logged: dict[int, float] = {}   # id(subscriber) -> when its last failure was logged
-        self._suppressed: dict[int, int] = {}
 
     def subscribe(self, subscriber: Subscriber) -> Subscriber:
         self._subscribers.append(subscriber)
@@ -65,13 +65,7 @@ class EventSink:
                 self._failed(subscriber, event)
 
     def _failed(self, subscriber: Subscriber, event: object) -> None:
-        index = id(subscriber)
-        now = self._clock()
-        last = self._last_logged.get(index)
-        if last is not None and now - last < self._log_interval:
-            self._suppressed[index] = self._suppressed.get(index, 0) + 1
-            return
-        self._last_logged[index] = now
-        skipped = self._suppressed.pop(index, 0)
-        log.exception("event subscriber %s failed on %s%s", getattr(subscriber, "__qualname__", subscriber),
-                      type(event).__name__, f" ({skipped} more failures not logged)" if skipped else "")
+        ready, skipped = self._failures.ready(id(subscriber), self._clock())
+        if ready:
+            log.exception("event subscriber %s failed on %s%s", getattr(subscriber, "__qualname__", subscriber),
+                          type(event).__name__, f" ({skipped} more failures not logged)" if skipped else "")

@@ -39,6 +39,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .errors import HubUnavailableError, UnauthorizedError
+from .throttle import LogLimiter
 from .topics import device_notice
 
 log = logging.getLogger(__name__)
@@ -55,21 +56,6 @@ AUTH_REFUSED = {134, 135}
 # OpenSSL verify codes (X509_V_ERR_*) that mean "I do not know who signed this certificate".
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 _NAME_MISMATCH = {62, 64}  # host name, IP address
-
-
-class LogLimiter:
-    """Say something the first time, then at most once per ``interval`` seconds per key (no clock inside)."""
-
-    def __init__(self, interval: float = 60.0):
-        self.interval = interval
-        self._last: dict[str, float] = {}
-
-    def allow(self, key: str, now: float) -> bool:
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            return False
-        self._last[key] = now
-        return True
 
 
 def describe_connect_error(exc: BaseException | None, host: str, port: int) -> tuple[str, str]:
