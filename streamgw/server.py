@@ -10,8 +10,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -32,12 +30,6 @@ from .settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Closed(StreamClosed):
-    """The closed event plus the gateway's own record, for the ``on_stream_closed`` callback."""
-    record: StreamRecord | None = field(default=None, compare=False, repr=False)
-
-
 class _Meeting:
     """Per stream: the sockets, the moment both are there, and the end of the relay."""
 
@@ -49,19 +41,13 @@ class _Meeting:
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, signing_key: bytes, ssl_context: ssl.SSLContext | None,
-                 on_stream_closed: Callable[[StreamRecord], None] | None = None,
-                 on_stream_opened: Callable[[str], None] | None = None, events: EventSink | None = None):
+                 events: EventSink | None = None):
         self.settings = settings
         self._key = signing_key
         self._ssl = ssl_context
         # Stream opened/closed go to one sink (wire.events); the hub's controller or a standalone
-        # gateway's reporter subscribe to it.  The two callbacks are kept as subscribers for callers.
+        # gateway's reporter subscribe to it.
         self.events = events if events is not None else EventSink()
-        if on_stream_opened is not None:
-            self.events.subscribe(lambda e: on_stream_opened(e.stream_id) if isinstance(e, StreamOpened)
-                                  else None)
-        if on_stream_closed is not None:
-            self.events.subscribe(lambda e: on_stream_closed(e.record) if isinstance(e, _Closed) else None)
         self._pairing = Pairing(settings.max_streams)
         self._meetings: dict[str, _Meeting] = {}
         self._server: Server | None = None
@@ -184,10 +170,9 @@ class Gateway:
         record.close_reason = entry.revoked or record.close_reason
         log.info("stream %s ended after %.1f s: %s (to device %d B, to service %d B)", entry.stream_id[:8],
                  record.duration, record.close_reason, record.bytes_to_device, record.bytes_to_service)
-        self.events.emit(_Closed(stream_id=record.stream_id, device=record.device_id, name=record.stream_name,
-                                 reason=record.close_reason, bytes_to_device=record.bytes_to_device,
-                                 bytes_to_service=record.bytes_to_service, duration=record.duration,
-                                 record=record))
+        self.events.emit(StreamClosed(stream_id=record.stream_id, device=record.device_id, name=record.stream_name,
+                                      reason=record.close_reason, bytes_to_device=record.bytes_to_device,
+                                      bytes_to_service=record.bytes_to_service, duration=record.duration))
 
     # -- revocation (the hub's orders: device disabled, key rotated, operator close) --------------
 
