@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wire.errors import DevstreamsError
+from devstreams.wire.errors import DevstreamsError
 
 from . import report
 from .run import FULL, QUICK, run

@@ -89,7 +89,7 @@ class Rig:
     def idle_devices(self, count: int, setup_samples: int) -> dict:
         """Connect ``count`` idle devices; hub memory per device and stream setup while they are there."""
         from broker.registry import open_registry
-        from wire.connstr import ConnectionString
+        from devstreams.wire.connstr import ConnectionString
         hub_info = wait_file_json(self.data / "hub.json", self.hub_proc)
         registry = open_registry(self.data)
         lines = []

@@ -11,8 +11,8 @@ import ssl
 import struct
 import sys
 
-from wire import connstr, sas, topics
-from wire import messages as msg
+from devstreams.wire import connstr, sas, topics
+from devstreams.wire import messages as msg
 
 KEEPALIVE = 120
 

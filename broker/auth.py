@@ -14,9 +14,9 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from wire import sas
-from wire.errors import TokenError
-from wire.topics import IdentityError, Role, parse_login
+from devstreams.wire import sas
+from devstreams.wire.errors import TokenError
+from devstreams.wire.topics import IdentityError, Role, parse_login
 
 from .registry import Registry
 
@@ -127,7 +127,7 @@ def expired(identity: Identity, password: str, now: float) -> str | None:
     """"SAS token expired" when a device's, service's or gateway's session outlived its token.
 
     Not a revocation: the session is dropped and the client reconnects with a fresh
-    token (wire.mqtt renews it before every connect); its open streams go on.
+    token (devstreams.transport.mqtt renews it before every connect); its open streams go on.
     The hub's own controller (in-process, 24 h tokens) is left alone.
     """
     if identity.role is Role.CONTROLLER:

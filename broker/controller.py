@@ -25,7 +25,7 @@ When the registry changes (the hub's watcher calls ``check_revocations``) every
 stream whose device was disabled, removed or re-keyed, or whose service key was
 rotated, ends: pending requests are answered, and every gateway is told to close
 the stream with CLOSE_REVOKED and refuse its unused tokens
-(``wire.topics.gateway_control``).
+(``devstreams.wire.topics.gateway_control``).
 """
 
 import asyncio
@@ -36,10 +36,10 @@ import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable
 
-from wire import messages as msg
-from wire import sas, streamtoken, topics
-from wire.events import EventSink, StreamClosed, StreamOpened
-from wire.mqtt import CONTROL_QOS, MqttSession
+from devstreams.wire import messages as msg
+from devstreams.wire import sas, streamtoken, topics
+from devstreams.wire.events import EventSink, StreamClosed, StreamOpened
+from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
 
 from . import negotiation as core
 from .auth import CONTROLLER_RESOURCE

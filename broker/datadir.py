@@ -32,7 +32,7 @@ except ImportError:  # Windows: a byte-range lock (also dropped by the OS when t
     fcntl = None
     import msvcrt
 
-from wire.errors import ConfigError
+from devstreams.wire.errors import ConfigError
 
 from .pki import write_private
 

@@ -50,8 +50,8 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
-from wire.throttle import LogLimiter
-from wire.topics import Role, device_notice
+from devstreams.wire.throttle import LogLimiter
+from devstreams.wire.topics import Role, device_notice
 
 from .auth import AuthRefused, Authenticator, Identity
 from .packetguard import PacketGuard, check_will

@@ -11,16 +11,16 @@ import os
 import time
 from pathlib import Path
 
-from wire.connstr import ConnectionString
-from wire.tls import client_context
-from wire.topics import Role
+from devstreams.wire.connstr import ConnectionString
+from devstreams.transport.tls import client_context
+from devstreams.wire.topics import Role
 
 from . import auth, datadir, pki
 from .amqtt_fixes import HubBroker
 from .auth import Authenticator
 from .controller import StreamController
 from .gate import LISTENER, Gate
-from wire.throttle import EveryInterval
+from devstreams.wire.throttle import EveryInterval
 from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 

@@ -25,7 +25,7 @@ but is given the minting at construction -- ``mint(stream_id, side, audience,
 ttl, device_id, stream_name)`` and ``new_id()`` -- because signing needs the
 hub's key and ids need randomness.  Both are pure enough to inject in tests
 (a fixed string, a counter) and the adapter (``broker.controller``) passes the
-real ``wire.streamtoken.mint`` bound to the signing key and ``uuid4``.  Letting
+real ``devstreams.wire.streamtoken.mint`` bound to the signing key and ``uuid4``.  Letting
 the adapter mint instead would split one decision (the token lifetime follows
 the negotiated timeouts) over two modules.
 
@@ -42,12 +42,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from wire import messages as msg
-from wire.events import StreamClosed
-from wire.messages import Outcome
-from wire.streamproto import stream_url
-from wire.streamtoken import Side
-from wire.throttle import EveryInterval
+from devstreams.wire import messages as msg
+from devstreams.wire.events import StreamClosed
+from devstreams.wire.messages import Outcome
+from devstreams.wire.streamproto import stream_url
+from devstreams.wire.streamtoken import Side
+from devstreams.wire.throttle import EveryInterval
 
 from .limits import KeyedBuckets, StreamSlots, TokenBucket
 from .registry import Device

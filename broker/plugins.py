@@ -11,7 +11,7 @@ from amqtt.contexts import Action as AmqttAction
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from wire.topics import Action, IdentityError, allowed, parse_login
+from devstreams.wire.topics import Action, IdentityError, allowed, parse_login
 
 from .auth import AuthRefused
 
@@ -35,7 +35,7 @@ class HubAuthPlugin(BaseAuthPlugin):
 
 
 class HubAclPlugin(BaseTopicPlugin):
-    """Each identity may only touch topics that carry its own ID (wire.topics.allowed)."""
+    """Each identity may only touch topics that carry its own ID (devstreams.wire.topics.allowed)."""
 
     @dataclass
     class Config:

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wire.errors import ConfigError
-from wire.names import check_device_id
+from devstreams.wire.errors import ConfigError
+from devstreams.wire.names import check_device_id
 
-from wire.throttle import EveryInterval
+from devstreams.wire.throttle import EveryInterval
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from wire.errors import ConfigError
-from wire.streamproto import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from devstreams.wire.errors import ConfigError
+from devstreams.wire.streamproto import CHUNK_BYTES, MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from wire import connstr, sas, topics
-from wire import messages as msg
-from wire.errors import ConfigError, DevstreamsError, StreamError
-from wire.mqtt import CONTROL_QOS, MqttSession, Will
-from wire.stream import Stream, open_stream
-from wire.tls import client_context
+from devstreams.wire import connstr, sas, topics
+from devstreams.wire import messages as msg
+from devstreams.wire.errors import ConfigError, DevstreamsError, StreamError
+from devstreams.transport.mqtt import CONTROL_QOS, MqttSession, Will
+from devstreams.transport.stream import Stream, open_stream
+from devstreams.transport.tls import client_context
 
 from .settings import AgentSettings
 

@@ -9,9 +9,9 @@ a reason instead of a stream that is accepted and then dropped.
 import asyncio
 import logging
 
-from wire.errors import ConfigError
-from wire.names import check_stream_name
-from wire.stream import pipe_tcp, reset
+from devstreams.wire.errors import ConfigError
+from devstreams.wire.names import check_stream_name
+from devstreams.transport.stream import pipe_tcp, reset
 
 log = logging.getLogger(__name__)
 

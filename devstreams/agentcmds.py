@@ -5,7 +5,7 @@ import logging
 import os
 import tomllib
 
-from wire.errors import ConfigError
+from devstreams.wire.errors import ConfigError
 
 from .signals import until_stopped
 

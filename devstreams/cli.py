@@ -11,8 +11,8 @@ import os
 import sys
 import warnings
 
-from wire.errors import DevstreamsError
-from wire.redact import redact
+from devstreams.wire.errors import DevstreamsError
+from devstreams.wire.redact import redact
 
 from . import agentcmds, gatewaycmds, hubcmds, servicecmds, streamcmds
 

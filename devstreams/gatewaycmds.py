@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from broker import datadir
-from wire.errors import ConfigError
+from devstreams.wire.errors import ConfigError
 
 from .signals import until_stopped
 
@@ -95,7 +95,7 @@ def _hub_address(text: str) -> tuple[str, int]:
 
 def _mqtt_reporter(args, data: Path, key: bytes, port: int, local: tuple[str, int, str] | None):
     from streamgw import MqttReporter
-    from wire.tls import client_context
+    from devstreams.transport.tls import client_context
     if local is not None:
         host, hub_port, ca = local
         ca = args.ca_file or ca

@@ -9,8 +9,8 @@ import sys
 from broker import datadir
 from broker.registry import SERVICE_POLICY, open_registry
 from broker.settings import HubSettings, load, settings_dict, validate
-from wire.connstr import ConnectionString
-from wire.errors import ConfigError
+from devstreams.wire.connstr import ConnectionString
+from devstreams.wire.errors import ConfigError
 
 from .signals import until_stopped
 

@@ -9,7 +9,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from wire.errors import ConfigError, DevstreamsError, StreamError
+from devstreams.wire.errors import ConfigError, DevstreamsError, StreamError
 
 from .signals import until_stopped
 
@@ -162,7 +162,7 @@ LIMIT_RETRY_SECONDS = 10.0
 
 async def _create_with_retry(hub, device: str, stream: str, response_timeout: float):
     """A burst of local connections may hit a hub limit: wait a little instead of dropping them."""
-    from wire.errors import LimitExceededError
+    from devstreams.wire.errors import LimitExceededError
     delay, deadline = 0.05, time.monotonic() + LIMIT_RETRY_SECONDS
     while True:
         try:
@@ -175,7 +175,7 @@ async def _create_with_retry(hub, device: str, stream: str, response_timeout: fl
 
 
 async def run_proxy(args) -> int:
-    from wire.stream import pipe_tcp, reset
+    from devstreams.transport.stream import pipe_tcp, reset
     hub = _client(args)
     await hub.connect()
     active: set[asyncio.Task] = set()

@@ -13,7 +13,7 @@ import time
 
 from broker import datadir
 from broker.registry import open_registry
-from wire.errors import ConfigError
+from devstreams.wire.errors import ConfigError
 
 CLOSE_WAIT = 5.0  # how long 'streams close' waits for the hub to confirm
 

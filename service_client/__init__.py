@@ -1,6 +1,6 @@
 """Service side of devstreams: ``ServiceClient.create_stream(device_id, name)``."""
 
-from wire.errors import (DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError, DeviceUnavailableError,
+from devstreams.wire.errors import (DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError, DeviceUnavailableError,
                          DevstreamsError, HubUnavailableError, LimitExceededError, StreamClosedError,
                          StreamError, StreamRejectedError, StreamTimeoutError, UnauthorizedError)
 

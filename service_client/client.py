@@ -5,7 +5,7 @@
         async with await info.open() as stream:
             await stream.send(b"hello")
 
-Errors (all in ``wire.errors``, re-exported here): DeviceNotFoundError,
+Errors (all in ``devstreams.wire.errors``, re-exported here): DeviceNotFoundError,
 DeviceOfflineError, DeviceDisabledError, StreamRejectedError (with the
 device's reason), StreamTimeoutError, UnauthorizedError, LimitExceededError,
 HubUnavailableError.
@@ -16,16 +16,16 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from wire import connstr, sas, topics
-from wire import messages as msg
-from wire.errors import (ConfigError, DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError,
+from devstreams.wire import connstr, sas, topics
+from devstreams.wire import messages as msg
+from devstreams.wire.errors import (ConfigError, DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError,
                          HubUnavailableError, LimitExceededError, StreamError, StreamRejectedError,
                          StreamTimeoutError, UnauthorizedError)
-from wire.messages import Outcome
-from wire.mqtt import CONTROL_QOS, MqttSession
-from wire.names import check_device_id, check_stream_name
-from wire.stream import Stream, open_stream
-from wire.tls import client_context
+from devstreams.wire.messages import Outcome
+from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
+from devstreams.wire.names import check_device_id, check_stream_name
+from devstreams.transport.stream import Stream, open_stream
+from devstreams.transport.tls import client_context
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ be held by one socket only.
 
 from dataclasses import dataclass, field
 
-from wire.streamtoken import Side, StreamClaims
+from devstreams.wire.streamtoken import Side, StreamClaims
 
 
 class Refusal(Exception):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
-from wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
+from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
 

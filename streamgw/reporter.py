@@ -17,10 +17,10 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from wire import messages as msg
-from wire import sas, topics
-from wire.events import StreamClosed, StreamOpened
-from wire.mqtt import CONTROL_QOS, MqttSession
+from devstreams.wire import messages as msg
+from devstreams.wire import sas, topics
+from devstreams.wire.events import StreamClosed, StreamOpened
+from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from http import HTTPStatus
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from wire import streamtoken
-from wire.errors import TokenError
-from wire.events import EventSink, StreamClosed, StreamOpened
-from wire.messages import GatewayControl
-from wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
-from wire.streamtoken import Side
-from wire.wslink import LiveServerConnection
+from devstreams.wire import streamtoken
+from devstreams.wire.errors import TokenError
+from devstreams.wire.events import EventSink, StreamClosed, StreamOpened
+from devstreams.wire.messages import GatewayControl
+from devstreams.wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
+from devstreams.wire.streamtoken import Side
+from devstreams.transport.wslink import LiveServerConnection
 
 from .pairing import Pairing, Refusal, StreamEntry
 from .relay import StreamRecord, close_within, relay
@@ -45,7 +45,7 @@ class Gateway:
         self.settings = settings
         self._key = signing_key
         self._ssl = ssl_context
-        # Stream opened/closed go to one sink (wire.events); the hub's controller or a standalone
+        # Stream opened/closed go to one sink (devstreams.wire.events); the hub's controller or a standalone
         # gateway's reporter subscribe to it.
         self.events = events if events is not None else EventSink()
         self._pairing = Pairing(settings.max_streams)
@@ -59,8 +59,8 @@ class Gateway:
         self._server = await serve(self._handler, s.host, s.port, ssl=self._ssl, compression=None,
                                    process_request=self._check, max_size=s.max_message_bytes,
                                    max_queue=s.max_queue, write_limit=s.write_limit,
-                                   ping_interval=None, ping_timeout=None,  # wire.wslink's liveness instead
-                                   close_timeout=None,  # see wire.wslink; relay bounds abnormal closes
+                                   ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
+                                   close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
                                    open_timeout=s.open_timeout,
                                    server_header="devstreams-gateway", create_connection=LiveServerConnection)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from wire.streamproto import MAX_MESSAGE_BYTES
+from devstreams.wire.streamproto import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import pytest
 
 from devprocs import Devstreams, agent, clean_env, connect, one_line
 from helpers import REPO, hub_running, run, wait_for
-from wire.connstr import ConnectionString, parse
-from wire.mqtt import LogLimiter, describe_connect_error, takeover_delay
+from devstreams.wire.connstr import ConnectionString, parse
+from devstreams.transport.mqtt import LogLimiter, describe_connect_error, takeover_delay
 
 NOT_TRUSTED = "TLS: the hub's certificate is not trusted: pass --ca-file"
 

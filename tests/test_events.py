@@ -1,8 +1,8 @@
-"""The event sink (wire.events): fan-out, and a failing subscriber neither stops the others nor floods the log."""
+"""The event sink (devstreams.wire.events): fan-out, and a failing subscriber neither stops the others nor floods the log."""
 
 import logging
 
-from wire.events import EventSink, StreamOpened
+from devstreams.wire.events import EventSink, StreamOpened
 
 
 class Clock:
@@ -44,7 +44,7 @@ def test_failing_subscriber_does_not_stop_others_and_is_logged_once_per_interval
     sink.subscribe(before.append)
     sink.subscribe(broken)
     sink.subscribe(after.append)
-    with caplog.at_level(logging.ERROR, logger="wire.events"):
+    with caplog.at_level(logging.ERROR, logger="devstreams.wire.events"):
         for n in range(5):
             sink.emit(n)  # never raises
         assert before == after == [0, 1, 2, 3, 4]

@@ -28,8 +28,8 @@ FLOOD_SCRIPT = r"""
 import json, sys, threading, time, uuid
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from wire import connstr, sas, topics
-from wire.tls import client_context
+from devstreams.wire import connstr, sas, topics
+from devstreams.transport.tls import client_context
 
 cs_text, ca, port, count, seconds, target = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
                                             float(sys.argv[5]), sys.argv[6])

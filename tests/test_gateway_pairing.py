@@ -3,7 +3,7 @@
 import pytest
 
 from streamgw import Pairing, Refusal, ReplayCache
-from wire.streamtoken import Side, StreamClaims
+from devstreams.wire.streamtoken import Side, StreamClaims
 
 
 def claims(sid="s1", side=Side.DEVICE, jti="j1", exp=100.0):

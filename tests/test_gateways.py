@@ -10,8 +10,8 @@ import pytest
 from device_agent import DeviceAgent
 from helpers import REPO, HubThread, run, wait_for
 from service_client import ServiceClient
-from wire.errors import TokenError
-from wire.stream import open_stream
+from devstreams.wire.errors import TokenError
+from devstreams.transport.stream import open_stream
 
 
 async def echo(request):
@@ -35,7 +35,7 @@ async def one_slot_freed_by_the_gateway(hub, svc, device: str, size: int) -> Non
     """With max_concurrent_streams=1 and a standalone gateway: while a stream flows (its "opened" report
     keeps the slot) a second one is refused; the gateway's "closed" report frees the slot well before
     any fallback timer, and a new stream works."""
-    from wire.errors import LimitExceededError
+    from devstreams.wire.errors import LimitExceededError
     first = await (await svc.create_stream(device, "echo")).open()
     await first.send(b"x" * size)
     got = 0

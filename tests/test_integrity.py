@@ -25,10 +25,10 @@ from devprocs import Devstreams, HubProcess
 from device_agent import DeviceAgent
 from helpers import REPO, run, wait_for
 from service_client import ServiceClient, StreamClosedError
-from wire.stream import Stream
-from wire.streamproto import CLOSE_PEER_CLOSED, MAX_MESSAGE_BYTES
-from wire.streamtoken import Side
-from wire.wslink import LiveClientConnection
+from devstreams.transport.stream import Stream
+from devstreams.wire.streamproto import CLOSE_PEER_CLOSED, MAX_MESSAGE_BYTES
+from devstreams.wire.streamtoken import Side
+from devstreams.transport.wslink import LiveClientConnection
 
 MiB = 1024 * 1024
 

@@ -12,8 +12,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agent import DeviceAgent
 from helpers import run, wait_for
 from service_client import ServiceClient, StreamRejectedError
-from wire import sas, topics
-from wire.connstr import parse
+from devstreams.wire import sas, topics
+from devstreams.wire.connstr import parse
 
 
 class RawClient:

@@ -6,14 +6,14 @@ from broker import auth
 from broker.auth import Identity
 from broker.controller import SERVICE_KEY_ROTATED, KnownStream, StreamBook, key_digest
 from broker.limits import KeyedBuckets, TokenBucket
-from wire.throttle import EveryInterval
+from devstreams.wire.throttle import EveryInterval
 from broker.registry import Device
 from streamgw.pairing import Pairing, Refusal
-from wire import messages as msg
-from wire import sas
-from wire.messages import Outcome
-from wire.streamtoken import Side, StreamClaims
-from wire.topics import Action, Role, allowed, gateway_control, gateway_events, gateway_stats
+from devstreams.wire import messages as msg
+from devstreams.wire import sas
+from devstreams.wire.messages import Outcome
+from devstreams.wire.streamtoken import Side, StreamClaims
+from devstreams.wire.topics import Action, Role, allowed, gateway_control, gateway_events, gateway_stats
 
 
 # -- rate limits --------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The liveness rule (wire.liveness): silence counts only while we listen."""
+"""The liveness rule (devstreams.wire.liveness): silence counts only while we listen."""
 
 import pytest
 
-from wire.liveness import Liveness
+from devstreams.wire.liveness import Liveness
 
 
 def test_a_silent_peer_is_lost_after_interval_plus_timeout():

@@ -9,7 +9,7 @@ from device_agent import AgentSettings, DeviceAgent
 from helpers import HubThread, run, wait_for
 from service_client import (DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError, LimitExceededError,
                             ServiceClient, StreamRejectedError, StreamTimeoutError, UnauthorizedError)
-from wire.connstr import parse
+from devstreams.wire.connstr import parse
 
 
 def rejecting(reason_fn):

@@ -12,9 +12,9 @@ from broker.negotiation import (NO_SHOW_TIMER, RESPONSE_TIMER, Answer, Cancel, C
                                 Negotiation, PublishToDevice, RequestAnswered, Schedule, State, StreamClosed)
 from broker.registry import Device
 from broker.settings import HubSettings
-from wire import messages as msg
-from wire.messages import Outcome
-from wire.streamtoken import Side
+from devstreams.wire import messages as msg
+from devstreams.wire.messages import Outcome
+from devstreams.wire.streamtoken import Side
 
 SVC = "svc:ops"
 

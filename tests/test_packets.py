@@ -12,8 +12,8 @@ import pytest
 from broker.gate import nofile_target, raise_nofile_limit
 from devprocs import agent
 from helpers import cli, hub_running, mqtt_remaining_length, run, wait_for
-from wire import sas, topics
-from wire.connstr import parse
+from devstreams.wire import sas, topics
+from devstreams.wire.connstr import parse
 
 
 def _str(s: str) -> bytes:

@@ -15,8 +15,8 @@ from device_agent.settings import AgentSettings
 from devprocs import agent, proxy
 from helpers import REPO, HubThread, cli, run, wait_for
 from service_client import ServiceClient, StreamClosedError
-from wire.errors import DeviceDisabledError, TokenError
-from wire.streamproto import CLOSE_REVOKED
+from devstreams.wire.errors import DeviceDisabledError, TokenError
+from devstreams.wire.streamproto import CLOSE_REVOKED
 
 REVOKE_DEADLINE = 2.0  # the issue: streams and sessions end within 2 s
 

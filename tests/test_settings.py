@@ -13,12 +13,12 @@ from broker.settings import HubSettings, gateway_kwargs, load, validate
 from devprocs import Devstreams, one_line
 from helpers import REPO, cli, run
 from streamgw import GatewaySettings
-from wire import streamtoken
-from wire.errors import ConfigError, LimitExceededError
-from wire.stream import open_stream
-from wire.streamproto import stream_url
-from wire.streamtoken import Side
-from wire.tls import client_context
+from devstreams.wire import streamtoken
+from devstreams.wire.errors import ConfigError, LimitExceededError
+from devstreams.transport.stream import open_stream
+from devstreams.wire.streamproto import stream_url
+from devstreams.wire.streamtoken import Side
+from devstreams.transport.tls import client_context
 
 
 # -- plain objects -------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ import websockets
 from device_agent import DeviceAgent
 from helpers import REPO, HubThread, run, wait_for
 from service_client import ServiceClient, StreamClosedError
-from wire import streamtoken
-from wire.errors import TokenError
-from wire.stream import open_stream
-from wire.streamproto import CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_PEER_TIMEOUT
-from wire.streamtoken import Side
-from wire.tls import client_context
+from devstreams.wire import streamtoken
+from devstreams.wire.errors import TokenError
+from devstreams.transport.stream import open_stream
+from devstreams.wire.streamproto import CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_PEER_TIMEOUT
+from devstreams.wire.streamtoken import Side
+from devstreams.transport.tls import client_context
 
 
 @contextlib.asynccontextmanager

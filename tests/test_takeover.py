@@ -12,8 +12,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devprocs import Devstreams, agent
 from helpers import cli, run, wait_for
-from wire import sas, topics
-from wire.connstr import parse
+from devstreams.wire import sas, topics
+from devstreams.wire.connstr import parse
 
 TAKEOVER = "another connection with device ID {} took over"
 

@@ -5,10 +5,10 @@ import time
 import pytest
 
 from broker.settings import HubSettings, load, validate
-from wire import connstr, messages, sas, streamtoken, topics
-from wire.errors import ConfigError, ConnectionStringError, TokenError
-from wire.redact import redact
-from wire.streamtoken import Side
+from devstreams.wire import connstr, messages, sas, streamtoken, topics
+from devstreams.wire.errors import ConfigError, ConnectionStringError, TokenError
+from devstreams.wire.redact import redact
+from devstreams.wire.streamtoken import Side
 
 KEY = b"k" * 32
 

@@ -17,7 +17,7 @@ complete one.  A side that aborts (its TCP connection was reset) closes with
 Liveness: each side sends a WebSocket ping at least every ping interval and
 treats any bytes from the peer as a sign of life; silence for ping interval +
 ping timeout *while it is reading* means the peer is lost.  A side that has
-paused reading (its consumer is slow) does not count silence (``wire.liveness``).
+paused reading (its consumer is slow) does not count silence (``devstreams.wire.liveness``).
 """
 
 from urllib.parse import urlsplit

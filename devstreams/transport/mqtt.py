@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .errors import HubUnavailableError, UnauthorizedError
-from .throttle import LogLimiter
-from .topics import device_notice
+from devstreams.wire.errors import HubUnavailableError, UnauthorizedError
+from devstreams.wire.throttle import LogLimiter
+from devstreams.wire.topics import device_notice
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ probes) and still notices a dead one.  devstreams does the same in two layers:
   its heartbeats to us, so it always passes; a crashed or frozen (SIGSTOP) one
   falls silent and is cut within the bound.
 * **The kernel, while we cannot listen.**  TCP keepalive on the socket
-  (``wire.wslink``) ends an idle connection whose host stopped answering, even
+  (``devstreams.transport.wslink``) ends an idle connection whose host stopped answering, even
   while reading is paused.  ``TCP_USER_TIMEOUT`` is deliberately *not* set:
   measured on Linux 6.18, it aborts a connection whose live peer keeps
   answering zero-window probes (a paused reader) after the timeout, which is

@@ -1,7 +1,7 @@
 """The WebSocket connections streams run on: websockets' own, plus liveness that spares slow peers.
 
 websockets' keepalive is switched off (``ping_interval=None``) wherever a stream
-WebSocket is made, and these subclasses run the rule of ``wire.liveness``
+WebSocket is made, and these subclasses run the rule of ``devstreams.wire.liveness``
 instead: every side sends a heartbeat ping each interval, counts any bytes that
 arrive as a sign of life, and stops counting silence while websockets has paused
 reading (its receive queue is full because our consumer is slow).  The pause
@@ -33,7 +33,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
 from websockets.protocol import State
 
-from .liveness import Liveness
+from devstreams.wire.liveness import Liveness
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The stream object both SDKs hand out, and the helper that joins it to a TCP connection.
 
-A ``Stream`` is one side's WebSocket to the gateway, speaking ``wire.streamproto``:
+A ``Stream`` is one side's WebSocket to the gateway, speaking ``devstreams.wire.streamproto``:
 binary messages are data, the text message ``eof`` ends this direction, and the
 close code says how the stream ended.  ``recv()`` returns ``b""`` at the end of
 data (the peer sent ``eof`` or closed cleanly) and raises ``StreamClosedError``
@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
-from .mqtt import describe_connect_error
-from .streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
+from devstreams.wire.errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
+from devstreams.transport.mqtt import describe_connect_error
+from devstreams.wire.streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
                           CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
-from .wslink import LiveClientConnection
+from devstreams.transport.wslink import LiveClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | Non
                       max_queue: int = 8, write_limit: int = 256 * 1024) -> Stream:
     """Open one side of a stream at the gateway; map refusals to our errors with the gateway's reason.
 
-    Liveness is ``wire.wslink``'s (a slow peer is never cut), not websockets' keepalive.
+    Liveness is ``devstreams.transport.wslink``'s (a slow peer is never cut), not websockets' keepalive.
     """
     try:
         ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, ssl=ssl_context,

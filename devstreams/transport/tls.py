@@ -8,7 +8,7 @@ and certificate checks are always on: there is no switch to turn them off.
 import os
 import ssl
 
-from .errors import ConfigError
+from devstreams.wire.errors import ConfigError
 
 CA_FILE_ENV = "DEVSTREAMS_CA_FILE"
 
