@@ -1,7 +1,17 @@
 """The stream controller: the MQTT adapter around the negotiation core.
 
-It is an ordinary MQTT client of the broker (it logs in as ``hub:controller``),
-so it could run against any broker that enforces the same ACL.  Flow for one
+It is an ordinary MQTT client of the broker: the embedded one, or any external
+broker that asks the hub's auth hook (broker/authhook.py).  It logs in as
+``hub:controller`` with a client id of its own (``hub:controller:<instance>``), so
+several controllers share one broker without taking over each other's session.
+
+Several controllers (``shared=True``, external brokers): service requests come
+through the shared subscription ``$share/devstreams/...``, so each is handled by
+exactly one controller.  Everything else reaches every controller: device answers
+(the one that asked knows the request id; the others ignore it), presence (each
+keeps its own view), gateway events (the controller that negotiated a stream frees
+its slot; the activity log keeps one row per stream id) and gateway controls
+(each applies them to its built-in gateway; closing twice is a no-op).  Flow for one
 request (seed 002 steps 2, 3 and 5):
 
     service --req--> controller: checks device, presence, limits; mints two tokens
@@ -51,12 +61,14 @@ from .settings import HubSettings
 log = logging.getLogger(__name__)
 
 CONTROLLER_TOKEN_TTL = 24 * 3600
+SHARE_PREFIX = "$share/devstreams/"   # MQTT 5 / Mosquitto / EMQX shared subscription group of all controllers
 
 
 class StreamController:
     def __init__(self, settings: HubSettings, registry: Registry, *, controller_key: bytes,
                  signing_key: bytes, mqtt_host: str, mqtt_port: int, ssl_context,
-                 gateways: Callable[[], list[str]]):
+                 gateways: Callable[[], list[str]], instance: str | None = None, shared: bool = False,
+                 peer: str = "hub"):
         self._settings = settings
         self._registry = registry
         self._core = Negotiation(settings, mint=functools.partial(streamtoken.mint, signing_key),
@@ -68,16 +80,31 @@ class StreamController:
         self.events = EventSink(log_interval=settings.disk_error_log_interval)
         self.events.subscribe(self._write_registry)
         self.on_gateway_control: Callable[[msg.GatewayControl], object] | None = None  # the built-in gateway
+        self.instance = instance or uuid.uuid4().hex[:12]
+        requests = (SHARE_PREFIX if shared else "") + topics.ALL_SERVICE_REQUESTS
         self._mqtt = MqttSession(
-            client_id=topics.CONTROLLER_USER, host=mqtt_host, port=mqtt_port,
+            client_id=topics.controller_client_id(self.instance), host=mqtt_host, port=mqtt_port,
             username=topics.CONTROLLER_USER,
             password=lambda: sas.make_token(controller_key, CONTROLLER_RESOURCE, CONTROLLER_TOKEN_TTL),
-            ssl_context=ssl_context, on_message=self._on_message, keepalive=30,
-            subscriptions=(topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, topics.ALL_SERVICE_REQUESTS,
-                           topics.ALL_GATEWAY_EVENTS, topics.ALL_GATEWAY_STATS))
+            ssl_context=ssl_context, on_message=self._on_message, keepalive=30, peer=peer,
+            subscriptions=(topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, requests,
+                           topics.ALL_GATEWAY_EVENTS, topics.ALL_GATEWAY_STATS, topics.gateway_control()))
 
-    async def start(self) -> None:
-        await self._mqtt.start(timeout=30)
+    async def start(self, timeout: float | None = 30.0) -> None:
+        """Connect and subscribe.  ``timeout=None``: do not wait (an external broker may be down;
+        the session logs one line per cause and keeps retrying)."""
+        if timeout is None:
+            self._mqtt.start_in_background()
+        else:
+            await self._mqtt.start(timeout=timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._mqtt.ever_connected and self._mqtt.connected
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """For the broker backend: e.g. a kick request to an external broker's plugin."""
+        return self._mqtt.publish(topic, payload, qos=CONTROL_QOS)
 
     async def stop(self) -> None:
         self._apply(self._core.shutdown(time.monotonic()))
@@ -118,12 +145,15 @@ class StreamController:
                 self._apply(self._core.gateway_event(msg.decode_gateway_event(payload)))
             elif topic.endswith("/stats"):
                 self._core.gateway_stats(msg.decode_gateway_stats(payload))
+            elif topic == topics.gateway_control():  # ours or another controller's: closing twice is a no-op
+                if self.on_gateway_control is not None:
+                    self.on_gateway_control(msg.decode_gateway_control(payload))
         except msg.MessageError as exc:
             log.warning("ignoring a bad message on %s: %s", topic, exc)
         except Exception:
             log.exception("error handling a message on %s", topic)
 
-    def _on_service_request(self, service: str | None, payload: bytes) -> None:
+    def _on_service_request(self, service: topics.Service | None, payload: bytes) -> None:
         if not service:
             return
         started = time.monotonic()

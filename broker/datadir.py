@@ -10,10 +10,13 @@ Layout::
     hub.json          endpoints and settings of the running hub (written by 'hub up', read by 'hub show')
     hub.lock          locked by the running hub for its whole life; holds its pid
 
-Only one hub may run on a data dir: two would share one registry (each marking the
-other's devices offline) and fight over ``hub.json``.  The hub holds an exclusive
-``flock`` on ``hub.lock``; the kernel drops it when the process ends in any way,
-kill -9 included, so "is a hub running here?" is answered by the lock, never by a
+Only one hub with the embedded broker may run on a data dir: two would share one
+registry (each marking the other's devices offline) and fight over ``hub.json``.  It
+holds an exclusive ``flock`` on ``hub.lock``.  Hubs on an external broker
+(``--broker-url``) share the data dir on purpose -- one registry and one set of keys
+for several controllers -- so each holds a *shared* lock, which still keeps an
+embedded hub out (and them out while an embedded hub runs).  The lock is a ``flock``:
+the kernel drops it when the process ends in any way, kill -9 included, so "is a hub running here?" is answered by the lock, never by a
 pid that may have been reused or by the registry's online flags that a killed hub
 could not clear.
 """
@@ -155,10 +158,11 @@ class HubLock:
             os.close(fd)  # closing the only descriptor drops the flock
 
 
-def lock_hub(path: Path, wait: float = LOCK_WAIT) -> HubLock:
+def lock_hub(path: Path, wait: float = LOCK_WAIT, shared: bool = False) -> HubLock:
     """Take the data dir for this process, or raise DataDirInUseError naming the hub that has it.
 
     Called before the hub touches anything else in the data dir (ports, registry, hub.json).
+    ``shared``: a hub on an external broker, which may run beside others like it.
     """
     lock_path = path / LOCK_FILE
     try:
@@ -168,7 +172,7 @@ def lock_hub(path: Path, wait: float = LOCK_WAIT) -> HubLock:
     deadline = time.monotonic() + wait
     while True:
         try:
-            if _try_lock(fd, exclusive=True):
+            if _try_lock(fd, exclusive=not shared):
                 break
         except OSError as exc:
             os.close(fd)
@@ -176,8 +180,9 @@ def lock_hub(path: Path, wait: float = LOCK_WAIT) -> HubLock:
         if time.monotonic() >= deadline:
             pid = _read_pid(fd)
             os.close(fd)
-            raise DataDirInUseError(f"data dir {path} is in use by hub pid {pid or '(starting)'}: "
-                                    "stop that hub first, or use another --data-dir")
+            hint = ("a hub with the embedded broker holds it alone; several hubs share a data dir only "
+                    "on an external broker (--broker-url)") if shared else "stop that hub first, or use another --data-dir"
+            raise DataDirInUseError(f"data dir {path} is in use by hub pid {pid or '(starting)'}: {hint}")
         time.sleep(0.05)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -192,15 +197,24 @@ def running_hub(path: Path) -> int | None:
     except OSError:
         return None  # never had a hub, or not readable: nothing holds it that we can see
     try:
-        try:
-            if not _try_lock(fd, exclusive=False):
-                return _read_pid(fd) or 0
-        except OSError:
-            return None
-        _unlock(fd)
-        return None
+        # An exclusive probe sees both kinds of holder; another probe holds its lock for
+        # microseconds, so a conflict counts only if it lasts over a few tries.
+        for attempt in range(5):
+            try:
+                if _try_lock(fd, exclusive=True):
+                    _unlock(fd)
+                    return None
+            except OSError:
+                return None
+            time.sleep(0.01 * attempt)
+        return _read_pid(fd) or 0
     finally:
         os.close(fd)
+
+
+def last_hub(lock: HubLock) -> bool:
+    """After this hub released its lock: is no other hub left on the data dir?  (Then hub.json goes.)"""
+    return running_hub(lock.path.parent) is None
 
 
 def running_endpoints(path: Path) -> dict | None:

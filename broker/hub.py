@@ -1,11 +1,16 @@
-"""The hub process: broker (amqtt behind the gate), stream controller, built-in gateway.
+"""The hub process: broker backend, stream controller, built-in gateway.
 
 ``Hub(data_dir, settings)`` -> ``await start()`` -> ``endpoints`` -> ``await stop()``.
 Tests and ``devstreams hub up`` use the same class.
+
+The broker is embedded (amqtt behind the gate, the default) or external
+(``broker_url``: any broker that asks this hub's auth hook); broker/backends.py
+hides which.  On an external broker several hubs may share one data dir: each has
+its own controller (its own client id, requests shared between them), and none of
+them marks devices offline when it stops -- presence is the broker's.
 """
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -13,14 +18,13 @@ from pathlib import Path
 
 from devstreams.wire.connstr import ConnectionString
 from devstreams.transport.tls import client_context
-from devstreams.wire.topics import Role
 
-from . import auth, datadir, pki
-from .amqtt_fixes import HubBroker
-from .auth import Authenticator
-from .controller import StreamController
-from .gate import LISTENER, Gate
 from devstreams.wire.throttle import EveryInterval
+
+from . import datadir, pki
+from .auth import Authenticator
+from .backends import EmbeddedBroker, ExternalBroker
+from .controller import StreamController
 from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 
@@ -33,8 +37,7 @@ class Hub:
         self.settings = validate(settings or HubSettings())
         self.registry: Registry | None = None
         self.gateway = None
-        self._broker: HubBroker | None = None
-        self._gate: Gate | None = None
+        self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.controller: StreamController | None = None
         self._watcher: asyncio.Task | None = None
         self.tls: pki.TlsFiles | None = None
@@ -45,53 +48,56 @@ class Hub:
     async def start(self) -> None:
         s = self.settings
         # First, before any port, file or registry row is touched: one hub per data dir.
-        self._lock = datadir.lock_hub(self.data_dir)
+        self._lock = datadir.lock_hub(self.data_dir, shared=self.external)
         try:
             self.tls = pki.ensure_tls(self.data_dir / "tls", s.hosts)
             self.registry = open_registry(self.data_dir)
             self.registry.policy_key(create=True)
-            self.registry.mark_all_offline()
+            if not self.external:  # on an external broker, presence is the broker's (retained status)
+                self.registry.mark_all_offline()
             self.registry.prune_activity(s.activity_retention_days)
             signing_key = datadir.secret_key(self.data_dir, "stream-signing.key")
             controller_key = datadir.secret_key(self.data_dir, "controller.key")
             server_ssl = pki.server_context(self.tls)
             authenticator = Authenticator(self.registry, controller_key, gateway_key=signing_key)
-            await self._start_broker(authenticator, server_ssl)
+            self.broker = (ExternalBroker(s, authenticator, self.data_dir, self.registry) if self.external
+                           else EmbeddedBroker(s, authenticator, server_ssl))
+            await self.broker.start()
             if not s.gateway_urls:
                 await self._start_gateway(signing_key, server_ssl)
+            host, port = self.broker.controller_address
             self.controller = StreamController(
                 s, self.registry, controller_key=controller_key, signing_key=signing_key,
-                mqtt_host="localhost", mqtt_port=self._gate.port,
-                ssl_context=client_context(self.tls.ca_cert), gateways=self.gateway_urls)
-            await self.controller.start()
+                mqtt_host=host, mqtt_port=port, ssl_context=client_context(s.broker_ca_file or self.tls.ca_cert),
+                gateways=self.gateway_urls, shared=self.broker.shared, peer=self.broker.peer)
+            if self.external:
+                self.broker.publish = self.controller.publish
+                await self.controller.start(timeout=None)  # the broker may come later: logged and retried
+            else:
+                await self.controller.start()
         except BaseException:
             await self.stop()
             raise
         self._watcher = asyncio.create_task(self._watch_registry())
         datadir.write_endpoints(self.data_dir, self.endpoints | {"pid": os.getpid(), "started": time.time(),
                                                                  "settings": self.effective_settings()})
-        log.info("hub up: MQTT on %s, gateway %s", self.mqtt_url, ", ".join(self.gateway_urls()))
+        log.info("hub up: MQTT on %s%s, gateway %s", self.mqtt_url,
+                 f" (external broker {s.broker_url})" if self.external else "", ", ".join(self.gateway_urls()))
+
+    @property
+    def external(self) -> bool:
+        return bool(self.settings.broker_url)
 
     def effective_settings(self) -> dict:
         """The settings in force, with the ports actually bound (for 'hub show --settings')."""
         gateway_port = self.gateway.port if self.gateway is not None else self.settings.gateway_port
-        return settings_dict(self.settings.replace(mqtt_port=self.mqtt_port, gateway_port=gateway_port))
+        mqtt_port = self.broker.port if isinstance(self.broker, EmbeddedBroker) else self.settings.mqtt_port
+        return settings_dict(self.settings.replace(mqtt_port=mqtt_port, gateway_port=gateway_port))
 
-    async def _start_broker(self, authenticator: Authenticator, server_ssl) -> None:
-        s = self.settings
-        config = {
-            "listeners": {LISTENER: {"type": "external", "bind": "127.0.0.1:0",
-                                     "max_connections": s.max_connections}},
-            "plugins": {"broker.plugins.HubAuthPlugin": {"authenticator": authenticator},
-                        "broker.plugins.HubAclPlugin": {}},
-        }
-        self._broker = HubBroker(config)
-        await self._broker.start()
-        self._gate = Gate(self._broker, authenticator, max_connect_bytes=s.max_connect_packet_bytes,
-                          connect_packet_timeout=s.connect_packet_timeout, max_connections=s.max_connections,
-                          max_packet_bytes=s.max_packet_bytes, max_retained_bytes=s.max_retained_payload_bytes,
-                          takeover_timeout=s.takeover_timeout, max_unauthenticated=s.max_unauthenticated_connections)
-        await self._gate.start(s.bind, s.mqtt_port, server_ssl)
+    @property
+    def _hub_name(self) -> str:
+        """Whose rows in the shared registry's open_streams: '' for the one embedded hub."""
+        return self.controller.instance if self.external and self.controller else ""
 
     async def _start_gateway(self, signing_key: bytes, server_ssl) -> None:
         from streamgw import Gateway, GatewaySettings  # the hub runs one gateway in-process
@@ -111,29 +117,29 @@ class Hub:
             await self.controller.stop()
         if self.gateway is not None:
             await self.gateway.stop()
-        if self._gate is not None:
-            await self._gate.stop()
-        if self._broker is not None:
-            try:
-                await self._broker.shutdown()
-            except Exception:
-                log.exception("broker shutdown failed")
+        if self.broker is not None:
+            await self.broker.stop()
         if self.registry is not None:
-            self.registry.mark_all_offline()
+            if not self.external:  # another hub may still serve these devices through the broker
+                self.registry.mark_all_offline()
             self.registry.close()
             self.registry = None
         if self._lock is not None and self._lock.held:  # hub.json is ours only while we hold the data dir
-            try:
-                (self.data_dir / "hub.json").unlink()
-            except OSError:
-                pass
             self._lock.release()
+            if datadir.last_hub(self._lock):
+                try:
+                    (self.data_dir / "hub.json").unlink()
+                except OSError:
+                    pass
 
     # -- what clients need to know ---------------------------------------------------------------
 
     @property
     def mqtt_port(self) -> int:
-        return self._gate.port if self._gate else self.settings.mqtt_port
+        """The port clients are told about (connection strings, hub show), not necessarily the one bound."""
+        if self.settings.advertised_mqtt_port:
+            return self.settings.advertised_mqtt_port
+        return self.broker.port if self.broker else self.settings.mqtt_port
 
     @property
     def mqtt_url(self) -> str:
@@ -189,13 +195,12 @@ class Hub:
                         self._apply_registry_changes()
                     if now >= next_expiry:
                         next_expiry = now + s.session_expiry_check_interval
-                        wall = time.time()
-                        self._gate.kick(lambda identity, password: auth.expired(identity, password, wall))
+                        self.broker.expire(time.time())
                     if now >= next_publish:
                         next_publish = now + s.open_streams_refresh
                         rows = self.open_streams()
                         if rows or published:  # an empty list is written once, then left alone
-                            ok = self.registry.replace_open_streams(rows)
+                            ok = self.registry.replace_open_streams(rows, hub=self._hub_name)
                             published = bool(rows) or not ok
                 except Exception:
                     ready, suppressed = errors.ready(now)
@@ -203,11 +208,10 @@ class Hub:
                         log.exception("registry watch failed (%d more failures not shown)", suppressed)
         finally:
             if self.registry is not None:
-                self.registry.replace_open_streams([])
+                self.registry.replace_open_streams([], hub=self._hub_name)
 
     def _apply_registry_changes(self) -> None:
-        kicked = self._gate.kick(functools.partial(auth.revoked, self.registry))
-        devices = {identity.client_id: reason for identity, reason in kicked if identity.role is Role.DEVICE}
+        devices = self.broker.revoke(self.registry)
         if self.controller is None:
             return
         self.controller.check_revocations(devices)
@@ -224,7 +228,7 @@ class Hub:
             state = "open" if known.opened else "accepted" if known.accepted else "pending"
             counts = (row["bytes_to_device"], row["bytes_to_service"]) if row else known.bytes or (None, None)
             rows.append({"stream_id": known.stream_id, "device": known.device, "name": known.name, "state": state,
-                         "created": known.created, "gateway": known.gateway, "service": known.service,
+                         "created": known.created, "gateway": known.gateway, "service": str(known.service),
                          "bytes_to_device": counts[0], "bytes_to_service": counts[1], "updated": now})
         for row in live.values():  # open here but unknown to the controller: should not happen
             rows.append({**row, "state": "open", "created": now - row["age_s"], "service": None, "updated": now})

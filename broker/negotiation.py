@@ -43,6 +43,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from devstreams.wire import messages as msg
+from devstreams.wire import topics
 from devstreams.wire.events import StreamClosed
 from devstreams.wire.messages import Outcome
 from devstreams.wire.streamproto import stream_url
@@ -85,7 +86,7 @@ class KnownStream:
     stream_id: str
     device: str
     name: str
-    service: str            # the requesting service's MQTT client id
+    service: topics.Service  # who asked: policy and MQTT client id
     gateway: str
     device_key: bytes       # key_digest of the device key it was admitted under
     service_key: bytes      # key_digest of the service key then in force
@@ -169,7 +170,7 @@ class PublishToDevice:
 
 @dataclass(frozen=True)
 class Answer:
-    service: str
+    service: topics.Service
     response: msg.ServiceResponse
 
 
@@ -263,11 +264,11 @@ class Negotiation:
 
     # -- service requests -------------------------------------------------------------------------
 
-    def within_rate(self, service: str, now: float) -> bool:
+    def within_rate(self, service: topics.Service, now: float) -> bool:
         """Before decoding: may this service connection ask for one more stream now?"""
         return self.service_buckets.take(service, now)
 
-    def refuse_flood(self, service: str, rid: str | None, now: float) -> list[Action]:
+    def refuse_flood(self, service: topics.Service, rid: str | None, now: float) -> list[Action]:
         """Over this connection's rate: answer LIMIT at once, no database work, one log line a minute."""
         actions: list[Action] = []
         if rid:
@@ -286,7 +287,7 @@ class Negotiation:
             self._flooded.clear()
         return actions
 
-    def bad_request(self, service: str, rid: str | None, reason: str) -> list[Action]:
+    def bad_request(self, service: topics.Service, rid: str | None, reason: str) -> list[Action]:
         """A request that failed validation: answered if it had a usable rid."""
         if not rid:
             return []
@@ -307,7 +308,7 @@ class Negotiation:
                                    "new streams per second is reached; retry shortly")
         return None
 
-    def service_request(self, service: str, request: msg.ServiceRequest, device: Device | None, *,
+    def service_request(self, service: topics.Service, request: msg.ServiceRequest, device: Device | None, *,
                         now: float, wall: float, started: float | None = None) -> list[Action]:
         """A decoded request; ``device`` is the registry's record of ``request.device`` (None: unknown).
 

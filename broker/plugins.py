@@ -46,10 +46,10 @@ class HubAclPlugin(BaseTopicPlugin):
         if session is None or not topic or action not in _ACTIONS:
             return False
         try:  # the gate and the auth plugin accepted this login, so it parses
-            role = parse_login(session.username or "", session.client_id or "").role
+            claim = parse_login(session.username or "", session.client_id or "")
         except IdentityError:
             return False
-        ok = allowed(role, session.client_id or "", _ACTIONS[action], topic)
+        ok = allowed(claim, _ACTIONS[action], topic)
         if not ok and action is not AmqttAction.RECEIVE:
             self.context.logger.info("ACL: %s may not %s %s", session.client_id, action.value, topic)
         return ok

@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS open_streams (
     service TEXT,
     bytes_to_device INTEGER,       -- NULL where the gateway does not report live counts
     bytes_to_service INTEGER,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    hub TEXT NOT NULL DEFAULT ''   -- which hub wrote the row ('' = the one embedded hub)
 );
 CREATE TABLE IF NOT EXISTS stream_close_requests (
     stream_id TEXT PRIMARY KEY,
@@ -140,6 +141,16 @@ class Registry:
                 raise self._failure(f"cannot open the registry {path}", exc) from None
             # Full disk, existing registry: read-only work (logins, streams) still goes on.
             self._best_effort_failed("creating the registry's newer tables", exc)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Registries of earlier releases: add what this one needs, best effort (a full disk waits)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(open_streams)").fetchall()}
+        if columns and "hub" not in columns:
+            self._best_effort("ALTER TABLE open_streams ADD COLUMN hub TEXT NOT NULL DEFAULT ''")
+        # One 'stream closed' row per stream, however many controllers hear the gateway's report.
+        self._best_effort("CREATE UNIQUE INDEX IF NOT EXISTS activity_stream_once ON activity (stream_id) "
+                          "WHERE kind = 'stream'")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -300,7 +311,7 @@ class Registry:
     def log_stream(self, *, device: str, name: str, stream_id: str, reason: str,
                    bytes_to_device: int, bytes_to_service: int, duration_s: float,
                    when: float | None = None) -> None:
-        self._best_effort("INSERT INTO activity (time, kind, device, name, stream_id, outcome, reason, "
+        self._best_effort("INSERT OR IGNORE INTO activity (time, kind, device, name, stream_id, outcome, reason, "
                           "bytes_to_device, bytes_to_service, duration_s) "
                           "VALUES (?, 'stream', ?, ?, ?, 'closed', ?, ?, ?, ?)",
                           (when or time.time(), device, name, stream_id, reason, bytes_to_device,
@@ -324,16 +335,22 @@ class Registry:
 
     # -- open streams (hub -> 'streams list') and close requests ('streams close' -> hub) ------
 
-    def replace_open_streams(self, rows: list[dict]) -> bool:
-        """The hub's whole current list, in one transaction; best effort."""
+    def replace_open_streams(self, rows: list[dict], hub: str = "", stale_after: float = 30.0) -> bool:
+        """One hub's whole current list, in one transaction; best effort.
+
+        ``hub``: which hub's rows these replace (several hubs on an external broker share
+        the registry).  A hub with open streams refreshes its rows every second or so;
+        rows not refreshed for ``stale_after`` s belong to a hub that is gone and are dropped.
+        """
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("DELETE FROM open_streams")
+                self._db.execute("DELETE FROM open_streams WHERE hub = ? OR updated < ?",
+                                 (hub, time.time() - stale_after))
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO open_streams ({', '.join(OPEN_STREAM_FIELDS)}) "
-                    f"VALUES ({', '.join('?' * len(OPEN_STREAM_FIELDS))})",
-                    [tuple(row.get(k) for k in OPEN_STREAM_FIELDS) for row in rows])
+                    f"INSERT OR REPLACE INTO open_streams ({', '.join(OPEN_STREAM_FIELDS)}, hub) "
+                    f"VALUES ({', '.join('?' * len(OPEN_STREAM_FIELDS))}, ?)",
+                    [tuple(row.get(k) for k in OPEN_STREAM_FIELDS) + (hub,) for row in rows])
             return True
         except (sqlite3.Error, OSError) as exc:
             if self._db.in_transaction:

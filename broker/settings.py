@@ -27,6 +27,9 @@ class HubSettings:
     mqtt_port: int = 8883                 # MQTT over TLS (0 = the OS picks)
     gateway_port: int = 8443              # the built-in gateway's WebSocket over TLS (0 = the OS picks)
     gateway_urls: tuple[str, ...] = ()    # external gateways (wss://…); empty = the built-in one
+    broker_url: str = ""                  # an external MQTT broker (mqtts://host:port); empty = the embedded one
+    broker_ca_file: str = ""              # CA that signed the external broker's certificate; empty = the hub's CA
+    advertised_mqtt_port: int = 0         # the MQTT port put in connection strings; 0 = the port served (or the broker URL's)
     # Stream negotiation.
     response_timeout: float = 60.0        # s; longest a device may take to answer a request
     connect_timeout: float = 60.0         # s; longest a side may take to reach the gateway after accept
@@ -133,10 +136,26 @@ def validate(s: HubSettings) -> HubSettings:
         raise ConfigError("setting max_retained_payload_bytes must be 0 or more")
     if s.max_packet_bytes < 1024:
         raise ConfigError("setting max_packet_bytes must be at least 1024 (stream requests carry tokens)")
-    for name in ("mqtt_port", "gateway_port"):
+    if s.broker_url:
+        broker_address(s)
+    for name in ("mqtt_port", "gateway_port", "advertised_mqtt_port"):
         if not 0 <= getattr(s, name) < 65536:
             raise ConfigError(f"setting {name} must be a port number (0 lets the OS pick)")
     return s
+
+
+def broker_address(s: HubSettings) -> tuple[str, int]:
+    """(host, port) of ``broker_url``; a ConfigError says what a valid one looks like."""
+    from urllib.parse import urlsplit
+    hint = "broker_url must look like mqtts://HOST:PORT (MQTT over TLS)"
+    try:
+        url = urlsplit(s.broker_url)
+        port = url.port or 8883
+    except ValueError:
+        raise ConfigError(f"{hint}, not {s.broker_url!r}") from None
+    if url.scheme != "mqtts" or not url.hostname or url.path not in ("", "/") or url.query or url.username:
+        raise ConfigError(f"{hint}, not {s.broker_url!r}")
+    return url.hostname, port
 
 
 def gateway_kwargs(s: HubSettings) -> dict:

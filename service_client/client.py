@@ -69,13 +69,14 @@ class ServiceClient:
                               "connection string ('devstreams hub connection-string' prints it)")
         self.ssl_context = client_context(ca_file)
         self.client_id = topics.new_service_client_id(uuid.uuid4().hex[:20])
+        self.service = topics.Service(self.cs.policy, self.client_id)
         self._pending: dict[str, asyncio.Future] = {}
         self._connect_lock = asyncio.Lock()
         cs = self.cs
         self._mqtt = MqttSession(
             client_id=self.client_id, host=cs.host, port=cs.port, username=topics.service_username(cs.policy),
             password=lambda: sas.make_token(cs.key, sas.service_resource(cs.policy), TOKEN_TTL),
-            ssl_context=self.ssl_context, subscriptions=(topics.service_responses(self.client_id),),
+            ssl_context=self.ssl_context, subscriptions=(topics.service_responses(self.service),),
             on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30,
             retry_first_connect=False)
         self._started = False
@@ -113,7 +114,7 @@ class ServiceClient:
         request = msg.ServiceRequest(rid=rid, device=device_id, name=stream_name,
                                      response_timeout=response_timeout, connect_timeout=connect_timeout)
         try:
-            if not self._mqtt.publish(topics.service_requests(self.client_id), msg.encode(request), qos=CONTROL_QOS):
+            if not self._mqtt.publish(topics.service_requests(self.service), msg.encode(request), qos=CONTROL_QOS):
                 raise HubUnavailableError("not connected to the hub; retry when it is back")
             response = await asyncio.wait_for(future, response_timeout + ANSWER_GRACE)
         except asyncio.TimeoutError:

@@ -47,7 +47,7 @@ def on_message(client, userdata, message):
 client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
 client.tls_set_context(client_context(ca))
 client.username_pw_set(topics.service_username(cs.policy), sas.make_token(cs.key, sas.service_resource(cs.policy), 600))
-client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.service_responses(client_id))
+client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.service_responses(topics.Service(cs.policy, client_id)))
 client.on_subscribe = lambda *a: ready.set()
 client.on_message = on_message
 client.connect("localhost", port)
@@ -58,7 +58,7 @@ sys.stdin.readline()
 started = time.monotonic()
 for n in range(count):
     request = {"rid": uuid.uuid4().hex[:16], "device": target, "name": "nothing-here"}
-    client.publish(topics.service_requests(client_id), json.dumps(request), qos=0)
+    client.publish(topics.service_requests(topics.Service(cs.policy, client_id)), json.dumps(request), qos=0)
     pause = started + (n + 1) * seconds / count - time.monotonic()
     if pause > 0:
         time.sleep(pause)

@@ -102,7 +102,7 @@ def test_device_cannot_speak_for_another_device_or_service(hub):
             try:
                 # forged answers and a forged stream request are dropped by the ACL
                 mallory.publish(topics.device_responses("alice"), b'{"rid":"x","status":200}')
-                mallory.publish(topics.service_requests("svc:mallory"),
+                mallory.publish(topics.service_requests(topics.Service("service", "svc:mallory")),
                                 b'{"rid":"r1","device":"alice","name":"evil"}')
                 await asyncio.sleep(0.5)
                 assert "evil" not in answered

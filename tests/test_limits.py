@@ -13,7 +13,7 @@ from devstreams.wire import messages as msg
 from devstreams.wire import sas
 from devstreams.wire.messages import Outcome
 from devstreams.wire.streamtoken import Side, StreamClaims
-from devstreams.wire.topics import Action, Role, allowed, gateway_control, gateway_events, gateway_stats
+from devstreams.wire.topics import Action, Claim, Role, allowed, gateway_control, gateway_events, gateway_stats
 
 
 # -- rate limits --------------------------------------------------------------------------------
@@ -178,13 +178,13 @@ def test_gateway_stats_round_trip_and_bounds():
 
 
 def test_only_gateways_receive_the_control_topic():
-    assert allowed(Role.GATEWAY, "gw:a", Action.SUBSCRIBE, gateway_control())
-    assert allowed(Role.GATEWAY, "gw:a", Action.RECEIVE, gateway_control())
-    assert not allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_control())
-    assert allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_events("gw:a"))
-    assert allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_stats("gw:a"))
-    assert not allowed(Role.GATEWAY, "gw:a", Action.PUBLISH, gateway_stats("gw:b"))
-    assert not allowed(Role.GATEWAY, "gw:a", Action.SUBSCRIBE, gateway_events("gw:b"))
+    assert allowed(Claim(Role.GATEWAY, "gw:a"), Action.SUBSCRIBE, gateway_control())
+    assert allowed(Claim(Role.GATEWAY, "gw:a"), Action.RECEIVE, gateway_control())
+    assert not allowed(Claim(Role.GATEWAY, "gw:a"), Action.PUBLISH, gateway_control())
+    assert allowed(Claim(Role.GATEWAY, "gw:a"), Action.PUBLISH, gateway_events("gw:a"))
+    assert allowed(Claim(Role.GATEWAY, "gw:a"), Action.PUBLISH, gateway_stats("gw:a"))
+    assert not allowed(Claim(Role.GATEWAY, "gw:a"), Action.PUBLISH, gateway_stats("gw:b"))
+    assert not allowed(Claim(Role.GATEWAY, "gw:a"), Action.SUBSCRIBE, gateway_events("gw:b"))
     for role, cid in ((Role.DEVICE, "pump-7"), (Role.SERVICE, "svc:a")):
         for action in Action:
-            assert not allowed(role, cid, action, gateway_control())
+            assert not allowed(Claim(role, cid, policy="service"), action, gateway_control())

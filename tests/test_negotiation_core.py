@@ -13,10 +13,11 @@ from broker.negotiation import (NO_SHOW_TIMER, RESPONSE_TIMER, Answer, Cancel, C
 from broker.registry import Device
 from broker.settings import HubSettings
 from devstreams.wire import messages as msg
+from devstreams.wire import topics
 from devstreams.wire.messages import Outcome
 from devstreams.wire.streamtoken import Side
 
-SVC = "svc:ops"
+SVC = topics.Service("service", "svc:ops")
 
 
 def device(dev_id="pump-7", key=b"k1", enabled=True):

@@ -90,7 +90,7 @@ def test_huge_publish_closes_only_that_connection_and_memory_stays_flat(hub, tmp
         topic = topics.device_responses("bigmouth")
     else:
         creds = service_login(hub)
-        topic = topics.service_requests(creds[0])
+        topic = topics.service_requests(topics.Service(topics.parse_login(creds[1], creds[0]).policy, creds[0]))
     with agent(hub, tmp_path, "bystander-agent", "--echo") as bystander:
         me = psutil.Process()  # the hub runs in this process (HubThread)
 
@@ -203,8 +203,8 @@ def test_flood_of_idle_tls_connections_does_not_keep_a_device_out(tmp_path):
                                        what="a device logging in during the flood")
                     finally:
                         await asyncio.to_thread(proc.stop)
-                    assert hub.hub._gate.unauthenticated <= 10
-                    assert hub.hub._gate.shed >= 30
+                    assert hub.hub.broker.gate.unauthenticated <= 10
+                    assert hub.hub.broker.gate.shed >= 30
                 finally:
                     for _, writer in conns:
                         writer.transport.abort()

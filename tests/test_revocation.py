@@ -66,7 +66,7 @@ def test_device_revocation_ends_open_streams_unused_tokens_and_session(hub, tmp_
                 assert reason in closed.reason, closed.reason
                 assert elapsed < REVOKE_DEADLINE, f"stream ended {elapsed:.2f} s after the revocation"
                 await wait_for(lambda: "pump-7" not in hub.hub.controller.online_devices
-                               and "pump-7" not in hub.call(hub.hub._gate.connected),
+                               and "pump-7" not in hub.call(hub.hub.broker.gate.connected),
                                timeout=REVOKE_DEADLINE, what="device session dropped")
                 with pytest.raises(TokenError, match="ended"):
                     await unused.open()
@@ -132,7 +132,7 @@ def test_rotating_the_service_key_ends_running_proxies_streams(hub, tmp_path):
         print(f"\nservice key rotation: proxied TCP connection ended {took * 1000:.0f} ms after the CLI returned")
         assert took < REVOKE_DEADLINE + 1, f"open stream ended {took:.2f} s after the rotation"
         # the proxy's MQTT session was dropped and its old key cannot log in again
-        run(wait_for(lambda: not any(c.startswith("svc:") for c in hub.call(hub.hub._gate.connected)),
+        run(wait_for(lambda: not any(c.startswith("svc:") for c in hub.call(hub.hub.broker.gate.connected)),
                      timeout=REVOKE_DEADLINE, what="service session dropped"))
         try:  # the proxy resets the connection: it may already arrive during connect or send
             with socket.create_connection(("127.0.0.1", port), timeout=30) as refused:
@@ -161,7 +161,7 @@ def test_revocation_reaches_a_standalone_gateway(tmp_path):
              "--hub", f"localhost:{hub.hub.mqtt_port}", "--bind", "127.0.0.1", "--port", str(port),
              "--log-level", "warning"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert "gateway listening" in gateway.stdout.readline()
-        run(wait_for(lambda: "gw:far" in hub.call(hub.hub._gate.connected), timeout=20, what="gateway in"))
+        run(wait_for(lambda: "gw:far" in hub.call(hub.hub.broker.gate.connected), timeout=20, what="gateway in"))
 
         async def echo(request):
             async with await request.accept() as stream:

@@ -149,7 +149,7 @@ def test_takeover_of_a_connection_that_no_longer_reads_is_bounded(tmp_path):
                     elapsed = time.monotonic() - started
                     print(f"takeover of a frozen connection: agent online after {elapsed:.1f} s")
                     assert elapsed < 10
-                    assert hub.hub._gate.connected().count("frozen") == 1
+                    assert hub.hub.broker.gate.connected().count("frozen") == 1
                 finally:
                     await asyncio.to_thread(proc.stop)
 

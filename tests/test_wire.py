@@ -75,26 +75,31 @@ def test_messages_validate_and_bound_size():
 
 
 def test_acl_rule_gives_each_identity_only_its_own_topics():
-    D, S, C = topics.Role.DEVICE, topics.Role.SERVICE, topics.Role.CONTROLLER
+    Claim = topics.Claim
+    D, C = Claim(topics.Role.DEVICE, "a"), Claim(topics.Role.CONTROLLER, "hub:controller")
+    S = Claim(topics.Role.SERVICE, "svc:x", policy="ops")
     P, Sub = topics.Action.PUBLISH, topics.Action.SUBSCRIBE
-    assert topics.allowed(D, "a", Sub, topics.device_requests("a"))
-    assert not topics.allowed(D, "a", Sub, topics.device_requests("b"))
-    assert not topics.allowed(D, "a", Sub, "devstreams/devices/+/streams/req")
-    assert topics.allowed(D, "a", P, topics.device_responses("a"))
-    assert not topics.allowed(D, "a", P, topics.device_responses("b"))
-    assert not topics.allowed(D, "a", P, topics.service_requests("svc:x"))
-    assert topics.allowed(S, "svc:x", P, topics.service_requests("svc:x"))
-    assert not topics.allowed(S, "svc:x", P, topics.device_requests("a"))
-    assert topics.allowed(C, "hub:controller", Sub, topics.ALL_SERVICE_REQUESTS)
-    G = topics.Role.GATEWAY
-    assert topics.allowed(G, "gw:a", P, topics.gateway_events("gw:a"))
-    assert not topics.allowed(G, "gw:a", P, topics.gateway_events("gw:b"))
-    assert not topics.allowed(G, "gw:a", Sub, topics.ALL_SERVICE_REQUESTS)
-    assert not topics.allowed(D, "a", P, topics.gateway_events("gw:a"))
-    assert topics.parse_login("hub:gateway", "gw:a") == topics.Claim(G, "gw:a")
-    assert topics.parse_login("svc:service", "svc:x1") == topics.Claim(S, "svc:x1", policy="service")
-    assert topics.parse_login("pump-7", "pump-7") == topics.Claim(D, "pump-7")
-    assert topics.parse_login("hub:controller", "hub:controller").role is C
+    x_ops = topics.Service("ops", "svc:x")
+    assert topics.allowed(D, Sub, topics.device_requests("a"))
+    assert not topics.allowed(D, Sub, topics.device_requests("b"))
+    assert not topics.allowed(D, Sub, "devstreams/devices/+/streams/req")
+    assert topics.allowed(D, P, topics.device_responses("a"))
+    assert not topics.allowed(D, P, topics.device_responses("b"))
+    assert not topics.allowed(D, P, topics.service_requests(x_ops))
+    assert topics.allowed(S, P, topics.service_requests(x_ops))
+    assert not topics.allowed(S, P, topics.device_requests("a"))
+    assert topics.allowed(C, Sub, topics.ALL_SERVICE_REQUESTS)
+    G = Claim(topics.Role.GATEWAY, "gw:a")
+    assert topics.allowed(G, P, topics.gateway_events("gw:a"))
+    assert not topics.allowed(G, P, topics.gateway_events("gw:b"))
+    assert not topics.allowed(G, Sub, topics.ALL_SERVICE_REQUESTS)
+    assert not topics.allowed(D, P, topics.gateway_events("gw:a"))
+    assert topics.parse_login("hub:gateway", "gw:a") == G
+    assert topics.parse_login("svc:service", "svc:x1") == Claim(topics.Role.SERVICE, "svc:x1", policy="service")
+    assert topics.parse_login("pump-7", "pump-7") == topics.Claim(topics.Role.DEVICE, "pump-7")
+    assert topics.parse_login("hub:controller", "hub:controller") == C
+    # several controllers on one broker: unique client ids under the one controller login
+    assert topics.parse_login("hub:controller", "hub:controller:h1.a").role is topics.Role.CONTROLLER
     for username, client_id in (("pump-7", "pump-8"), ("svc:service", "pump-7"), ("svc:service", "svc:"),
                                 ("hub:gateway", "svc:x"), ("hub:controller", "svc:x"), ("a/b", "a/b"),
                                 ("svc:service", "svc:" + "x" * 61)):

@@ -58,29 +58,29 @@ _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 _NAME_MISMATCH = {62, 64}  # host name, IP address
 
 
-def describe_connect_error(exc: BaseException | None, host: str, port: int) -> tuple[str, str]:
-    """(cause key, one sentence) for why a connection to the hub failed."""
+def describe_connect_error(exc: BaseException | None, host: str, port: int, peer: str = "hub") -> tuple[str, str]:
+    """(cause key, one sentence) for why a connection to the hub (or ``peer``) failed."""
     where = f"{host}:{port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = getattr(exc, "verify_code", None)
         if code in _NAME_MISMATCH:
-            return "tls-name", (f"TLS: the hub's certificate does not name {host!r}: connect with a name "
+            return "tls-name", (f"TLS: the {peer}'s certificate does not name {host!r}: connect with a name "
                                 "it was issued for ('devstreams hub up --host NAME' adds one)")
         if code in _UNTRUSTED:
-            return "tls-trust", ("TLS: the hub's certificate is not trusted: pass --ca-file "
+            return "tls-trust", (f"TLS: the {peer}'s certificate is not trusted: pass --ca-file "
                                  "(the hub's ca.pem, printed by 'devstreams hub show')")
-        return "tls-verify", f"TLS: the hub's certificate was refused: {getattr(exc, 'verify_message', exc)}"
+        return "tls-verify", f"TLS: the {peer}'s certificate was refused: {getattr(exc, 'verify_message', exc)}"
     if isinstance(exc, ssl.SSLError):
-        return "tls", f"TLS: the handshake with the hub at {where} failed: {exc.reason or exc}"
+        return "tls", f"TLS: the handshake with the {peer} at {where} failed: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError):
-        return "refused", f"cannot reach hub at {where}: connection refused"
+        return "refused", f"cannot reach {peer} at {where}: connection refused"
     if isinstance(exc, socket.gaierror):
-        return "dns", f"cannot reach hub at {where}: unknown host name ({exc.strerror})"
+        return "dns", f"cannot reach {peer} at {where}: unknown host name ({exc.strerror})"
     if isinstance(exc, (TimeoutError, socket.timeout)):
-        return "timeout", f"cannot reach hub at {where}: timed out"
+        return "timeout", f"cannot reach {peer} at {where}: timed out"
     if isinstance(exc, OSError):
-        return "os", f"cannot reach hub at {where}: {exc.strerror or exc}"
-    return "unknown", f"cannot reach hub at {where}"
+        return "os", f"cannot reach {peer} at {where}: {exc.strerror or exc}"
+    return "unknown", f"cannot reach {peer} at {where}"
 
 
 def takeover_delay(count: int, low: float, high: float, jitter: float) -> float:
@@ -120,8 +120,10 @@ class MqttSession:
                  on_disconnected: Callable[[], None] | None = None,
                  will: Will | None = None, keepalive: int = 30,
                  reconnect_min: float = 1.0, reconnect_max: float = 30.0, retry_first_connect: bool = True,
-                 takeover_min: float = 2.0, takeover_max: float = 60.0, stop_when_refused: bool = False):
+                 takeover_min: float = 2.0, takeover_max: float = 60.0, stop_when_refused: bool = False,
+                 peer: str = "hub"):
         self.client_id = client_id
+        self.peer = peer  # who we connect to, in log lines and errors: the hub, or the MQTT broker
         self.host, self.port = host, port
         self._username = username
         self._password = password
@@ -145,6 +147,7 @@ class MqttSession:
         self.connected = False
         self.ever_connected = False
         self._stopping = False
+        self._background = False   # start_in_background(): never give up, not even on refused credentials
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._pending_subs: dict[int, str] = {}
@@ -183,6 +186,19 @@ class MqttSession:
         except BaseException:
             await self.stop()
             raise
+
+    def start_in_background(self) -> None:
+        """Connect without waiting: failures are logged (one line per cause) and retried for ever."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = None       # nobody waits: a refusal is logged and retried like any other failure
+        self._background = True
+        self.failure = self._loop.create_future()
+        self._renew()
+        try:
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise HubUnavailableError(f"cannot reach the {self.peer} at {self.host}:{self.port}: {exc}") from None
+        self._client.loop_start()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -258,8 +274,12 @@ class MqttSession:
 
     def _connect_refused(self, reason_code) -> None:
         value = getattr(reason_code, "value", 0)
-        if value in AUTH_REFUSED:
-            msg = (f"the hub refused the credentials of {self.client_id!r} ({reason_code}): "
+        if value in AUTH_REFUSED and self._background:
+            if self._log_limit.allow(f"connack-{value}", time.monotonic()):
+                log.error("the %s refused the credentials of %r (%s); retrying", self.peer, self.client_id,
+                          reason_code)
+        elif value in AUTH_REFUSED:
+            msg = (f"the {self.peer} refused the credentials of {self.client_id!r} ({reason_code}): "
                    "check the connection string and that the device is registered and enabled")
             log.error("%s", msg)
             if not self.ever_connected:
@@ -269,7 +289,7 @@ class MqttSession:
                 self._post(self._fail, UnauthorizedError(msg))
                 self._client.disconnect()
         elif self._log_limit.allow(f"connack-{value}", time.monotonic()):
-            log.warning("hub refused the connection: %s; retrying", reason_code)
+            log.warning("%s refused the connection: %s; retrying", self.peer, reason_code)
 
     def _fail(self, exc: BaseException) -> None:
         if self.failure is not None and not self.failure.done():
@@ -302,7 +322,7 @@ class MqttSession:
             was = self.connected
             self.connected = False
             if was and not self._stopping and not self._displaced:
-                log.warning("lost the connection to the hub (%s); reconnecting", reason_code)
+                log.warning("lost the connection to the %s (%s); reconnecting", self.peer, reason_code)
             if was and self._on_disconnected is not None:
                 self._post(self._on_disconnected)
             if not self._stopping:
@@ -312,7 +332,8 @@ class MqttSession:
 
     def _paho_on_connect_fail(self, client, userdata) -> None:
         try:
-            key, cause = describe_connect_error(getattr(client, "last_connect_error", None), self.host, self.port)
+            key, cause = describe_connect_error(getattr(client, "last_connect_error", None), self.host, self.port,
+                                                self.peer)
             if not self.ever_connected and not self._retry_first:
                 if key.startswith("tls"):
                     text = cause

@@ -39,14 +39,30 @@ def device_notice(device_id: str) -> str:
     return f"{ROOT}/devices/{device_id}/notice"
 
 
-def service_requests(client_id: str) -> str:
+@dataclass(frozen=True)
+class Service:
+    """Who asks for a stream: the policy its login proves (username ``svc:<policy>``) and its connection.
+
+    Both are in the service's topics, and the broker's ACL (:func:`allowed`) checks them
+    against the MQTT username and client id, so the controller -- on any broker -- knows
+    from the topic alone which policy a request comes from.
+    """
+
+    policy: str
+    client_id: str
+
+    def __str__(self) -> str:
+        return self.client_id
+
+
+def service_requests(service: Service) -> str:
     """Service -> hub: create-stream requests."""
-    return f"{ROOT}/services/{client_id}/req"
+    return f"{ROOT}/services/{service.policy}/{service.client_id}/req"
 
 
-def service_responses(client_id: str) -> str:
+def service_responses(service: Service) -> str:
     """Hub -> service: the outcome of each request."""
-    return f"{ROOT}/services/{client_id}/res"
+    return f"{ROOT}/services/{service.policy}/{service.client_id}/res"
 
 
 def gateway_events(client_id: str) -> str:
@@ -71,7 +87,7 @@ def gateway_control() -> str:
 # What the controller listens to.
 ALL_DEVICE_RESPONSES = f"{ROOT}/devices/+/streams/res"
 ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
-ALL_SERVICE_REQUESTS = f"{ROOT}/services/+/req"
+ALL_SERVICE_REQUESTS = f"{ROOT}/services/+/+/req"
 ALL_GATEWAY_EVENTS = f"{ROOT}/gateways/+/events"
 ALL_GATEWAY_STATS = f"{ROOT}/gateways/+/stats"
 
@@ -95,10 +111,11 @@ def gateway_of(topic: str) -> str | None:
     return None
 
 
-def service_of(topic: str) -> str | None:
+def service_of(topic: str) -> Service | None:
+    """The service in a ``devstreams/services/<policy>/<client id>/...`` topic, else None."""
     parts = split(topic)
-    if len(parts) == 4 and parts[0] == ROOT and parts[1] == "services":
-        return parts[2]
+    if len(parts) == 5 and parts[0] == ROOT and parts[1] == "services" and parts[2] and parts[3]:
+        return Service(parts[2], parts[3])
     return None
 
 
@@ -115,8 +132,9 @@ class Action(str, Enum):
     RECEIVE = "receive"
 
 
-def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
+def allowed(claim: "Claim", action: Action, topic: str) -> bool:
     """The per-identity ACL.  Exact topics only: no wildcards for devices or services."""
+    role, client_id = claim.role, claim.client_id
     if role is Role.CONTROLLER:
         return True
     if role is Role.DEVICE:
@@ -126,9 +144,10 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
             return topic == device_requests(client_id)
         return topic == device_requests(client_id)
     if role is Role.SERVICE:
+        service = Service(claim.policy, client_id)
         if action is Action.PUBLISH:
-            return topic == service_requests(client_id)
-        return topic == service_responses(client_id)
+            return topic == service_requests(service)
+        return topic == service_responses(service)
     if role is Role.GATEWAY:
         if action is Action.PUBLISH:
             return topic in (gateway_events(client_id), gateway_stats(client_id))
@@ -144,6 +163,9 @@ def allowed(role: Role, client_id: str, action: Action, topic: str) -> bool:
 
 _SUFFIX = r"[A-Za-z0-9._-]{1,60}"
 SERVICE_CLIENT_RE = re.compile(rf"^{re.escape(SERVICE_PREFIX)}{_SUFFIX}$")
+CONTROLLER_CLIENT_RE = re.compile(rf"^{re.escape(CONTROLLER_USER)}(:{_SUFFIX})?$")  # one per hub instance
+POLICY_RE = re.compile(rf"^{_SUFFIX}$")   # a policy name is a topic level: no '/', '+' or '#'
+
 GATEWAY_CLIENT_RE = re.compile(rf"^{re.escape(GATEWAY_CLIENT_PREFIX)}{_SUFFIX}$")
 
 
@@ -161,8 +183,8 @@ class Claim:
 def parse_login(username: str, client_id: str) -> Claim:
     """Who a CONNECT says it is: a device, a service, the controller or a gateway."""
     if username == CONTROLLER_USER:
-        if client_id != CONTROLLER_USER:
-            raise IdentityError("controller client id mismatch")
+        if not CONTROLLER_CLIENT_RE.match(client_id or ""):
+            raise IdentityError("controller client id must be hub:controller or hub:controller:<instance>")
         return Claim(Role.CONTROLLER, client_id)
     if username == GATEWAY_USER:
         if not GATEWAY_CLIENT_RE.match(client_id or ""):
@@ -171,10 +193,18 @@ def parse_login(username: str, client_id: str) -> Claim:
     if username.startswith(SERVICE_PREFIX):
         if not SERVICE_CLIENT_RE.match(client_id or ""):
             raise IdentityError("service client id must look like svc:<id>")
-        return Claim(Role.SERVICE, client_id, policy=username[len(SERVICE_PREFIX):])
+        policy = username[len(SERVICE_PREFIX):]
+        if not POLICY_RE.match(policy):
+            raise IdentityError("service username must look like svc:<policy>")
+        return Claim(Role.SERVICE, client_id, policy=policy)
     if client_id != username or not is_device_id(username):
         raise IdentityError("device client id must equal the device ID")
     return Claim(Role.DEVICE, client_id)
+
+
+def controller_client_id(instance: str) -> str:
+    """Each hub's controller has its own client id, so several controllers share one broker."""
+    return f"{CONTROLLER_USER}:{instance}"
 
 
 def service_username(policy: str) -> str:
