@@ -324,13 +324,13 @@ class Negotiation:
         assert device is not None
         s = self._settings
         response_timeout = min(request.response_timeout, s.response_timeout)
-        connect_timeout = min(request.connect_timeout, s.connect_timeout)
+        join_timeout = min(request.join_timeout, s.join_timeout)
         stream_id = self._new_id()
         rid = self._new_id()[:16]
         gateways = self._gateways()
         gateway = gateways[next(self._gateway_cycle) % len(gateways)].rstrip("/")
         url = stream_url(gateway, stream_id)
-        ttl = response_timeout + connect_timeout
+        ttl = response_timeout + join_timeout
 
         def token(side: Side) -> str:
             return self._mint(stream_id=stream_id, side=side, audience=gateway, ttl=ttl,
@@ -402,7 +402,7 @@ class Negotiation:
                 self._move(known, State.ACCEPTED)
                 s = self._settings
                 actions.append(Schedule((NO_SHOW_TIMER, known.stream_id),
-                                        s.connect_timeout + s.gateway_peer_timeout + 5))
+                                        s.join_timeout + s.gateway_peer_timeout + 5))
         else:
             response = msg.ServiceResponse(rid=known.service_rid, outcome=outcome, reason=reason)
             self._close(known)

@@ -32,7 +32,7 @@ class HubSettings:
     advertised_mqtt_port: int = 0         # the MQTT port put in connection strings; 0 = the port served (or the broker URL's)
     # Stream negotiation.
     response_timeout: float = 60.0        # s; longest a device may take to answer a request
-    connect_timeout: float = 60.0         # s; longest a side may take to reach the gateway after accept
+    join_timeout: float = 60.0            # s; after the device accepts, longest a side may take to join at the gateway
     max_concurrent_streams: int = 1000    # streams being negotiated or open, per hub (and per built-in gateway)
     max_new_streams_per_second: float = 200.0  # average rate of new stream requests the hub admits
     new_streams_burst: int = 200          # new stream requests admitted at once above that rate
@@ -69,6 +69,12 @@ class HubSettings:
     def advertised_host(self) -> str:
         return self.hosts[0] if self.hosts else "localhost"
 
+    def advertised_port(self) -> int:
+        """The MQTT port for connection strings when no hub runs to say which port it bound."""
+        if self.advertised_mqtt_port:
+            return self.advertised_mqtt_port
+        return broker_address(self)[1] if self.broker_url else self.mqtt_port
+
     def replace(self, **changes) -> "HubSettings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -89,6 +95,9 @@ def _coerce(name: str, value, default):
     return type(default)(value)
 
 
+RENAMED = {"connect_timeout": "join_timeout"}  # hub.toml names of earlier releases, still read
+
+
 def load(data_dir: Path, base: HubSettings | None = None) -> HubSettings:
     """Apply ``<data-dir>/hub.toml`` on top of ``base``; unknown names are errors, not silence."""
     base = base or HubSettings()
@@ -102,7 +111,7 @@ def load(data_dir: Path, base: HubSettings | None = None) -> HubSettings:
     known = {f.name: f for f in dataclasses.fields(HubSettings)}
     changes = {}
     for name, value in raw.items():
-        key = name.replace("-", "_")
+        key = RENAMED.get(name.replace("-", "_"), name.replace("-", "_"))
         if key not in known:
             raise ConfigError(f"{path}: unknown setting {name!r} (known: {', '.join(sorted(known))})")
         changes[key] = _coerce(name, value, getattr(base, key))
@@ -113,7 +122,7 @@ def validate(s: HubSettings) -> HubSettings:
     for f in dataclasses.fields(s):  # TOML allows nan and inf; both would silently disable a limit
         if isinstance(getattr(s, f.name), float) and not math.isfinite(getattr(s, f.name)):
             raise ConfigError(f"setting {f.name} must be a finite number")
-    for name in ("response_timeout", "connect_timeout", "max_new_streams_per_second",
+    for name in ("response_timeout", "join_timeout", "max_new_streams_per_second",
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",

@@ -69,7 +69,7 @@ class StreamRequest:
         """Tell the hub yes, then open this side of the stream at the gateway."""
         self._answer(200, "")
         return await open_stream(self._wire.url, self._wire.token, ssl_context=self._agent.ssl_context,
-                                 open_timeout=self._agent.settings.gateway_connect_timeout)
+                                 open_timeout=self._agent.settings.gateway_open_timeout)
 
     async def reject(self, reason: str = "") -> None:
         self._answer(400, reason)

@@ -12,4 +12,4 @@ class AgentSettings:
     takeover_max: float = 60.0         # ... doubling (with jitter) up to this, so two copies alternate slowly
     token_ttl: float = 3600.0          # lifetime of the login token made from the device key
     max_streams: int = 256             # streams served at once; more are rejected as busy
-    gateway_connect_timeout: float = 30.0
+    gateway_open_timeout: float = 30.0  # TLS handshake + WebSocket upgrade at the gateway must finish within this

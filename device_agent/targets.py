@@ -43,7 +43,7 @@ async def echo(request) -> None:
 
 
 def make_handler(*, echo_enabled: bool = False, allow: dict[str, tuple[str, int]] | None = None,
-                 connect_timeout: float = 10.0):
+                 dial_timeout: float = 10.0):
     allow = dict(allow or {})
 
     async def handler(request) -> None:
@@ -56,7 +56,7 @@ def make_handler(*, echo_enabled: bool = False, allow: dict[str, tuple[str, int]
                                         f"(offered: {', '.join(offered) or 'none'})")
         host, port = target
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), dial_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             why = "connection refused" if isinstance(exc, ConnectionRefusedError) else \
                 "timed out connecting" if isinstance(exc, asyncio.TimeoutError) else f"cannot connect ({exc})"

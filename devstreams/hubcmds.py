@@ -39,7 +39,24 @@ def register(groups, common) -> None:
                     help="concurrent streams per hub (default 1000)")
     up.add_argument("--max-new-streams-per-second", type=float, default=None,
                     help="new streams per second (default 200)")
+    up.add_argument("--broker-url", default=None,
+                    help="use this MQTT broker (mqtts://HOST:PORT) instead of the embedded one; it must ask "
+                         "this hub's auth hook ('devstreams hub broker-config mosquitto' prints its config)")
+    up.add_argument("--broker-ca-file", default=None,
+                    help="CA of the external broker's certificate (default: the hub's own CA)")
+    up.add_argument("--auth-hook-port", type=int, default=None,
+                    help="port of the auth hook an external broker calls (default 8884, loopback)")
+    up.add_argument("--advertised-mqtt-port", type=int, default=None,
+                    help="MQTT port put in connection strings (default: the port served, or the broker URL's)")
     up.set_defaults(run=hub_up, default_log_level="info")
+
+    config = hub.add_parser("broker-config", parents=[common, data],
+                            help="print the configuration of an external broker for this hub")
+    config.add_argument("broker", choices=["mosquitto"], help="which broker")
+    config.add_argument("--port", type=int, default=None,
+                        help="the broker's MQTT over TLS port (default: the port of broker_url, else 8883)")
+    config.add_argument("--bind", default=None, help="address the broker listens on (default: the hub's bind)")
+    config.set_defaults(run=hub_broker_config)
 
     show = hub.add_parser("show", parents=[common, data], help="print the hub's endpoints as JSON")
     show.add_argument("--settings", action="store_true",
@@ -92,7 +109,7 @@ def _address(args) -> tuple[str, int]:
     if running:
         return running["hostName"], running["mqttPort"]
     settings = _settings(args)
-    return settings.advertised_host(), settings.mqtt_port
+    return settings.advertised_host(), settings.advertised_port()
 
 
 def _device_cs(args, device) -> str:
@@ -127,7 +144,9 @@ async def hub_up(args) -> int:
     from broker.hub import Hub
     path = datadir.ensure(datadir.resolve(args.data_dir))
     overrides = {k: getattr(args, k) for k in ("bind", "mqtt_port", "gateway_port", "response_timeout",
-                                               "max_concurrent_streams", "max_new_streams_per_second")}
+                                               "max_concurrent_streams", "max_new_streams_per_second",
+                                               "broker_url", "broker_ca_file", "auth_hook_port",
+                                               "advertised_mqtt_port")}
     overrides["hosts"] = tuple(args.host) if args.host else None
     overrides["gateway_urls"] = tuple(args.gateway_url) if args.gateway_url else None
     settings = validate(load(path).replace(**overrides))
@@ -140,6 +159,9 @@ async def hub_up(args) -> int:
     ep = hub.endpoints
     print("devstreams hub is up", flush=True)
     print(f"  MQTT endpoint:       {ep['mqttEndpoint']}")
+    if settings.broker_url:
+        print(f"  external broker:     {settings.broker_url}  (auth hook http://{settings.auth_hook_bind}:"
+              f"{hub.broker.hook.port})")
     for url in ep["streamingEndpoints"]:
         print(f"  streaming endpoint:  {url}")
     print(f"  CA certificate:      {ep['caFile']}  (clients: --ca-file or DEVSTREAMS_CA_FILE)")
@@ -150,6 +172,19 @@ async def hub_up(args) -> int:
     finally:
         print("devstreams hub: shutting down", file=sys.stderr, flush=True)
         await hub.stop()
+    return 0
+
+
+def hub_broker_config(args) -> int:
+    """Print a complete broker configuration for this hub; prepare the files it references."""
+    from broker.mosquitto import mosquitto_conf
+    path = datadir.ensure(datadir.resolve(args.data_dir))
+    settings = _settings(args)
+    port = args.port if args.port is not None else settings.advertised_port() if settings.broker_url else 8883
+    if not 0 < port < 65536:
+        raise ConfigError("--port must be a port number (1-65535)")
+    open_registry(path).close()  # the hook answers from this registry: make it exist
+    print(mosquitto_conf(path, settings, port=port, bind=args.bind or settings.bind), end="")
     return 0
 
 

@@ -14,6 +14,7 @@ HubUnavailableError.
 import asyncio
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass, field
 
 from devstreams.wire import connstr, sas, topics
@@ -61,7 +62,9 @@ class StreamInfo:
 
 
 class ServiceClient:
-    def __init__(self, connection_string: str | connstr.ConnectionString, *, ca_file: str | None = None):
+    def __init__(self, connection_string: str | connstr.ConnectionString, *, ca_file: str | None = None,
+                 login_timeout: float = 60.0):
+        """``login_timeout``: how long ``connect()`` waits for the hub to accept the MQTT login."""
         self.cs = connection_string if isinstance(connection_string, connstr.ConnectionString) \
             else connstr.parse(connection_string)
         if self.cs.is_device:
@@ -80,11 +83,13 @@ class ServiceClient:
             on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30,
             retry_first_connect=False)
         self._started = False
+        self.login_timeout = login_timeout
 
-    async def connect(self, timeout: float = 60.0) -> None:
+    async def connect(self, timeout: float | None = None) -> None:
+        """Log in to the hub (done by the first request if not before); ``timeout`` defaults to login_timeout."""
         async with self._connect_lock:
             if not self._started:
-                await self._mqtt.start(timeout=timeout)
+                await self._mqtt.start(timeout=self.login_timeout if timeout is None else timeout)
                 self._started = True
 
     async def close(self) -> None:
@@ -101,18 +106,24 @@ class ServiceClient:
         await self.close()
 
     async def create_stream(self, device_id: str, stream_name: str, response_timeout: float = 60.0,
-                            connect_timeout: float = 60.0) -> StreamInfo:
-        """Ask the device (through the hub) for a stream; return it when accepted, else raise."""
+                            join_timeout: float = 60.0, *, connect_timeout: float | None = None) -> StreamInfo:
+        """Ask the device (through the hub) for a stream; return it when accepted, else raise.
+
+        ``response_timeout``: how long the device may take to answer; ``join_timeout``: after
+        it accepts, how long each side has to join the stream at the gateway (both capped
+        by the hub's settings).  ``connect_timeout`` is the old name of ``join_timeout``.
+        """
+        join_timeout = _renamed(join_timeout, connect_timeout)
         check_device_id(device_id)
         check_stream_name(stream_name)
-        if not (0 < response_timeout <= 3600 and 0 < connect_timeout <= 3600):
+        if not (0 < response_timeout <= 3600 and 0 < join_timeout <= 3600):
             raise ConfigError("timeouts must be between 0 and 3600 seconds")
-        await self.connect(timeout=connect_timeout)
+        await self.connect()
         rid = uuid.uuid4().hex[:16]
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         request = msg.ServiceRequest(rid=rid, device=device_id, name=stream_name,
-                                     response_timeout=response_timeout, connect_timeout=connect_timeout)
+                                     response_timeout=response_timeout, join_timeout=join_timeout)
         try:
             if not self._mqtt.publish(topics.service_requests(self.service), msg.encode(request), qos=CONTROL_QOS):
                 raise HubUnavailableError("not connected to the hub; retry when it is back")
@@ -125,10 +136,11 @@ class ServiceClient:
         return self._result(device_id, stream_name, response)
 
     async def connect_stream(self, device_id: str, stream_name: str, response_timeout: float = 60.0,
-                             connect_timeout: float = 60.0) -> Stream:
-        """``create_stream`` and ``open`` in one call."""
-        info = await self.create_stream(device_id, stream_name, response_timeout, connect_timeout)
-        return await info.open(open_timeout=connect_timeout)
+                             join_timeout: float = 60.0, *, connect_timeout: float | None = None) -> Stream:
+        """``create_stream`` and ``open`` in one call (opening is bounded by the join timeout too)."""
+        join_timeout = _renamed(join_timeout, connect_timeout)
+        info = await self.create_stream(device_id, stream_name, response_timeout, join_timeout)
+        return await info.open(open_timeout=join_timeout)
 
     def _result(self, device_id: str, stream_name: str, response: msg.ServiceResponse) -> StreamInfo:
         if response.outcome is Outcome.ACCEPTED:
@@ -158,3 +170,10 @@ class ServiceClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(exc)
+
+
+def _renamed(join_timeout: float, connect_timeout: float | None) -> float:
+    if connect_timeout is None:
+        return join_timeout
+    warnings.warn("connect_timeout is now called join_timeout", DeprecationWarning, stacklevel=3)
+    return connect_timeout

@@ -4,13 +4,24 @@ import time
 import psutil
 import pytest
 
-from helpers import HubThread
+from helpers import BACKENDS, HubThread
 
 
 @pytest.fixture
 def hub(tmp_path):
     h = HubThread(tmp_path / "hub").start()
     try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def any_hub(request, tmp_path):
+    """A hub on each broker backend: the embedded one, and a real Mosquitto with our plugin."""
+    h = HubThread(tmp_path / "hub", backend=request.param)
+    try:
+        h.start()
         yield h
     finally:
         h.stop()

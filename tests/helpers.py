@@ -3,11 +3,15 @@
 import asyncio
 import contextlib
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from broker.hub import Hub
 from broker.registry import open_registry
@@ -16,13 +20,88 @@ from broker.settings import HubSettings
 REPO = Path(__file__).resolve().parent.parent
 
 
-class HubThread:
-    """A Hub running on its own event loop in a thread, so tests can stop and restart it."""
+BACKENDS = ("embedded", "mosquitto")   # what the backend-parametrised tests run on
 
-    def __init__(self, data_dir: Path, **settings):
+
+def free_port() -> int:
+    """For servers that cannot bind port 0 themselves (Mosquitto); the tiny race is acceptable in tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def have_mosquitto() -> str | None:
+    """Why Mosquitto tests cannot run here, or None."""
+    if not (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
+        return "Mosquitto is not installed (apt-get install mosquitto mosquitto-dev gcc)"
+    if not os.path.exists("/usr/include/mosquitto_broker.h"):
+        return "Mosquitto's plugin headers are missing (apt-get install mosquitto-dev)"
+    if not shutil.which("cc"):
+        return "no C compiler (apt-get install gcc)"
+    return None
+
+
+class Mosquitto:
+    """A real Mosquitto for one data dir, configured by 'hub broker-config mosquitto' (the same function)."""
+
+    def __init__(self, data_dir: Path, settings: HubSettings, port: int | None = None):
+        from broker.mosquitto import mosquitto_conf
+        self.port = port or free_port()
         self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.conf = self.data_dir / "mosquitto.conf"
+        self.conf.write_text(mosquitto_conf(self.data_dir, settings, port=self.port, bind="127.0.0.1"))
+        self.log = self.data_dir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Mosquitto":
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self._log = open(self.log, "ab")
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None
+
+
+class HubThread:
+    """A Hub running on its own event loop in a thread, so tests can stop and restart it.
+
+    ``backend="mosquitto"``: a real Mosquitto (with our plugin, asking this hub's auth
+    hook) carries the MQTT side; the hub runs with ``broker_url`` pointing at it.
+    """
+
+    def __init__(self, data_dir: Path, backend: str = "embedded", **settings):
+        self.data_dir = Path(data_dir)
+        self.backend = backend
         base = dict(bind="127.0.0.1", mqtt_port=0, gateway_port=0, registry_poll_interval=0.2)
-        self.settings = HubSettings(**(base | settings))
+        self.mosquitto: Mosquitto | None = None
+        if backend == "mosquitto":
+            why = have_mosquitto()
+            if why:
+                pytest.skip(why)
+            port = free_port()
+            base |= dict(broker_url=f"mqtts://localhost:{port}", auth_hook_port=free_port())
+            self.settings = HubSettings(**(base | settings))
+            self.mosquitto = Mosquitto(self.data_dir, self.settings, port=port).start()
+        else:
+            self.settings = HubSettings(**(base | settings))
         self.hub: Hub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -52,16 +131,29 @@ class HubThread:
         self._thread.start()
         ready.wait(60)
         if error:
+            if self.mosquitto is not None:
+                self.mosquitto.stop()
             raise error[0]
+        if self.mosquitto is not None:  # the controller connects in the background: wait for it
+            deadline = time.monotonic() + 20
+            while not self.hub.controller.connected:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the controller did not reach Mosquitto: {self.mosquitto.log.read_text()[-2000:]}")
+                time.sleep(0.05)
         # keep the ports for a restart
-        self.settings = self.settings.replace(mqtt_port=self.hub.mqtt_port,
-                                              gateway_port=self.gateway_port or None)
+        if self.mosquitto is None:
+            self.settings = self.settings.replace(mqtt_port=self.hub.mqtt_port, gateway_port=self.gateway_port or None)
+        else:
+            self.settings = self.settings.replace(gateway_port=self.gateway_port or None)
         return self
 
-    def stop(self) -> None:
+    def stop(self, broker: bool = True) -> None:
+        """Stop the hub (and, unless ``broker=False``, the Mosquitto it runs on)."""
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
+        if broker and self.mosquitto is not None:
+            self.mosquitto.stop()
 
     def call(self, fn, *args):
         """Run fn(*args) on the hub's loop and return its result."""

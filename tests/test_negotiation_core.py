@@ -80,7 +80,7 @@ def accepted_stream(core, dev="pump-7", rid="r1", now=0.0):
 def test_accept_answers_with_url_and_service_token_and_holds_the_slot():
     core = make()
     online(core)
-    acts = request(core, response_timeout=5, connect_timeout=7)
+    acts = request(core, response_timeout=5, join_timeout=7)
     req = sent(acts)
     assert of(acts, Schedule) == [Schedule((RESPONSE_TIMER, req.rid), 5)]
     assert req.url.startswith("wss://gw1/") and req.stream_id in req.url and req.token == f"tok-device-{req.stream_id}"

@@ -60,6 +60,8 @@ def test_hub_toml_is_read_and_checked(tmp_path):
                                        'hosts = "hub.example"\n')
     s = load(tmp_path)
     assert (s.max_concurrent_streams, s.gateway_max_queue, s.hosts) == (7, 3, ("hub.example",))
+    (tmp_path / "hub.toml").write_text("connect_timeout = 12\n")  # the old name of join_timeout still works
+    assert load(tmp_path).join_timeout == 12
     for toml, message in (("max_concurent_streams = 2", "unknown setting 'max_concurent_streams'"),
                           ('max_concurrent_streams = "2"', "max_concurrent_streams must be a whole number"),
                           ("max_concurrent_streams = true", "max_concurrent_streams must be a whole number"),
@@ -76,7 +78,8 @@ def test_hub_toml_is_read_and_checked(tmp_path):
                                     dict(gateway_max_message_bytes=10 * 1024 * 1024),
                                     dict(activity_retention_days=0), dict(max_stream_lifetime=-1),
                                     dict(max_connect_packet_bytes=10), dict(response_timeout=float("nan")),
-                                    dict(gateway_ping_interval=float("inf"))])
+                                    dict(gateway_ping_interval=float("inf")), dict(broker_url="mqtt://x:1883"),
+                                    dict(broker_url="localhost:8883"), dict(advertised_mqtt_port=70000)])
 def test_validate_refuses_unusable_limits(change):
     with pytest.raises(ConfigError, match=next(iter(change))):
         validate(HubSettings(**change))

@@ -74,6 +74,13 @@ def test_messages_validate_and_bound_size():
     assert messages.decode_service_response(messages.encode(response)) == response
 
 
+def test_join_timeout_keeps_reading_its_old_name():
+    """SDKs before the rename sent 'connect_timeout' for what is now 'join_timeout'."""
+    old = messages.decode_service_request(b'{"rid":"r","device":"a","name":"s","connect_timeout":7}')
+    new = messages.decode_service_request(b'{"rid":"r","device":"a","name":"s","join_timeout":9}')
+    assert (old.join_timeout, new.join_timeout) == (7, 9)
+
+
 def test_acl_rule_gives_each_identity_only_its_own_topics():
     Claim = topics.Claim
     D, C = Claim(topics.Role.DEVICE, "a"), Claim(topics.Role.CONTROLLER, "hub:controller")

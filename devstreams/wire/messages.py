@@ -71,7 +71,7 @@ class ServiceRequest:
     device: str
     name: str
     response_timeout: float = 60.0
-    connect_timeout: float = 60.0
+    join_timeout: float = 60.0      # after the device accepts: how long each side has to join at the gateway
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,12 @@ def decode_service_request(payload: bytes) -> ServiceRequest:
     if not STREAM_NAME_RE.match(name):
         raise MessageError(f"invalid stream name {name!r}")
     response_timeout = _num(d, "response_timeout", 60.0)
-    connect_timeout = _num(d, "connect_timeout", 60.0)
-    if not (0 < response_timeout <= 3600 and 0 < connect_timeout <= 3600):
+    # 'connect_timeout' is what SDKs before 0.2 called the join timeout
+    join_timeout = _num(d, "join_timeout", _num(d, "connect_timeout", 60.0))
+    if not (0 < response_timeout <= 3600 and 0 < join_timeout <= 3600):
         raise MessageError("timeouts must be between 0 and 3600 seconds")
     return ServiceRequest(rid=_str(d, "rid", 64), device=device, name=name,
-                          response_timeout=response_timeout, connect_timeout=connect_timeout)
+                          response_timeout=response_timeout, join_timeout=join_timeout)
 
 
 def decode_service_response(payload: bytes) -> ServiceResponse:
