@@ -6,7 +6,8 @@ Layout::
     hub.toml          optional settings
     registry.db       devices, service policy, activity log (SQLite)
     tls/              ca.pem (give this to clients), ca.key, server.pem, server.key
-    keys/             stream-signing.key, controller.key (0600)
+    keys/             stream-signing.key, controller.key, auth-hook.token (0600)
+    mosquitto/        an external Mosquitto's plugin, config and persistence ('hub broker-config')
     hub.json          endpoints and settings of the running hub (written by 'hub up', read by 'hub show')
     hub.lock          locked by the running hub for its whole life; holds its pid
 
@@ -85,6 +86,31 @@ def secret_key(path: Path, name: str) -> bytes:
     if len(data) < 32:
         raise ConfigError(f"{key_path} is damaged (too short): remove it to make a new one")
     return data
+
+
+HOOK_TOKEN_FILE = "auth-hook.token"
+
+
+def hook_token_path(path: Path) -> Path:
+    return path / "keys" / HOOK_TOKEN_FILE
+
+
+def hook_token(path: Path) -> str:
+    """The auth hook's bearer token: 43 URL-safe characters stored 0600 in keys/, created on first use.
+
+    A broker (the Mosquitto plugin, EMQX) sends it with every hook call; printable ASCII with
+    no newline, so it can be pasted into a broker's config and read back from the file as is.
+    """
+    token_path = hook_token_path(path)
+    if not token_path.exists():
+        write_private(token_path, secrets.token_urlsafe(32).encode("ascii"))
+    try:
+        token = token_path.read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {token_path} ({exc}): remove it to make a new one") from None
+    if len(token) < 32 or not token.isprintable() or " " in token:
+        raise ConfigError(f"{token_path} is damaged: remove it to make a new one")
+    return token
 
 
 def write_endpoints(path: Path, info: dict) -> None:

@@ -65,6 +65,14 @@ class HubSettings:
     activity_retention_days: int = 30     # activity log entries older than this are pruned at start
     open_streams_refresh: float = 1.0     # s; how often 'devstreams streams list' sees new byte counts
     disk_error_log_interval: float = 60.0  # s; a failing disk (full) is logged once per this, not per row
+    # External broker (hub up --broker-url): the broker asks the hub's auth hook about every login and topic.
+    auth_hook_bind: str = "127.0.0.1"     # address the auth hook (HTTP, token-protected) listens on
+    auth_hook_port: int = 8884            # the auth hook's port (0 = the OS picks)
+    auth_hook_max_body_bytes: int = 4096  # largest auth hook request body (a login or a topic check)
+    auth_hook_max_header_bytes: int = 8192  # largest auth hook request line + headers
+    auth_hook_request_timeout: float = 10.0  # s; a hook connection silent this long (mid-request or idle) is closed
+    auth_hook_max_connections: int = 64   # auth hook connections at once (a broker keeps one or a few)
+    auth_hook_client_timeout: float = 2.0  # s; longest the Mosquitto plugin waits for one hook answer, then denies
 
     def advertised_host(self) -> str:
         return self.hosts[0] if self.hosts else "localhost"
@@ -126,12 +134,13 @@ def validate(s: HubSettings) -> HubSettings:
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
-                 "open_streams_refresh", "disk_error_log_interval", "takeover_timeout"):
+                 "open_streams_refresh", "disk_error_log_interval", "takeover_timeout",
+                 "auth_hook_request_timeout", "auth_hook_client_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
                  "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst",
-                 "max_packet_bytes", "max_unauthenticated_connections"):
+                 "max_packet_bytes", "max_unauthenticated_connections", "auth_hook_max_connections"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     if s.max_stream_lifetime < 0:
@@ -147,7 +156,15 @@ def validate(s: HubSettings) -> HubSettings:
         raise ConfigError("setting max_packet_bytes must be at least 1024 (stream requests carry tokens)")
     if s.broker_url:
         broker_address(s)
-    for name in ("mqtt_port", "gateway_port", "advertised_mqtt_port"):
+    if s.auth_hook_client_timeout > 60:  # Mosquitto waits on its only thread: every client stalls meanwhile
+        raise ConfigError("setting auth_hook_client_timeout must be at most 60 s")
+    if s.auth_hook_max_body_bytes < 1024:  # a login carries a client id, a username and a SAS token
+        raise ConfigError("setting auth_hook_max_body_bytes must be at least 1024")
+    if s.auth_hook_max_header_bytes < 1024:
+        raise ConfigError("setting auth_hook_max_header_bytes must be at least 1024")
+    if not s.auth_hook_bind.strip() or any(c.isspace() for c in s.auth_hook_bind):
+        raise ConfigError("setting auth_hook_bind must be an address such as 127.0.0.1")
+    for name in ("mqtt_port", "gateway_port", "advertised_mqtt_port", "auth_hook_port"):
         if not 0 <= getattr(s, name) < 65536:
             raise ConfigError(f"setting {name} must be a port number (0 lets the OS pick)")
     return s

@@ -1,0 +1,400 @@
+"""devstreams on an external Mosquitto: the auth hook, the C plugin and the generated config, for real.
+
+A real Mosquitto 2.0 (started with the config ``mosquitto_conf`` prints) asks a real auth hook
+(broker/authhook.py, on its own event loop in a thread) about every login and topic, through the
+plugin compiled from broker/mosquitto/devstreams_auth.c; paho clients log in over TLS with real
+SAS tokens.
+"""
+
+import asyncio
+import http.client
+import json
+import queue
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker import datadir
+from broker.auth import CONTROLLER_RESOURCE, Authenticator
+from broker.authhook import AuthHook, decide
+from broker.mosquitto import CONTROL_TOPIC, build_plugin, kick_payload, mosquitto_conf
+from broker.registry import open_registry
+from broker.settings import HubSettings
+from devstreams.wire import sas, topics
+
+MOSQUITTO = shutil.which("mosquitto")
+COMPILER = shutil.which("cc") or shutil.which("gcc")
+
+pytestmark = pytest.mark.skipif(
+    not MOSQUITTO or not COMPILER or not Path("/usr/include/mosquitto_broker.h").exists(),
+    reason="needs mosquitto, a C compiler and Mosquitto's headers (apt-get install mosquitto mosquitto-dev gcc)")
+
+TOKEN = "t" * 40
+
+
+# -- the pure decisions --------------------------------------------------------------------------
+
+@pytest.fixture
+def keys(tmp_path):
+    registry = open_registry(tmp_path)
+    dev = registry.add_device("dev-a")
+    policy = registry.policy_key(create=True)
+    controller = datadir.secret_key(tmp_path, "controller.key")
+    gateway = datadir.secret_key(tmp_path, "stream-signing.key")
+    yield dict(auth=Authenticator(registry, controller, gateway), device=dev.key, policy=policy,
+               controller=controller)
+    registry.close()
+
+
+def ask(keys, path, doc, *, method="POST", token=TOKEN, max_body=4096, raw=None):
+    headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+    body = raw if raw is not None else json.dumps(doc).encode()
+    return decide(method, path, headers, body, authenticator=keys["auth"], token=TOKEN, max_body=max_body)
+
+
+def test_hook_auth_decisions(keys):
+    good = sas.make_token(keys["device"], sas.device_resource("dev-a"))
+    assert ask(keys, "/mqtt/auth", {"clientid": "dev-a", "username": "dev-a", "password": good}) == \
+        (200, {"result": "allow", "is_superuser": False})
+    status, answer = ask(keys, "/mqtt/auth", {"clientid": "dev-a", "username": "dev-a",
+                                               "password": sas.make_token(b"x" * 32, sas.device_resource("dev-a"))})
+    assert status == 403 and answer["result"] == "deny" and answer["reason"]
+    assert ask(keys, "/mqtt/auth", {"clientid": "nobody", "username": "nobody", "password": good})[0] == 403
+    ctl = sas.make_token(keys["controller"], CONTROLLER_RESOURCE)
+    assert ask(keys, "/mqtt/auth", {"clientid": "hub:controller", "username": "hub:controller",
+                                    "password": ctl}) == (200, {"result": "allow", "is_superuser": True})
+    svc = sas.make_token(keys["policy"], sas.service_resource("service"))
+    assert ask(keys, "/mqtt/auth", {"clientid": "svc:x", "username": "svc:service", "password": svc}) == \
+        (200, {"result": "allow", "is_superuser": False})
+
+
+def test_hook_acl_decisions(keys):
+    def acl(client, user, topic, action):
+        return ask(keys, "/mqtt/acl", {"clientid": client, "username": user, "topic": topic, "action": action})[0]
+
+    assert acl("dev-a", "dev-a", topics.device_requests("dev-a"), "subscribe") == 200
+    assert acl("dev-a", "dev-a", topics.device_requests("dev-a"), "receive") == 200
+    assert acl("dev-a", "dev-a", topics.device_status("dev-a"), "publish") == 200
+    assert acl("dev-a", "dev-a", topics.device_requests("dev-b"), "subscribe") == 403
+    assert acl("dev-a", "dev-a", "devstreams/#", "subscribe") == 403
+    assert acl("dev-a", "dev-b", topics.device_status("dev-b"), "publish") == 403  # a claim that does not parse
+    assert acl("svc:x", "svc:service", topics.service_requests("svc:x"), "publish") == 200
+    assert acl("svc:x", "svc:service", topics.device_requests("dev-a"), "publish") == 403
+    assert acl("hub:controller", "hub:controller", "$share/devstreams/devstreams/devices/+/status", "subscribe") == 200
+    assert acl("hub:controller", "hub:controller", CONTROL_TOPIC, "publish") == 200
+    assert acl("dev-a", "dev-a", CONTROL_TOPIC, "publish") == 403
+    assert acl("dev-a", "dev-a", topics.device_requests("dev-a"), "delete") == 400
+
+
+def test_hook_refuses_bad_requests(keys):
+    login = {"clientid": "dev-a", "username": "dev-a", "password": "x"}
+    assert ask(keys, "/mqtt/auth", login, token=None)[0] == 401
+    assert ask(keys, "/mqtt/auth", login, token="wrong")[0] == 401
+    assert ask(keys, "/mqtt/auth", login, method="GET")[0] == 405
+    assert ask(keys, "/mqtt/other", login)[0] == 404
+    assert ask(keys, "/mqtt/auth", login, max_body=10)[0] == 413
+    for raw in (b"{not json", b"\xff\xfe", b"[1,2]", b'{"clientid": 1, "username": "a", "password": "b"}',
+                b'{"clientid": "a", "username": "a"}', b"[" * 100000):
+        status, answer = ask(keys, "/mqtt/auth", None, raw=raw, max_body=1 << 20)
+        assert status == 400 and answer["result"] == "deny" and answer["reason"], raw[:20]
+    assert ask(keys, "/mqtt/acl", {"clientid": "a", "username": "a", "topic": None, "action": "publish"})[0] == 400
+
+
+def test_kick_payload():
+    assert kick_payload(clients=["dev-a", "dev b"], users=["svc:service"]) == \
+        b"kick-client dev-a\nkick-client dev b\nkick-user svc:service"
+    assert kick_payload() == b""
+    for bad in ("", "a\nkick-user hub:controller", "a\r"):
+        with pytest.raises(ValueError):
+            kick_payload(clients=[bad])
+
+
+# -- the real thing --------------------------------------------------------------------------------
+
+class HookThread:
+    """The auth hook on its own event loop in a thread, with a registry of its own."""
+
+    def __init__(self, data_dir: Path, port: int = 0):
+        self.data_dir = data_dir
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="hook", daemon=True)
+
+    def start(self) -> "HookThread":
+        self._thread.start()
+
+        async def start():
+            self.registry = open_registry(self.data_dir)
+            auth = Authenticator(self.registry, datadir.secret_key(self.data_dir, "controller.key"),
+                                 datadir.secret_key(self.data_dir, "stream-signing.key"))
+            self.hook = AuthHook(auth, datadir.hook_token(self.data_dir), port=self.port, request_timeout=5)
+            await self.hook.start()
+            self.port = self.hook.port
+        asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        async def stop():
+            await self.hook.stop()
+            self.registry.close()
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """A data dir with devices, the hook, and Mosquitto started with the generated config."""
+
+    def __init__(self, tmp_path: Path):
+        self.data_dir = tmp_path / "hub"
+        datadir.ensure(self.data_dir)
+        registry = open_registry(self.data_dir)
+        self.keys = {d: registry.add_device(d).key for d in ("dev-a", "dev-b")}
+        self.policy_key = registry.policy_key(create=True)
+        registry.close()
+        self.controller_key = datadir.secret_key(self.data_dir, "controller.key")
+        self.hook = HookThread(self.data_dir).start()
+        self.port = free_port()
+        settings = HubSettings(auth_hook_port=self.hook.port, auth_hook_client_timeout=1.0)
+        self.conf = tmp_path / "mosquitto.conf"
+        self.conf.write_text(mosquitto_conf(self.data_dir, settings, port=self.port, bind="127.0.0.1"))
+        self.log = tmp_path / "mosquitto.log"
+        self.proc = None
+        self.clients: list[Client] = []
+
+    def start_broker(self) -> "Stack":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mosquitto exited: {self.log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"mosquitto did not listen: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.hook.stop()
+
+    def client(self, client_id, username, password, will=None) -> "Client":
+        c = Client(self, client_id, username, password, will)
+        self.clients.append(c)
+        return c
+
+    def device(self, device_id, **kw) -> "Client":
+        return self.client(device_id, device_id, sas.make_token(self.keys[device_id],
+                                                                sas.device_resource(device_id)), **kw)
+
+    def controller(self) -> "Client":
+        return self.client(topics.CONTROLLER_USER, topics.CONTROLLER_USER,
+                           sas.make_token(self.controller_key, CONTROLLER_RESOURCE, 3600))
+
+    def service(self, client_id="svc:one") -> "Client":
+        return self.client(client_id, "svc:service",
+                           sas.make_token(self.policy_key, sas.service_resource("service")))
+
+
+class Client:
+    """A blocking paho client over TLS that records what it receives and when it is dropped."""
+
+    def __init__(self, stack: Stack, client_id, username, password, will=None):
+        self.messages: queue.Queue = queue.Queue()
+        self.connack: queue.Queue = queue.Queue()
+        self.subacks: queue.Queue = queue.Queue()
+        self.dropped = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        c.tls_set_context(ssl.create_default_context(cafile=str(stack.data_dir / "tls" / "ca.pem")))
+        c.username_pw_set(username, password)
+        if will:
+            c.will_set(*will, qos=1, retain=True)
+        c.reconnect_delay_set(60, 60)  # a dropped client stays dropped while the test looks
+        c.on_connect = lambda cl, u, f, rc, p: self.connack.put(rc)
+        c.on_disconnect = lambda cl, u, f, rc, p: self.dropped.set()
+        c.on_message = lambda cl, u, m: self.messages.put((m.topic, bytes(m.payload), m.retain))
+        c.on_subscribe = lambda cl, u, mid, rcs, p: self.subacks.put([rc.is_failure for rc in rcs])
+        c.connect("localhost", stack.port, keepalive=30)
+        c.loop_start()
+        self.client = c
+        self.rc = self.connack.get(timeout=10)
+        self.ok = not self.rc.is_failure
+
+    def subscribe(self, topic):
+        self.client.subscribe(topic, qos=1)
+        return self.subacks.get(timeout=10)
+
+    def publish(self, topic, payload, retain=False):
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def get(self, timeout=5):
+        return self.messages.get(timeout=timeout)
+
+    def drain(self, seconds=0.5):
+        time.sleep(seconds)
+        out = []
+        while not self.messages.empty():
+            out.append(self.messages.get())
+        return out
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path).start_broker()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_plugin_builds_once_and_config_runs(stack, tmp_path):
+    plugin = stack.data_dir / "mosquitto" / "devstreams_auth.so"
+    built = plugin.stat().st_mtime_ns
+    assert build_plugin(plugin.parent) == plugin and plugin.stat().st_mtime_ns == built, "rebuilt needlessly"
+    conf = stack.conf.read_text()
+    for line in ("per_listener_settings false", "allow_anonymous false", f"listener {stack.port} 127.0.0.1",
+                 f"plugin_opt_hook_url http://127.0.0.1:{stack.hook.port}", "max_packet_size 65536",
+                 "max_connections 10000", "persistence true"):
+        assert line in conf.splitlines(), line
+    assert (stack.data_dir / "keys" / "auth-hook.token").stat().st_mode & 0o777 == 0o600
+    assert datadir.hook_token(stack.data_dir) not in stack.log.read_text()
+
+
+def test_device_login_and_isolation(stack):
+    a = stack.device("dev-a")
+    b = stack.device("dev-b")
+    assert a.ok and b.ok
+    # a wrong key with A's id is refused, and the connected A keeps working
+    forged = stack.client("dev-a", "dev-a", sas.make_token(b"k" * 32, sas.device_resource("dev-a")))
+    assert forged.rc.is_failure
+    nothing = stack.client("dev-a", None, None)
+    assert nothing.rc.is_failure
+    assert a.subscribe(topics.device_requests("dev-a")) == [False]
+    assert b.subscribe(topics.device_requests("dev-b")) == [False]
+    assert a.subscribe(topics.device_requests("dev-b")) == [True], "A must not subscribe to B's topic"
+    assert a.subscribe("devstreams/#") == [True]
+    ctl = stack.controller()
+    assert ctl.ok
+    ctl.publish(topics.device_requests("dev-b"), b"for-b")
+    ctl.publish(topics.device_requests("dev-a"), b"for-a")
+    assert b.get()[:2] == (topics.device_requests("dev-b"), b"for-b")
+    assert a.get()[:2] == (topics.device_requests("dev-a"), b"for-a")
+    assert [m for m in a.drain() if b"for-b" in m[1]] == [], "A received B's request"
+    assert not a.dropped.is_set()
+
+
+def test_service_cannot_publish_to_a_device_topic(stack):
+    ctl = stack.controller()
+    assert ctl.subscribe("devstreams/#") == [False]
+    svc = stack.service("svc:one")
+    assert svc.ok
+    svc.publish(topics.device_requests("dev-a"), b"forged")
+    svc.publish(topics.device_responses("dev-a"), b"forged")
+    svc.publish(topics.service_requests("svc:one"), b"real")
+    got = [m[:2] for m in ctl.drain(1.0)]
+    assert (topics.service_requests("svc:one"), b"real") in got
+    assert [m for m in got if m[1] == b"forged"] == [], f"the service reached a device topic: {got}"
+
+
+def test_controller_shared_subscription_and_retained_status(stack):
+    dev = stack.device("dev-a")
+    dev.publish(topics.device_status("dev-a"), b"online", retain=True)
+    ctl = stack.controller()
+    assert ctl.subscribe(f"$share/devstreams/{topics.ALL_DEVICE_STATUS}") == [False]
+    assert ctl.subscribe(topics.ALL_DEVICE_STATUS) == [False]
+    topic, payload, retained = ctl.get()
+    assert (topic, payload, retained) == (topics.device_status("dev-a"), b"online", True)
+    dev.publish(topics.device_status("dev-a"), b"online-again", retain=True)
+    live = [m[1] for m in ctl.drain(1.0)]
+    assert b"online-again" in live  # through the plain and the shared subscription
+
+
+def test_kick_by_the_controller_only(stack):
+    dev = stack.device("dev-a", will=(topics.device_status("dev-a"), b"offline"))
+    other = stack.device("dev-b")
+    ctl = stack.controller()
+    assert dev.ok and other.ok and ctl.ok
+    assert ctl.subscribe(topics.device_status("dev-a")) == [False]
+    other.publish(CONTROL_TOPIC, kick_payload(clients=["dev-a"]))
+    time.sleep(0.5)
+    assert not dev.dropped.is_set(), "a device's kick must be ignored"
+    ctl.publish(CONTROL_TOPIC, kick_payload(clients=["dev-a"]))
+    assert dev.dropped.wait(5), "the controller's kick did not drop the device"
+    assert ctl.get()[:2] == (topics.device_status("dev-a"), b"offline"), "the kicked device's will was not sent"
+    assert not other.dropped.is_set()
+    svc = stack.service("svc:kickme")
+    ctl.publish(CONTROL_TOPIC, kick_payload(users=["svc:service"]))
+    assert svc.dropped.wait(5)
+
+
+def test_hook_down_refuses_logins_and_recovers(stack):
+    live = stack.device("dev-a")
+    assert live.subscribe(topics.device_requests("dev-a")) == [False]
+    port = stack.hook.port
+    stack.hook.stop()
+    refused = stack.device("dev-b")
+    assert refused.rc.is_failure, "a login passed with the hook down"
+    assert stack.proc.poll() is None, "mosquitto died"
+    assert "auth hook" in stack.log.read_text()
+    stack.hook = HookThread(stack.data_dir, port).start()
+    assert stack.device("dev-b").ok, "logins did not recover with the hook back"
+    assert not live.dropped.is_set()
+
+
+def test_hook_over_raw_http(stack):
+    token = datadir.hook_token(stack.data_dir)
+    conn = http.client.HTTPConnection("127.0.0.1", stack.hook.port, timeout=5)
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def post(path, body, headers=auth):
+        conn.request("POST", path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+
+    status, answer = post("/mqtt/auth", b'{"clientid": "dev-a", "username": ')
+    assert status == 400 and answer["result"] == "deny"
+    # the same connection goes on (keep-alive), as the plugin uses it
+    good = sas.make_token(stack.keys["dev-a"], sas.device_resource("dev-a"))
+    assert post("/mqtt/auth", json.dumps({"clientid": "dev-a", "username": "dev-a", "password": good})) == \
+        (200, {"result": "allow", "is_superuser": False})
+    assert post("/mqtt/acl", b"{}", headers={})[0] == 401
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.hook.port, timeout=5)
+    assert post("/mqtt/auth", b"x" * 10000)[0] == 413
+    conn.close()
+    # a request line without an end never hangs the hook: the next caller is served
+    with socket.create_connection(("127.0.0.1", stack.hook.port)) as junk:
+        junk.sendall(b"GARBAGE\r\n\r\n")
+        assert junk.recv(100).startswith(b"HTTP/1.1 400")
+    conn = http.client.HTTPConnection("127.0.0.1", stack.hook.port, timeout=5)
+    conn.request("GET", "/mqtt/auth", headers=auth)
+    assert conn.getresponse().status == 405
+    conn.close()
