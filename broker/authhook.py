@@ -44,8 +44,8 @@ def _deny(reason: str) -> dict:
 
 
 def acl_allows(claim: Claim, action: Action, topic: str) -> bool:
-    """The one place the hook asks the topic ACL (``allowed`` will soon take the whole claim)."""
-    return allowed(claim.role, claim.client_id, action, topic)
+    """The one place the hook asks the topic ACL."""
+    return allowed(claim, action, topic)
 
 
 def _fields(body: bytes, names: tuple[str, ...]) -> dict[str, str] | str:

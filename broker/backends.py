@@ -16,26 +16,25 @@ knows which one runs:
   registry itself.
 - ``ExternalBroker``: any broker that asks the hub's auth hook (broker/authhook.py)
   about logins and topics -- Mosquitto with our plugin (broker/mosquitto/), EMQX's
-  HTTP authenticator (docs/emqx.md).  The hub cannot see that broker's sessions, so
-  revocation compares the registry before and after a change (:func:`revocations`,
-  pure) and asks the broker to drop those logins: on Mosquitto the plugin's kick
-  command, which the controller publishes to ``$CONTROL/devstreams/v1``.  The
-  broker checks a SAS token's expiry at login only; a session that outlives its
-  token is not dropped there (the embedded broker drops it).
+  HTTP authenticator (docs/emqx.md).  The hub cannot list that broker's sessions,
+  but it admitted each of them: the hook keeps the admitted logins (``LoginBook``),
+  re-checks them like the gate does, and asks the broker to drop the revoked and
+  expired ones -- on Mosquitto with the plugin's kick command, which the
+  controller publishes to ``$CONTROL/devstreams/v1``.
 """
 
 import functools
-import hashlib
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable
 
-from devstreams.wire.topics import Role, SERVICE_PREFIX
+from devstreams.wire.topics import Role
 
 from . import auth, datadir
 from .amqtt_fixes import HubBroker
-from .auth import Authenticator
+from .auth import Authenticator, Identity
 from .gate import LISTENER, Gate
-from .registry import SERVICE_POLICY, Registry
+from .registry import Registry
 from .settings import HubSettings, broker_address
 
 log = logging.getLogger(__name__)
@@ -95,59 +94,70 @@ class EmbeddedBroker:
 
 # -- external brokers ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Credentials:
-    """What the registry admits, per MQTT username: enough to see a change, no keys kept."""
+class LoginBook:
+    """The logins the auth hook admitted: client id -> (identity, password), newest last, bounded.
 
-    logins: dict[str, tuple[bool, bytes]]   # username -> (enabled, key digest)
+    The hub cannot list an external broker's sessions, but every session began with a
+    login the hook admitted; re-checking those against the registry (the same
+    ``auth.revoked`` and ``auth.expired`` the gate uses) finds the sessions to drop,
+    however fast a CLI change followed the login.  A client that already left is
+    dropped again harmlessly; the oldest entries go first when the book is full.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._logins: OrderedDict[str, tuple[Identity, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._logins)
+
+    def record(self, identity: Identity, password: str) -> None:
+        self._logins.pop(identity.client_id, None)
+        self._logins[identity.client_id] = (identity, password)
+        while len(self._logins) > self._limit:
+            self._logins.popitem(last=False)
+
+    def take(self, why: Callable[[Identity, str], str | None]) -> list[tuple[Identity, str]]:
+        """Remove and return (identity, reason) for every login ``why`` gives a reason to drop."""
+        dropped = []
+        for client_id, (identity, password) in list(self._logins.items()):
+            reason = why(identity, password)
+            if reason:
+                del self._logins[client_id]
+                dropped.append((identity, reason))
+        return dropped
 
 
-def snapshot(registry: Registry) -> Credentials:
-    logins = {d.id: (d.enabled, _digest(d.key)) for d in registry.all()}
-    policy_key = registry.policy_key(SERVICE_POLICY)
-    if policy_key is not None:
-        logins[SERVICE_PREFIX + SERVICE_POLICY] = (True, _digest(policy_key))
-    return Credentials(logins)
+class _Recording:
+    """The hook's authenticator: the hub's, and every admitted login goes into the book."""
 
+    def __init__(self, authenticator: Authenticator, book: LoginBook):
+        self._authenticator = authenticator
+        self._book = book
 
-def revocations(before: Credentials, after: Credentials) -> dict[str, str]:
-    """MQTT username -> why its live sessions must end, after a registry change."""
-    dropped = {}
-    for username, (enabled, digest) in before.logins.items():
-        now = after.logins.get(username)
-        is_service = username.startswith(SERVICE_PREFIX)
-        what = f"service policy {username[len(SERVICE_PREFIX):]}" if is_service else f"device {username}"
-        if now is None:
-            dropped[username] = f"{what} removed"
-        elif not now[0] and enabled:
-            dropped[username] = f"{what} disabled"
-        elif now[1] != digest:
-            dropped[username] = "service key rotated" if is_service else f"{what} key rotated"
-    return dropped
-
-
-def _digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()[:16]
+    def authenticate(self, client_id: str, username: str | None, password: str | None) -> Identity:
+        identity = self._authenticator.authenticate(client_id, username, password)
+        self._book.record(identity, password)
+        return identity
 
 
 class ExternalBroker:
     shared = True
     peer = "MQTT broker"
 
-    def __init__(self, settings: HubSettings, authenticator: Authenticator, data_dir, registry: Registry):
+    def __init__(self, settings: HubSettings, authenticator: Authenticator, data_dir):
         self._settings = settings
         self._authenticator = authenticator
         self._data_dir = data_dir
-        self._registry = registry
-        self._known = snapshot(registry)
+        self.logins = LoginBook(limit=2 * settings.max_connections)
         self.hook = None
         self.publish = None   # set by the hub: the controller's publish (it is the broker's superuser)
 
     async def start(self) -> None:
         from .authhook import AuthHook
         s = self._settings
-        self.hook = AuthHook(self._authenticator, datadir.hook_token(self._data_dir), bind=s.auth_hook_bind,
-                             port=s.auth_hook_port)
+        self.hook = AuthHook.from_settings(_Recording(self._authenticator, self.logins),
+                                           datadir.hook_token(self._data_dir), s)
         await self.hook.start()
         log.info("auth hook for the broker at %s listening on http://%s:%d", s.broker_url, s.auth_hook_bind,
                  self.hook.port)
@@ -165,17 +175,20 @@ class ExternalBroker:
         return self.controller_address[1]
 
     def revoke(self, registry: Registry) -> dict[str, str]:
-        from .mosquitto import CONTROL_TOPIC, kick_payload
-        current = snapshot(registry)
-        dropped = revocations(self._known, current)
-        self._known = current
-        if dropped:
-            for username, reason in dropped.items():
-                log.info("asking the broker to drop %s: %s", username, reason)
-            if self.publish is None or not self.publish(CONTROL_TOPIC, kick_payload(users=sorted(dropped))):
-                log.warning("could not ask the broker to drop %d revoked logins (not connected); their "
-                            "streams still end", len(dropped))
-        return {user: reason for user, reason in dropped.items() if not user.startswith(SERVICE_PREFIX)}
+        dropped = self._kick(self.logins.take(functools.partial(auth.revoked, registry)))
+        return {identity.client_id: reason for identity, reason in dropped if identity.role is Role.DEVICE}
 
     def expire(self, now: float) -> None:
-        """The external broker checked the token at login; see the module docstring."""
+        self._kick(self.logins.take(lambda identity, password: auth.expired(identity, password, now)))
+
+    def _kick(self, dropped: list[tuple[Identity, str]]) -> list[tuple[Identity, str]]:
+        from .mosquitto import CONTROL_TOPIC, kick_payload
+        if not dropped:
+            return dropped
+        for identity, reason in dropped:
+            log.info("asking the broker to drop %s: %s", identity.client_id, reason)
+        payload = kick_payload(clients=[identity.client_id for identity, _ in dropped])
+        if self.publish is None or not self.publish(CONTROL_TOPIC, payload):
+            log.warning("could not ask the broker to drop %d sessions (not connected to it); revoked "
+                        "streams still end", len(dropped))
+        return dropped

@@ -60,7 +60,7 @@ class Hub:
             controller_key = datadir.secret_key(self.data_dir, "controller.key")
             server_ssl = pki.server_context(self.tls)
             authenticator = Authenticator(self.registry, controller_key, gateway_key=signing_key)
-            self.broker = (ExternalBroker(s, authenticator, self.data_dir, self.registry) if self.external
+            self.broker = (ExternalBroker(s, authenticator, self.data_dir) if self.external
                            else EmbeddedBroker(s, authenticator, server_ssl))
             await self.broker.start()
             if not s.gateway_urls:

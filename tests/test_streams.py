@@ -55,6 +55,12 @@ async def push(stream, data: bytes, step: int = 1 << 20) -> None:
     await stream.send_eof()
 
 
+@pytest.fixture
+def hub(any_hub):
+    """The tests taking ``hub`` run on both broker backends: embedded, and Mosquitto with our plugin."""
+    return any_hub
+
+
 @pytest.mark.timeout(120)
 def test_64_mib_each_way_at_once(hub):
     size = 64 * 1024 * 1024
