@@ -134,6 +134,8 @@ class AuthHook:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._full_log = EveryInterval(60.0)
+        self.connections_accepted = 0   # counters for 'hub show' and tests: a plugin that keeps its
+        self.requests_answered = 0      # connection and caches its answers makes few of both
 
     @classmethod
     def from_settings(cls, authenticator: Authenticator, token: bytes | str, settings) -> "AuthHook":
@@ -173,6 +175,7 @@ class AuthHook:
             return
         task = asyncio.current_task()
         self._tasks.add(task)
+        self.connections_accepted += 1
         try:
             await self._serve(reader, writer)
         except (_Close, ConnectionError, asyncio.IncompleteReadError):
@@ -205,6 +208,7 @@ class AuthHook:
         out = conn.send(h11.Response(status_code=status, headers=headers))
         out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
         writer.write(out)
+        self.requests_answered += 1
         await asyncio.wait_for(writer.drain(), self.request_timeout)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
