@@ -432,3 +432,11 @@ def test_plugin_reconnects_when_the_hook_closed_an_idle_connection(stack):
     assert stack.device("dev-b").ok, "a login failed on the hook's closed keep-alive connection"
     assert stack.hook.hook.connections_accepted == 2
     assert "denying" not in stack.log.read_text(), "a routine reconnect was logged as a failure"
+
+
+def test_mosquitto_enforces_the_hub_packet_limit(stack):
+    dev = stack.device("dev-a")
+    other = stack.device("dev-b")
+    dev.client.publish(topics.device_status("dev-a"), b"x" * 70000, qos=0)  # over max_packet_bytes (64 KiB)
+    assert dev.dropped.wait(5), "an oversized packet did not close the connection"
+    assert not other.dropped.is_set()
