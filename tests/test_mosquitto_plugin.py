@@ -9,6 +9,7 @@ SAS tokens.
 import asyncio
 import http.client
 import json
+import os
 import queue
 import shutil
 import socket
@@ -25,10 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker import datadir
 from broker.auth import CONTROLLER_RESOURCE, Authenticator
 from broker.authhook import AuthHook, decide
-from broker.mosquitto import CONTROL_TOPIC, build_plugin, kick_payload, mosquitto_conf
+from broker.mosquitto import CONTROL_TOPIC, SOURCE, build_plugin, hook_url, kick_payload, mosquitto_conf
 from broker.registry import open_registry
 from broker.settings import HubSettings
 from devstreams.wire import sas, topics
+from devstreams.wire.errors import ConfigError
 
 MOSQUITTO = shutil.which("mosquitto")
 COMPILER = shutil.which("cc") or shutil.which("gcc")
@@ -440,3 +442,56 @@ def test_mosquitto_enforces_the_hub_packet_limit(stack):
     dev.client.publish(topics.device_status("dev-a"), b"x" * 70000, qos=0)  # over max_packet_bytes (64 KiB)
     assert dev.dropped.wait(5), "an oversized packet did not close the connection"
     assert not other.dropped.is_set()
+
+
+def test_plugin_source_is_warning_free():
+    done = subprocess.run([COMPILER, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", str(SOURCE)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_build_errors_say_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(ConfigError, match="apt-get install mosquitto-dev gcc"):
+        build_plugin(tmp_path / "a")
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\necho 'devstreams_auth.c:48:10: fatal error: mosquitto_broker.h: "
+                    "No such file or directory' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(ConfigError, match="headers are missing: run 'apt-get install mosquitto-dev gcc'"):
+        build_plugin(tmp_path / "b")
+    assert list((tmp_path / "b").iterdir()) == [], "a failed build left files behind"
+
+
+def test_plugin_is_rebuilt_when_the_source_is_newer(tmp_path):
+    plugin = build_plugin(tmp_path)
+    os.utime(plugin, (0, 0))
+    assert build_plugin(tmp_path).stat().st_mtime > 0
+
+
+def test_hook_url_is_loopback_only():
+    assert hook_url(HubSettings(auth_hook_port=9000)) == "http://127.0.0.1:9000"
+    assert hook_url(HubSettings(auth_hook_bind="0.0.0.0"), port=9001) == "http://127.0.0.1:9001"
+    with pytest.raises(ConfigError, match="loopback"):
+        hook_url(HubSettings(auth_hook_bind="10.1.2.3"))
+    with pytest.raises(ConfigError, match="auth_hook_port"):
+        hook_url(HubSettings(auth_hook_port=0))
+
+
+def test_plugin_refuses_a_non_loopback_hook_url(stack):
+    conf = stack.conf.read_text().replace(f"http://127.0.0.1:{stack.hook.port}", "http://10.0.0.1:80")
+    stack.conf.write_text(conf)
+    done = subprocess.run([MOSQUITTO, "-c", str(stack.conf)], capture_output=True, text=True, timeout=10)
+    assert done.returncode != 0
+    assert "loopback only" in done.stderr + done.stdout
+
+
+def test_hook_connection_limit(stack):
+    stack.hook.hook.max_connections = 1
+    with socket.create_connection(("127.0.0.1", stack.hook.port)) as first:
+        first.sendall(b"POST /x HTTP/1.1\r\nHost: h\r\n")  # holds the only slot
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", stack.hook.port)) as second:
+            second.settimeout(5)
+            assert second.recv(100) == b"", "a connection beyond the limit was served"
