@@ -495,3 +495,18 @@ def test_hook_connection_limit(stack):
         with socket.create_connection(("127.0.0.1", stack.hook.port)) as second:
             second.settimeout(5)
             assert second.recv(100) == b"", "a connection beyond the limit was served"
+
+
+def test_wrong_hook_token_is_logged_and_denies(stack):
+    token_file = stack.data_dir / "keys" / "auth-hook.token"
+    real = token_file.read_text()
+    token_file.write_text("w" * 43)
+    try:
+        stack.proc.terminate()
+        stack.proc.wait(10)
+        stack.start_broker()
+        assert stack.device("dev-a").rc.is_failure
+        assert "refused the token (401)" in stack.log.read_text()
+        assert real not in stack.log.read_text() and "w" * 43 not in stack.log.read_text()
+    finally:
+        token_file.write_text(real)
