@@ -221,6 +221,8 @@ class AuthHook:
                 request = event
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
                 method, path = request.method.decode("latin-1"), request.target.decode("latin-1")
+                if conn.they_are_waiting_for_100_continue:  # curl does this for bodies over 1 KiB
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 declared = headers.get("content-length", "0")
                 body = bytearray()
                 if declared.isdigit() and int(declared) > self.max_body:

@@ -144,6 +144,9 @@ class HookThread:
         return self
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
+
         async def stop():
             await self.hook.stop()
             self.registry.close()
@@ -421,6 +424,14 @@ def test_hook_over_raw_http(stack):
     with socket.create_connection(("127.0.0.1", stack.hook.port)) as junk:
         junk.sendall(b"GARBAGE\r\n\r\n")
         assert junk.recv(100).startswith(b"HTTP/1.1 400")
+    # a client that waits for "100 Continue" (curl, for bodies over 1 KiB) gets it, then its answer
+    with socket.create_connection(("127.0.0.1", stack.hook.port), timeout=5) as s:
+        body = json.dumps({"clientid": "dev-a", "username": "dev-a", "password": good}).encode()
+        s.sendall(b"POST /mqtt/auth HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer " + token.encode() +
+                  b"\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(100).startswith(b"HTTP/1.1 100 ")
+        s.sendall(body)
+        assert s.recv(1000).startswith(b"HTTP/1.1 200 ")
     conn = http.client.HTTPConnection("127.0.0.1", stack.hook.port, timeout=5)
     conn.request("GET", "/mqtt/auth", headers=auth)
     assert conn.getresponse().status == 405
