@@ -134,6 +134,8 @@ class AuthHook:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._full_log = EveryInterval(60.0)
+        self.connections_accepted = 0   # counters for 'hub show' and tests: a plugin that keeps its
+        self.requests_answered = 0      # connection and caches its answers makes few of both
 
     @classmethod
     def from_settings(cls, authenticator: Authenticator, token: bytes | str, settings) -> "AuthHook":
@@ -173,6 +175,7 @@ class AuthHook:
             return
         task = asyncio.current_task()
         self._tasks.add(task)
+        self.connections_accepted += 1
         try:
             await self._serve(reader, writer)
         except (_Close, ConnectionError, asyncio.IncompleteReadError):
@@ -205,6 +208,7 @@ class AuthHook:
         out = conn.send(h11.Response(status_code=status, headers=headers))
         out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
         writer.write(out)
+        self.requests_answered += 1
         await asyncio.wait_for(writer.drain(), self.request_timeout)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -217,6 +221,8 @@ class AuthHook:
                 request = event
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
                 method, path = request.method.decode("latin-1"), request.target.decode("latin-1")
+                if conn.they_are_waiting_for_100_continue:  # curl does this for bodies over 1 KiB
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 declared = headers.get("content-length", "0")
                 body = bytearray()
                 if declared.isdigit() and int(declared) > self.max_body:

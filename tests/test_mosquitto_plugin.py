@@ -9,6 +9,7 @@ SAS tokens.
 import asyncio
 import http.client
 import json
+import os
 import queue
 import shutil
 import socket
@@ -25,10 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker import datadir
 from broker.auth import CONTROLLER_RESOURCE, Authenticator
 from broker.authhook import AuthHook, decide
-from broker.mosquitto import CONTROL_TOPIC, build_plugin, kick_payload, mosquitto_conf
+from broker.mosquitto import CONTROL_TOPIC, SOURCE, build_plugin, hook_url, kick_payload, mosquitto_conf
 from broker.registry import open_registry
 from broker.settings import HubSettings
 from devstreams.wire import sas, topics
+from devstreams.wire.errors import ConfigError
 
 MOSQUITTO = shutil.which("mosquitto")
 COMPILER = shutil.which("cc") or shutil.which("gcc")
@@ -142,6 +144,9 @@ class HookThread:
         return self
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
+
         async def stop():
             await self.hook.stop()
             self.registry.close()
@@ -329,12 +334,37 @@ def test_controller_shared_subscription_and_retained_status(stack):
     dev.publish(topics.device_status("dev-a"), b"online", retain=True)
     ctl = stack.controller()
     assert ctl.subscribe(f"$share/devstreams/{topics.ALL_DEVICE_STATUS}") == [False]
-    assert ctl.subscribe(topics.ALL_DEVICE_STATUS) == [False]
     topic, payload, retained = ctl.get()
     assert (topic, payload, retained) == (topics.device_status("dev-a"), b"online", True)
     dev.publish(topics.device_status("dev-a"), b"online-again", retain=True)
-    live = [m[1] for m in ctl.drain(1.0)]
-    assert b"online-again" in live  # through the plain and the shared subscription
+    assert ctl.get()[:2] == (topics.device_status("dev-a"), b"online-again")
+
+
+def test_retained_presence_survives_a_broker_restart(stack):
+    dev = stack.device("dev-a")
+    dev.publish(topics.device_status("dev-a"), b"online", retain=True)
+    dev.close()
+    stack.proc.terminate()
+    stack.proc.wait(10)
+    stack.start_broker()
+    ctl = stack.controller()
+    assert ctl.subscribe(topics.ALL_DEVICE_STATUS) == [False]
+    assert ctl.get()[:2] == (topics.device_status("dev-a"), b"online")
+
+
+def test_plugin_keeps_one_connection_and_caches_answers(stack):
+    dev = stack.device("dev-a")
+    assert dev.subscribe(topics.device_requests("dev-a")) == [False]
+    ctl = stack.controller()
+    for i in range(30):
+        ctl.publish(topics.device_requests("dev-a"), b"%d" % i)
+        dev.publish(topics.device_status("dev-a"), b"online")
+    assert [dev.get()[1] for _ in range(30)] == [b"%d" % i for i in range(30)]
+    hook = stack.hook.hook
+    # two logins, one subscribe, one receive, one publish: the rest comes from the plugin's cache,
+    # and the controller (a superuser) is never asked about topics
+    assert hook.requests_answered <= 6, hook.requests_answered
+    assert hook.connections_accepted == 1, "the plugin did not keep its connection to the hook"
 
 
 def test_kick_by_the_controller_only(stack):
@@ -363,7 +393,7 @@ def test_hook_down_refuses_logins_and_recovers(stack):
     refused = stack.device("dev-b")
     assert refused.rc.is_failure, "a login passed with the hook down"
     assert stack.proc.poll() is None, "mosquitto died"
-    assert "auth hook" in stack.log.read_text()
+    assert "unreachable" in stack.log.read_text(), "no log line for the hook being down"
     stack.hook = HookThread(stack.data_dir, port).start()
     assert stack.device("dev-b").ok, "logins did not recover with the hook back"
     assert not live.dropped.is_set()
@@ -394,7 +424,100 @@ def test_hook_over_raw_http(stack):
     with socket.create_connection(("127.0.0.1", stack.hook.port)) as junk:
         junk.sendall(b"GARBAGE\r\n\r\n")
         assert junk.recv(100).startswith(b"HTTP/1.1 400")
+    # a client that waits for "100 Continue" (curl, for bodies over 1 KiB) gets it, then its answer
+    with socket.create_connection(("127.0.0.1", stack.hook.port), timeout=5) as s:
+        body = json.dumps({"clientid": "dev-a", "username": "dev-a", "password": good}).encode()
+        s.sendall(b"POST /mqtt/auth HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer " + token.encode() +
+                  b"\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(100).startswith(b"HTTP/1.1 100 ")
+        s.sendall(body)
+        assert s.recv(1000).startswith(b"HTTP/1.1 200 ")
     conn = http.client.HTTPConnection("127.0.0.1", stack.hook.port, timeout=5)
     conn.request("GET", "/mqtt/auth", headers=auth)
     assert conn.getresponse().status == 405
     conn.close()
+
+
+def test_plugin_reconnects_when_the_hook_closed_an_idle_connection(stack):
+    stack.hook.hook.request_timeout = 0.3  # the hook drops the plugin's kept connection when idle
+    assert stack.device("dev-a").ok
+    time.sleep(1.0)
+    assert stack.device("dev-b").ok, "a login failed on the hook's closed keep-alive connection"
+    assert stack.hook.hook.connections_accepted == 2
+    assert "denying" not in stack.log.read_text(), "a routine reconnect was logged as a failure"
+
+
+def test_mosquitto_enforces_the_hub_packet_limit(stack):
+    dev = stack.device("dev-a")
+    other = stack.device("dev-b")
+    dev.client.publish(topics.device_status("dev-a"), b"x" * 70000, qos=0)  # over max_packet_bytes (64 KiB)
+    assert dev.dropped.wait(5), "an oversized packet did not close the connection"
+    assert not other.dropped.is_set()
+
+
+def test_plugin_source_is_warning_free():
+    done = subprocess.run([COMPILER, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", str(SOURCE)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_build_errors_say_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(ConfigError, match="apt-get install mosquitto-dev gcc"):
+        build_plugin(tmp_path / "a")
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\necho 'devstreams_auth.c:48:10: fatal error: mosquitto_broker.h: "
+                    "No such file or directory' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(ConfigError, match="headers are missing: run 'apt-get install mosquitto-dev gcc'"):
+        build_plugin(tmp_path / "b")
+    assert list((tmp_path / "b").iterdir()) == [], "a failed build left files behind"
+
+
+def test_plugin_is_rebuilt_when_the_source_is_newer(tmp_path):
+    plugin = build_plugin(tmp_path)
+    os.utime(plugin, (0, 0))
+    assert build_plugin(tmp_path).stat().st_mtime > 0
+
+
+def test_hook_url_is_loopback_only():
+    assert hook_url(HubSettings(auth_hook_port=9000)) == "http://127.0.0.1:9000"
+    assert hook_url(HubSettings(auth_hook_bind="0.0.0.0"), port=9001) == "http://127.0.0.1:9001"
+    with pytest.raises(ConfigError, match="loopback"):
+        hook_url(HubSettings(auth_hook_bind="10.1.2.3"))
+    with pytest.raises(ConfigError, match="auth_hook_port"):
+        hook_url(HubSettings(auth_hook_port=0))
+
+
+def test_plugin_refuses_a_non_loopback_hook_url(stack):
+    conf = stack.conf.read_text().replace(f"http://127.0.0.1:{stack.hook.port}", "http://10.0.0.1:80")
+    stack.conf.write_text(conf)
+    done = subprocess.run([MOSQUITTO, "-c", str(stack.conf)], capture_output=True, text=True, timeout=10)
+    assert done.returncode != 0
+    assert "loopback only" in done.stderr + done.stdout
+
+
+def test_hook_connection_limit(stack):
+    stack.hook.hook.max_connections = 1
+    with socket.create_connection(("127.0.0.1", stack.hook.port)) as first:
+        first.sendall(b"POST /x HTTP/1.1\r\nHost: h\r\n")  # holds the only slot
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", stack.hook.port)) as second:
+            second.settimeout(5)
+            assert second.recv(100) == b"", "a connection beyond the limit was served"
+
+
+def test_wrong_hook_token_is_logged_and_denies(stack):
+    token_file = stack.data_dir / "keys" / "auth-hook.token"
+    real = token_file.read_text()
+    token_file.write_text("w" * 43)
+    try:
+        stack.proc.terminate()
+        stack.proc.wait(10)
+        stack.start_broker()
+        assert stack.device("dev-a").rc.is_failure
+        assert "refused the token (401)" in stack.log.read_text()
+        assert real not in stack.log.read_text() and "w" * 43 not in stack.log.read_text()
+    finally:
+        token_file.write_text(real)

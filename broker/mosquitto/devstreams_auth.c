@@ -311,6 +311,14 @@ static int hook_post(const char *path, const char *json, char *answer, size_t an
 			if(hook_fd < 0) return -1;
 		}
 		status = hook_exchange(req, (size_t)len, deadline, answer, answer_len);
+		if(status == 401){  /* a config error, not a decision: say so, or every login fails silently */
+			hook_failed("refused the token (401): plugin_opt_token_file must be the hub's keys/auth-hook.token", 0);
+			return -1;
+		}
+		if(status > 0 && status != 200 && status != 403){
+			hook_failed("answered an unexpected status", 0);
+			return -1;  /* deny, but do not cache: the next check asks again */
+		}
 		if(status > 0) return status;
 		hook_close();
 		if(status < 0 || !reused){
