@@ -88,7 +88,7 @@ def test_hook_acl_decisions(keys):
     assert acl("dev-a", "dev-a", topics.device_requests("dev-b"), "subscribe") == 403
     assert acl("dev-a", "dev-a", "devstreams/#", "subscribe") == 403
     assert acl("dev-a", "dev-b", topics.device_status("dev-b"), "publish") == 403  # a claim that does not parse
-    assert acl("svc:x", "svc:service", topics.service_requests("svc:x"), "publish") == 200
+    assert acl("svc:x", "svc:service", topics.service_requests(topics.Service("service", "svc:x")), "publish") == 200
     assert acl("svc:x", "svc:service", topics.device_requests("dev-a"), "publish") == 403
     assert acl("hub:controller", "hub:controller", "$share/devstreams/devstreams/devices/+/status", "subscribe") == 200
     assert acl("hub:controller", "hub:controller", CONTROL_TOPIC, "publish") == 200
@@ -323,9 +323,9 @@ def test_service_cannot_publish_to_a_device_topic(stack):
     assert svc.ok
     svc.publish(topics.device_requests("dev-a"), b"forged")
     svc.publish(topics.device_responses("dev-a"), b"forged")
-    svc.publish(topics.service_requests("svc:one"), b"real")
+    svc.publish(topics.service_requests(topics.Service("service", "svc:one")), b"real")
     got = [m[:2] for m in ctl.drain(1.0)]
-    assert (topics.service_requests("svc:one"), b"real") in got
+    assert (topics.service_requests(topics.Service("service", "svc:one")), b"real") in got
     assert [m for m in got if m[1] == b"forged"] == [], f"the service reached a device topic: {got}"
 
 
