@@ -53,11 +53,11 @@ class RawClient:
         self.client.loop_stop()
 
 
-
 @pytest.fixture
 def hub(any_hub):
     """Every check here runs on both broker backends: embedded, and Mosquitto with our plugin."""
     return any_hub
+
 
 def device_password(cs_text):
     cs = parse(cs_text)

@@ -12,11 +12,11 @@ from service_client import (DeviceDisabledError, DeviceNotFoundError, DeviceOffl
 from devstreams.wire.connstr import parse
 
 
-
 @pytest.fixture
 def hub(any_hub):
     """The tests taking ``hub`` run on both broker backends: embedded, and Mosquitto with our plugin."""
     return any_hub
+
 
 def rejecting(reason_fn):
     async def handler(request):
