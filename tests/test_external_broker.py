@@ -237,3 +237,28 @@ def _online(data, device_id) -> bool:
         return bool(device and device.online)
     finally:
         registry.close()
+
+
+@needs_mosquitto
+@pytest.mark.timeout(60)
+def test_a_broker_refusing_the_controller_is_one_line_and_retried(tmp_path, caplog):
+    """Mosquitto asks a hook that is not there: it refuses every login, the hub's controller included."""
+    data = tmp_path / "hub"
+    port, nobody = free_port(), free_port()
+    settings = HubSettings(bind="127.0.0.1", broker_url=f"mqtts://localhost:{port}", auth_hook_port=nobody)
+    broker = Mosquitto(data, settings, port=port).start()
+    hub = HubThread(data, broker_url=settings.broker_url, auth_hook_port=0)
+    try:
+        hub.start()  # up at once: the controller keeps trying in the background
+        deadline = time.monotonic() + 30
+        while broker.log.read_text().count("disconnected, not authorised") < 2:  # tried, refused, tried again
+            assert time.monotonic() < deadline, broker.log.read_text()
+            time.sleep(0.1)
+        refusals = [r.getMessage() for r in caplog.records if "refused the credentials" in r.getMessage()]
+        assert len(refusals) == 1, refusals  # one line per cause, not one per attempt
+        assert refusals[0].startswith("the MQTT broker refused the credentials of 'hub:controller:")
+        assert refusals[0].endswith("retrying")
+        assert not hub.hub.controller.connected
+    finally:
+        hub.stop()
+        broker.stop()

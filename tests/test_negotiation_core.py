@@ -97,6 +97,18 @@ def test_accept_answers_with_url_and_service_token_and_holds_the_slot():
     assert core.state(req.stream_id) is State.ACCEPTED and core.open_streams == 1
 
 
+def test_the_answer_goes_to_the_asking_service_under_its_policy():
+    """The service's identity (policy + client id, from its topic) reaches the core and its answers."""
+    core = make()
+    online(core)
+    alice = topics.Service("alice", "svc:a1")
+    req = sent(request(core, service=alice))
+    acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), now=0.01)
+    (a,) = of(acts, Answer)
+    assert a.service == alice and topics.service_responses(a.service) == "devstreams/services/alice/svc:a1/res"
+    assert core.book.get(req.stream_id).service == alice
+
+
 def test_gateways_are_used_in_turn():
     core = make()
     online(core)
