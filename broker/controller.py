@@ -273,6 +273,8 @@ class StreamController:
             self._registry.log_stream(device=event.device, name=event.name, stream_id=event.stream_id,
                                       reason=event.reason, bytes_to_device=event.bytes_to_device,
                                       bytes_to_service=event.bytes_to_service, duration_s=event.duration)
+        elif isinstance(event, core.DevicePresence) and not event.known:
+            self._registry.clear_online(event.device)   # a stale 'online' row, if any; last_seen stays
         elif isinstance(event, core.DevicePresence):
             log.info("device %s is %s", event.device, "online" if event.online else "offline")
             self._registry.set_presence(event.device, event.online)

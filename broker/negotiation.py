@@ -203,6 +203,8 @@ class RequestAnswered:
 class DevicePresence:
     device: str
     online: bool
+    known: bool = True   # False: an 'offline' of a connection this controller never saw online (a
+                         # retained status read at start, e.g. a device that left while no hub ran)
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,9 @@ class Negotiation:
         if presence.online:
             self.presence[device] = presence.conn
             return [Emit(DevicePresence(device, True))]
-        if self.presence.get(device) != presence.conn:
+        if device not in self.presence:
+            return [Emit(DevicePresence(device, False, known=False))]
+        if self.presence[device] != presence.conn:
             return []
         del self.presence[device]
         actions: list[Action] = [Emit(DevicePresence(device, False))]

@@ -280,6 +280,10 @@ class Registry:
         self._best_effort("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
                           (int(online), when or time.time(), device_id))
 
+    def clear_online(self, device_id: str) -> None:
+        """A device's connection ended while no hub was watching: offline, last seen unchanged."""
+        self._best_effort("UPDATE devices SET online = 0 WHERE id = ? AND online = 1", (device_id,))
+
     def mark_all_offline(self) -> None:
         self._best_effort("UPDATE devices SET online = 0 WHERE online = 1")
 

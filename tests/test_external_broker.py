@@ -262,3 +262,28 @@ def test_a_broker_refusing_the_controller_is_one_line_and_retried(tmp_path, capl
     finally:
         hub.stop()
         broker.stop()
+
+
+@needs_mosquitto
+@pytest.mark.timeout(90)
+def test_hubs_leave_presence_to_the_broker(tmp_path):
+    """A stopping hub does not mark devices offline (another may serve them); a device that left while
+    no hub ran is offline once a hub starts again (the broker kept its retained 'offline')."""
+    broker, (hub,) = _hubs(tmp_path, 1)
+    try:
+        async def main():
+            cs = hub.add_device("roamer")
+            agent = DeviceAgent(cs, echo, ca_file=hub.ca_file)
+            await agent.start()
+            try:
+                await wait_for(lambda: _online(hub.data_dir, "roamer"), timeout=15, what="online in the registry")
+                await asyncio.to_thread(hub.stop)
+                assert _online(hub.data_dir, "roamer"), "a stopping hub marked the device offline"
+            finally:
+                await agent.stop()
+            await asyncio.to_thread(hub.start)
+            await wait_for(lambda: not _online(hub.data_dir, "roamer"), timeout=15, what="offline after restart")
+        run(main(), timeout=60)
+    finally:
+        hub.stop()
+        broker.stop()

@@ -195,7 +195,18 @@ def test_takeover_an_old_connections_will_does_not_mark_the_device_offline():
     assert core.presence == {"pump-7": "new"}
     assert core.device_presence("pump-7", msg.Presence(online=False, conn="new"), 2) == [
         Emit(DevicePresence("pump-7", False))]
-    assert core.device_presence("pump-7", msg.Presence(online=False, conn="new"), 3) == []   # once
+    # a repeated 'offline' changes nothing here; it only tells the registry (known=False)
+    assert core.device_presence("pump-7", msg.Presence(online=False, conn="new"), 3) == [
+        Emit(DevicePresence("pump-7", False, known=False))]
+
+
+def test_an_offline_status_read_at_start_corrects_the_registry_but_changes_no_state():
+    """A hub on an external broker reads retained statuses when it starts; a device that left while
+    no hub ran must not stay 'online' in the registry."""
+    core = make()
+    assert core.device_presence("pump-7", msg.Presence(online=False, conn="gone"), 0) == [
+        Emit(DevicePresence("pump-7", False, known=False))]
+    assert core.presence == {}
 
 
 # -- limits -----------------------------------------------------------------------------------------
