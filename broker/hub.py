@@ -154,7 +154,12 @@ class Hub:
     def endpoints(self) -> dict:
         return {"hostName": self.settings.advertised_host(), "mqttEndpoint": self.mqtt_url,
                 "mqttPort": self.mqtt_port, "streamingEndpoints": self.gateway_urls(),
-                "caFile": str(self.tls.ca_cert) if self.tls else None, "dataDir": str(self.data_dir)}
+                "caFile": str(self.tls.ca_cert) if self.tls else None, "dataDir": str(self.data_dir),
+                "broker": self.settings.broker_url or "embedded", "authHook": self._hook_url()}
+
+    def _hook_url(self) -> str | None:
+        hook = getattr(self.broker, "hook", None)
+        return f"http://{self.settings.auth_hook_bind}:{hook.port}" if hook is not None else None
 
     def service_connection_string(self) -> str:
         return str(ConnectionString(host=self.settings.advertised_host(), port=self.mqtt_port,

@@ -210,6 +210,9 @@ def test_hub_up_on_mosquitto_from_the_cli_waits_for_the_broker_then_serves(tmp_p
         echoed = connect("--connection-string", service_cs, "--ca-file", ca, "--device", "cli-1",
                          "--stream", "echo", input=b"through mosquitto\n")
         assert echoed.returncode == 0 and echoed.stdout == b"through mosquitto\n", echoed.stderr
+        shown = json.loads(run_cli("hub", "show", "--data-dir", str(data)).stdout)
+        assert (shown["broker"], shown["authHook"], shown["mqttPort"]) == (
+            f"mqtts://localhost:{port}", f"http://127.0.0.1:{hook}", port)
         assert "Traceback" not in hub.log()
     finally:
         if agent is not None:
