@@ -167,15 +167,7 @@ class MqttSession:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Connect and subscribe; raise UnauthorizedError or HubUnavailableError."""
-        self._loop = asyncio.get_running_loop()
-        self._ready = self._loop.create_future()
-        self.failure = self._loop.create_future()
-        self._renew()
-        try:
-            self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
-        except (OSError, ValueError) as exc:
-            raise HubUnavailableError(f"cannot reach the hub at {self.host}:{self.port}: {exc}") from None
-        self._client.loop_start()
+        self._begin(wait=True)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except asyncio.TimeoutError:
@@ -189,9 +181,13 @@ class MqttSession:
 
     def start_in_background(self) -> None:
         """Connect without waiting: failures are logged (one line per cause) and retried for ever."""
+        self._begin(wait=False)
+
+    def _begin(self, wait: bool) -> None:
         self._loop = asyncio.get_running_loop()
-        self._ready = None       # nobody waits: a refusal is logged and retried like any other failure
-        self._background = True
+        # without a waiter, a refusal is logged and retried like any other failure
+        self._ready = self._loop.create_future() if wait else None
+        self._background = not wait
         self.failure = self._loop.create_future()
         self._renew()
         try:
