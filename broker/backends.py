@@ -34,6 +34,7 @@ from . import auth, datadir
 from .amqtt_fixes import HubBroker
 from .auth import Authenticator, Identity
 from .gate import LISTENER, Gate
+from .limits import TokenBucket
 from .registry import Registry
 from .settings import HubSettings, broker_address
 
@@ -64,7 +65,8 @@ class EmbeddedBroker:
         self.gate = Gate(self._broker, self._authenticator, max_connect_bytes=s.max_connect_packet_bytes,
                          connect_packet_timeout=s.connect_packet_timeout, max_connections=s.max_connections,
                          max_packet_bytes=s.max_packet_bytes, max_retained_bytes=s.max_retained_payload_bytes,
-                         takeover_timeout=s.takeover_timeout, max_unauthenticated=s.max_unauthenticated_connections)
+                         takeover_timeout=s.takeover_timeout, max_unauthenticated=s.max_unauthenticated_connections,
+                         logins=TokenBucket(s.max_logins_per_second, s.logins_burst))
         await self.gate.start(s.bind, s.mqtt_port, self._server_ssl)
 
     async def stop(self) -> None:

@@ -29,6 +29,14 @@ After CONNECT every byte from the client passes a ``PacketGuard``
 (broker/packetguard.py) before amqtt reads it: an oversized packet is refused
 from its fixed header, before its body is read, by closing that connection.
 
+Logins are admitted at a bounded rate (``max_logins_per_second``, a token bucket):
+after a hub restart a whole fleet reconnects at once, and authenticating and
+handing thousands of sessions to amqtt in the same second would stall everything,
+presence and stream requests included.  A CONNECT over the rate gets CONNACK 3
+("server unavailable") before any credential is checked; clients back off with
+jitter (devstreams.transport.mqtt) and come back spread out.  Hub-internal
+logins (its controller) are never refused this way.
+
 Connections that have not logged in yet are at most
 ``max_unauthenticated_connections``; beyond that the oldest of them is dropped
 first, so a flood of idle TLS connections cannot keep a device from logging in
@@ -51,9 +59,10 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
 from devstreams.wire.throttle import LogLimiter
-from devstreams.wire.topics import Role, device_notice
+from devstreams.wire.topics import CONTROLLER_USER, Role, device_notice
 
 from .auth import AuthRefused, Authenticator, Identity
+from .limits import TokenBucket
 from .packetguard import PacketGuard, check_will
 
 log = logging.getLogger(__name__)
@@ -207,7 +216,8 @@ class Gate:
     def __init__(self, broker: Broker, authenticator: Authenticator, *, max_connect_bytes: int = 8192,
                  connect_packet_timeout: float = 10.0, max_connections: int = 10000,
                  max_packet_bytes: int = 64 * 1024, max_retained_bytes: int = 1024,
-                 takeover_timeout: float = 5.0, max_unauthenticated: int = 1000):
+                 takeover_timeout: float = 5.0, max_unauthenticated: int = 1000,
+                 logins: TokenBucket | None = None):
         self._broker = broker
         self._auth = authenticator
         self._max_connect_bytes = max_connect_bytes
@@ -223,6 +233,8 @@ class Gate:
         self._unauthenticated: dict[asyncio.Task, asyncio.StreamWriter] = {}  # oldest first
         self._shed_log = LogLimiter(60.0)
         self.shed = 0  # unauthenticated connections dropped to make room
+        self._logins = logins
+        self.busy = 0  # logins answered "server unavailable" over max_logins_per_second
         self.port = 0
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
@@ -324,6 +336,9 @@ class Gate:
         if writer.is_closing():  # dropped to make room while it was logging in
             return
         client_id = packet.client_id or ""
+        if not self._admit(packet):
+            await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE)
+            return
         if packet.will_flag:
             bad_will = check_will(packet.will_topic, packet.will_message, packet.will_retain_flag,
                                   self._max_retained_bytes)
@@ -359,6 +374,19 @@ class Gate:
             if self._live.get(client_id) is live:
                 del self._live[client_id]
             writer.transport.abort()
+
+    def _admit(self, packet: ConnectPacket) -> bool:
+        """Within ``max_logins_per_second``?  The hub's own controller always is."""
+        if self._logins is None or packet.username == CONTROLLER_USER:
+            return True
+        now = time.monotonic()
+        if self._logins.take(now):
+            return True
+        self.busy += 1
+        if self._shed_log.allow("busy", now):
+            log.warning("more logins than max_logins_per_second: answering 'server unavailable' (clients "
+                        "retry with backoff); %d so far", self.busy)
+        return False
 
     async def _take_over(self, client_id: str, old: _Live, peer) -> bool:
         """Disconnect the older connection of client_id and wait until amqtt is done with it."""

@@ -46,6 +46,8 @@ class HubSettings:
     connect_packet_timeout: float = 10.0  # s; a TLS client must send CONNECT within this
     registry_poll_interval: float = 0.5   # s; how soon a CLI change (disable, remove) reaches the hub
     session_expiry_check_interval: float = 1.0  # s; how soon a session whose SAS token ran out is dropped
+    max_logins_per_second: float = 500.0  # MQTT logins admitted per second (embedded broker); beyond it CONNACK 3 "server unavailable", and clients back off
+    logins_burst: int = 1000              # MQTT logins admitted at once above that rate
     # Broker, after login (gate): bigger packets close the connection before their body is read.
     max_packet_bytes: int = 65536         # any MQTT packet a client sends after CONNECT
     max_retained_payload_bytes: int = 1024  # a retained PUBLISH (presence on a status topic)
@@ -134,13 +136,13 @@ def validate(s: HubSettings) -> HubSettings:
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
-                 "open_streams_refresh", "disk_error_log_interval", "takeover_timeout",
+                 "open_streams_refresh", "disk_error_log_interval", "takeover_timeout", "max_logins_per_second",
                  "auth_hook_request_timeout", "auth_hook_client_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
                  "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst",
-                 "max_packet_bytes", "max_unauthenticated_connections", "auth_hook_max_connections"):
+                 "max_packet_bytes", "max_unauthenticated_connections", "logins_burst", "auth_hook_max_connections"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     if s.max_stream_lifetime < 0:

@@ -107,6 +107,7 @@ class DeviceAgent:
             on_message=self._on_message, on_connected=self._on_connected,
             will=Will(status, lambda conn: msg.encode(msg.Presence(online=False, conn=conn))),
             keepalive=s.keepalive, reconnect_min=s.reconnect_min, reconnect_max=s.reconnect_max,
+            reconnect_window=s.reconnect_window,
             takeover_min=s.takeover_min, takeover_max=s.takeover_max, stop_when_refused=True)
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_full_disk_keeps_streams_logs_once_and_add_says_disk_full(tmp_path, capl
 
             async def before_and_after():
                 async with DeviceAgent(cs, echo_handler, ca_file=hub.ca_file,
-                                       settings=AgentSettings(reconnect_min=1, reconnect_max=1)):
+                                       settings=AgentSettings(reconnect_min=1, reconnect_max=1, reconnect_window=0.5)):
                     await wait_for(lambda: "on-full-disk" in hub.hub.controller.online_devices, what="online")
                     await echo_streams(hub, "on-full-disk", 2)
                     registry = hub.registry()

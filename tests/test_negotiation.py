@@ -126,7 +126,7 @@ def test_wrong_keys_are_refused(hub):
 
 def test_disable_and_remove_drop_live_connection(hub):
     async def main():
-        a = agent(hub, "victim", accepting, reconnect_max=2)
+        a = agent(hub, "victim", accepting, reconnect_max=2, reconnect_window=0.5)
         await a.start()
         try:
             async with service(hub) as svc:
@@ -230,7 +230,7 @@ def test_agent_reconnects_after_hub_restart(tmp_path):
                     await stream.send(await stream.recv())
 
             a = DeviceAgent(cs, echo_once, ca_file=hub.ca_file,
-                            settings=AgentSettings(reconnect_min=1, reconnect_max=2))
+                            settings=AgentSettings(reconnect_min=1, reconnect_max=2, reconnect_window=0.5))
             await a.start()
             try:
                 await wait_for(lambda: "phoenix" in hub.hub.controller.online_devices, what="online")

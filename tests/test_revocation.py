@@ -255,7 +255,7 @@ def test_expired_sas_drops_the_session_not_the_stream(tmp_path):
                     await stream.send(chunk)
 
         async def main():
-            settings = AgentSettings(token_ttl=3, reconnect_min=1, reconnect_max=1)
+            settings = AgentSettings(token_ttl=3, reconnect_min=1, reconnect_max=1, reconnect_window=0.5)
             async with DeviceAgent(hub.add_device("shortlived"), echo, ca_file=hub.ca_file, settings=settings), \
                     ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
                 await wait_for(lambda: "shortlived" in hub.hub.controller.online_devices, what="online")

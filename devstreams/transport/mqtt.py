@@ -16,12 +16,19 @@ connection refused") that a retrying session logs at warning level the first
 time and then at most once a minute per cause (:class:`LogLimiter`), and that a
 session which does not retry raises.
 
+Reconnects (:func:`reconnect_delay`): paho's own backoff waits exactly 1, 2,
+4 ... s, so when a hub restarts its whole fleet would come back in the same
+second, again and again.  ``_Client`` replaces paho's wait: the first retry after
+a lost connection comes at a random moment within ``reconnect_window``, later
+ones back off exponentially from ``reconnect_min`` to ``reconnect_max`` with
+jitter.  A hub admitting logins at a bounded rate answers the rest "server
+unavailable" (CONNACK 3), and they back off the same way.
+
 Takeover: when another connection logs in with the same client id, the hub
 writes one PUBLISH on ``devstreams/devices/<id>/notice`` and closes this one.
 The session logs that once and waits a growing, jittered delay before
-reconnecting (paho would retry after ``reconnect_min`` every time, because it
-resets its backoff after each successful CONNACK), so two copies of one agent
-alternate visibly instead of fighting every second.
+reconnecting, so two copies of one agent alternate visibly instead of fighting
+every second.
 """
 
 import asyncio
@@ -88,10 +95,40 @@ def takeover_delay(count: int, low: float, high: float, jitter: float) -> float:
     return min(high, low * 2 ** max(0, count - 1)) * jitter
 
 
+def reconnect_delay(attempt: int, low: float, high: float, window: float, rand: float) -> float:
+    """Seconds before reconnect ``attempt`` (0 = the first after a lost connection); ``rand`` in [0, 1).
+
+    The first is spread over ``window``; then low, 2*low, 4*low ... up to high, each
+    times a jitter between 0.5 and 1.5, so retries never line up again.
+    """
+    if attempt <= 0:
+        return window * rand
+    return min(high, low * 2 ** (attempt - 1)) * (0.5 + rand)
+
+
 class _Client(paho.Client):
-    """paho's client, keeping the exception of the last failed connect (paho drops it)."""
+    """paho's client, keeping the exception of the last failed connect (paho drops it),
+    and waiting :func:`reconnect_delay` between attempts instead of paho's fixed doubling."""
 
     last_connect_error: BaseException | None = None
+    delay_for: Callable[[int], float] | None = None   # attempt -> seconds
+    next_delay: float | None = None                   # one wait chosen by the session (a takeover)
+    attempt = 0                                       # reset by the session after a successful CONNACK
+
+    def _reconnect_wait(self) -> None:
+        """Replaces paho 2's ``_reconnect_wait`` (it reads paho's private connection state to stop early)."""
+        if self.delay_for is None:
+            return super()._reconnect_wait()
+        delay = self.next_delay if self.next_delay is not None else self.delay_for(self.attempt)
+        self.next_delay = None
+        self.attempt += 1
+        deadline = time.monotonic() + delay
+        stopping = (paho._ConnectionState.MQTT_CS_DISCONNECTING, paho._ConnectionState.MQTT_CS_DISCONNECTED)
+        while self._state not in stopping and not self._thread_terminate:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, 0.5))
 
     def reconnect(self) -> MQTTErrorCode:
         try:
@@ -119,7 +156,8 @@ class MqttSession:
                  on_connected: Callable[[str], None] | None = None,
                  on_disconnected: Callable[[], None] | None = None,
                  will: Will | None = None, keepalive: int = 30,
-                 reconnect_min: float = 1.0, reconnect_max: float = 30.0, retry_first_connect: bool = True,
+                 reconnect_min: float = 1.0, reconnect_max: float = 30.0, reconnect_window: float = 1.0,
+                 retry_first_connect: bool = True,
                  takeover_min: float = 2.0, takeover_max: float = 60.0, stop_when_refused: bool = False,
                  peer: str = "hub"):
         self.client_id = client_id
@@ -134,8 +172,6 @@ class MqttSession:
         self._will = will
         self._keepalive = keepalive
         self._retry_first = retry_first_connect  # devices wait for the hub; a service call should not
-        self._reconnect_min = max(1, int(reconnect_min))
-        self._reconnect_max = int(reconnect_max)
         self._takeover_min, self._takeover_max = takeover_min, takeover_max
         self._takeovers = 0            # in a row: reset once a connection held for long
         self._connected_at = 0.0
@@ -154,7 +190,8 @@ class MqttSession:
         self._client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                clean_session=True, protocol=paho.MQTTv311)
         self._client.tls_set_context(ssl_context)
-        self._client.reconnect_delay_set(min_delay=self._reconnect_min, max_delay=self._reconnect_max)
+        self._client.delay_for = lambda attempt: reconnect_delay(attempt, reconnect_min, reconnect_max,
+                                                                 reconnect_window, random.random())
         self._client.suppress_exceptions = True
         self._client.on_connect = self._paho_on_connect
         self._client.on_disconnect = self._paho_on_disconnect
@@ -255,8 +292,7 @@ class MqttSession:
             self.connected = True
             self._connected_at = time.monotonic()
             self._displaced = False
-            # a takeover stretched paho's backoff for one wait; later losses start short again
-            client.reconnect_delay_set(min_delay=self._reconnect_min, max_delay=self._reconnect_max)
+            client.attempt = 0   # the next lost connection starts with a spread first retry again
             log.info("connected to %s:%s as %s", self.host, self.port, self.client_id)
             self._pending_subs.clear()
             for topic in self._subscriptions:
@@ -355,7 +391,7 @@ class MqttSession:
         self._takeovers += 1
         delay = takeover_delay(self._takeovers, self._takeover_min, self._takeover_max, random.uniform(0.8, 1.2))
         self._displaced = True
-        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, self._reconnect_max))
+        client.next_delay = delay
         try:
             reason = json.loads(payload).get("reason") or ""
         except (ValueError, AttributeError):
