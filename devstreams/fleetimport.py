@@ -19,10 +19,9 @@ Hostile-input-safe: every line is bounded (:data:`MAX_LINE_BYTES`) before it is
 decoded or parsed, and only the two known fields are accepted.
 """
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import json
 
 from devstreams.wire.errors import ConfigError
 from devstreams.wire.names import is_device_id
@@ -32,6 +31,10 @@ MAX_TAG_KEY = 64            # "short string->string pairs": what a later tags fe
 MAX_TAG_VALUE = 256
 MAX_TAGS = 64
 FIELDS = ("device_id", "tags")
+
+
+class BadLine(ValueError):
+    """Why one line cannot be imported (without its number: :func:`parse` adds it)."""
 
 
 class ImportFileError(ConfigError):
@@ -61,49 +64,49 @@ def _tags_ok(tags) -> bool:
 
 
 def _json_line(text: str) -> str:
-    """The device ID of one JSON line; ValueError with the reason otherwise."""
+    """The device ID of one JSON line; BadLine with the reason otherwise."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        raise ValueError(f"malformed JSON ({msg})") from None
+        raise BadLine(f"malformed JSON ({msg})") from None
     if not isinstance(obj, dict):
-        raise ValueError("a JSON line must be an object like {\"device_id\": \"pump-7\"}")
+        raise BadLine("a JSON line must be an object like {\"device_id\": \"pump-7\"}")
     unknown = [k for k in obj if k not in FIELDS]
     if unknown:
-        raise ValueError(f"unknown field {unknown[0][:40]!r} (a JSON line has \"device_id\" and optionally \"tags\")")
+        raise BadLine(f"unknown field {unknown[0][:40]!r} (a JSON line has \"device_id\" and optionally \"tags\")")
     if "device_id" not in obj:
-        raise ValueError("JSON line without \"device_id\"")
+        raise BadLine("JSON line without \"device_id\"")
     device_id = obj["device_id"]
     if not isinstance(device_id, str):
-        raise ValueError("\"device_id\" must be a string")
+        raise BadLine("\"device_id\" must be a string")
     tags = obj.get("tags")
     if tags is not None and tags != {}:
         if not _tags_ok(tags):
-            raise ValueError(f"\"tags\" must be an object of string values (at most {MAX_TAGS} tags, names of "
+            raise BadLine(f"\"tags\" must be an object of string values (at most {MAX_TAGS} tags, names of "
                              f"1-{MAX_TAG_KEY} and values of at most {MAX_TAG_VALUE} characters)")
-        raise ValueError("device tags are not supported yet (they would be lost): import the IDs without "
+        raise BadLine("device tags are not supported yet (they would be lost): import the IDs without "
                          "\"tags\" and add the tags when a later release supports them")
     return device_id
 
 
 def parse_line(raw: bytes) -> str | None:
-    """The device ID one line names, None for a blank or comment line; ValueError says why not."""
+    """The device ID one line names, None for a blank or comment line; BadLine says why not."""
     if len(raw) > MAX_LINE_BYTES:
-        raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
+        raise BadLine(f"line longer than {MAX_LINE_BYTES} bytes")
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
+        raise BadLine("not UTF-8 text") from None
     text = text.removeprefix("\ufeff").strip()  # a byte order mark some editors write first
-    if text.startswith("{") or text.startswith("["):
+    if text.startswith(("{", "[")):
         device_id = _json_line(text)
     else:
         device_id = text.split("#", 1)[0].strip()
         if not device_id:
             return None
     if not is_device_id(device_id):
-        raise ValueError(_bad_id(device_id))
+        raise BadLine(_bad_id(device_id))
     return device_id
 
 
@@ -120,7 +123,7 @@ def parse(lines: Iterable[bytes], source: str = "input") -> list[Entry]:
     for number, raw in enumerate(lines, start=1):
         try:
             device_id = parse_line(raw)
-        except ValueError as exc:
+        except BadLine as exc:
             raise ImportFileError(source, number, str(exc)) from None
         if device_id is None:
             continue

@@ -1,6 +1,7 @@
 """Hub-side commands: ``hub``, ``device``, ``logs`` (and ``gateway up``)."""
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -269,17 +270,11 @@ def device_import(args) -> int:
     from .fleetimport import MAX_LINE_BYTES, parse
     source = "stdin" if args.file == "-" else args.file
     try:
-        stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+        with contextlib.nullcontext(sys.stdin.buffer) if args.file == "-" else open(args.file, "rb") as stream:
+            # readline with a bound: a hostile file without newlines is refused, not read whole
+            entries = parse(iter(lambda: stream.readline(MAX_LINE_BYTES + 2), b""), source)
     except OSError as exc:
         raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
-    try:
-        # readline with a bound: a hostile file without newlines is refused, not read whole
-        entries = parse(iter(lambda: stream.readline(MAX_LINE_BYTES + 2), b""), source)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
     path = datadir.ensure(datadir.resolve(args.data_dir))
     address = _address(args)
     try:

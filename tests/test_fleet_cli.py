@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from devprocs import Devstreams, wait_online
+from helpers import cli
 
 from broker.registry import open_registry
-from devprocs import Devstreams, wait_online
 from devstreams.fleetimport import MAX_LINE_BYTES, ImportFileError, parse, parse_line
 from devstreams.wire.connstr import parse as parse_cs
 from devstreams.wire.errors import ConfigError
-from helpers import cli
 
 
 def one_line_error(result) -> str:
@@ -218,3 +218,53 @@ def test_list_online_without_a_hub_is_empty(tmp_path):
     assert json.loads(cli("device", "list", "--online", "--json", "--data-dir", data_dir).stdout) == []
     text = cli("device", "list", "--online", "--data-dir", data_dir).stdout
     assert "hub not running" in text and "d1" not in text
+
+
+def test_registry_add_devices_is_all_or_nothing(tmp_path):
+    from broker.registry import DevicesExistError
+    registry = open_registry(tmp_path)
+    try:
+        registry.add_device("old-1")
+        registry.add_device("old-2")
+        with pytest.raises(DevicesExistError) as info:
+            registry.add_devices(["new-1", "old-2", "new-2", "old-1"])
+        assert sorted(info.value.device_ids) == ["old-1", "old-2"]
+        assert "'old-" in str(info.value) and "(and 1 more)" in str(info.value)
+        with pytest.raises(ConfigError, match="more than once"):
+            registry.add_devices(["new-1", "new-1"])
+        with pytest.raises(ConfigError, match="invalid device ID"):
+            registry.add_devices(["new-1", "bad/id"])
+        assert [d.id for d in registry.all()] == ["old-1", "old-2"]  # nothing of the refused batches
+        added = registry.add_devices(["new-2", "new-1"])
+        assert [d.id for d in added] == ["new-2", "new-1"]
+        assert all(registry.get(d.id).key == d.key and len(d.key) == 32 for d in added)
+        assert len({d.key for d in added}) == 2
+        # the hub can write presence right after: the import's transaction is closed
+        registry.set_presence("new-1", True)
+        assert [d.id for d in registry.devices(online_only=True)] == ["new-1"]
+        assert [d.id for d in registry.devices(limit=2)] == ["new-1", "new-2"]
+    finally:
+        registry.close()
+
+
+def test_output_lost_says_the_devices_are_registered(tmp_path):
+    """Printing happens after the commit: if it fails, the one-line error says what exists."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    data_dir = tmp_path / "hub"
+    listing = tmp_path / "fleet.txt"
+    listing.write_text("\n".join(f"lost-{n}" for n in range(5000)) + "\n")  # more than a pipe buffer
+    proc = subprocess.Popen([sys.executable, "-m", "devstreams", "device", "import", str(listing),
+                             "--data-dir", str(data_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "the 5000 devices are registered, but printing their connection strings failed" in lines[0]
+    assert "device show ID" in lines[0]
+    assert len(registered(data_dir)) == 5000
