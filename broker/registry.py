@@ -96,6 +96,15 @@ class DeviceExistsError(ConfigError):
     """``device add`` of an ID that is already registered."""
 
 
+class DevicesExistError(DeviceExistsError):
+    """``device import`` of IDs of which some are already registered (all of them in ``device_ids``)."""
+
+    def __init__(self, device_ids: list[str]):
+        more = f" (and {len(device_ids) - 1} more)" if len(device_ids) > 1 else ""
+        super().__init__(f"device {device_ids[0]!r}{more} already exists: nothing was imported")
+        self.device_ids = device_ids
+
+
 class UnknownDeviceError(ConfigError):
     """A command named a device that is not registered."""
 
@@ -246,6 +255,41 @@ class Registry:
                                     f"{device_id}' or 'device rotate-key {device_id}'") from None
         return self.require(device_id)
 
+    def add_devices(self, device_ids: list[str]) -> list[Device]:
+        """Register many devices in one transaction: all of them, or (on any error) none.
+
+        The check for IDs that are already registered runs inside the same write
+        transaction as the inserts, so a concurrent ``device add`` cannot slip in
+        between; :class:`DevicesExistError` lists them all.  A running hub sees the
+        new devices at once (it reads the registry at each login).
+        """
+        for device_id in device_ids:
+            check_device_id(device_id)
+        if len(set(device_ids)) != len(device_ids):
+            raise ConfigError("the same device ID is given more than once")
+        now = time.time()
+        rows = [(device_id, secrets.token_bytes(KEY_BYTES), now) for device_id in device_ids]
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                existing: list[str] = []
+                for start in range(0, len(device_ids), 500):  # well below SQLite's variable limit
+                    chunk = device_ids[start:start + 500]
+                    existing += [r[0] for r in self._db.execute(
+                        f"SELECT id FROM devices WHERE id IN ({', '.join('?' * len(chunk))})", chunk)]
+                if existing:
+                    raise DevicesExistError(existing)
+                self._db.executemany("INSERT INTO devices (id, key, created) VALUES (?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise
+        except (sqlite3.OperationalError, OSError) as exc:  # (read-only when degraded: disk full)
+            raise self._failure("cannot write the registry", exc) from None
+        return [Device(id=device_id, key=key, enabled=True, created=created, online=False, last_seen=None)
+                for device_id, key, created in rows]
+
     def get(self, device_id: str) -> Device | None:
         row = self._db.execute("SELECT id, key, enabled, created, online, last_seen FROM devices "
                                "WHERE id = ?", (device_id,)).fetchone()
@@ -259,9 +303,19 @@ class Registry:
         return device
 
     def all(self) -> list[Device]:
-        rows = self._db.execute("SELECT id, key, enabled, created, online, last_seen FROM devices "
-                                "ORDER BY id").fetchall()
-        return [_row_to_device(r) for r in rows]
+        return self.devices()
+
+    def devices(self, online_only: bool = False, limit: int | None = None) -> list[Device]:
+        """Devices by ID; the filtering and the limit are SQL, so a large fleet is not read whole."""
+        sql = "SELECT id, key, enabled, created, online, last_seen FROM devices"
+        args: tuple = ()
+        if online_only:
+            sql += " WHERE online = 1"
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args = (limit,)
+        return [_row_to_device(r) for r in self._db.execute(sql, args).fetchall()]
 
     def remove(self, device_id: str) -> None:
         self.require(device_id)

@@ -1,13 +1,15 @@
 """Hub-side commands: ``hub``, ``device``, ``logs`` (and ``gateway up``)."""
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
+import os
 import sys
 
 from broker import datadir
-from broker.registry import SERVICE_POLICY, open_registry
+from broker.registry import SERVICE_POLICY, DevicesExistError, open_registry
 from broker.settings import HubSettings, load, settings_dict, validate
 from devstreams.wire.connstr import ConnectionString
 from devstreams.wire.errors import ConfigError
@@ -83,7 +85,18 @@ def register(groups, common) -> None:
         p.set_defaults(run=fn)
     listing = device.add_parser("list", parents=[common, data], help="list devices, online/offline, last seen")
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--online", action="store_true", help="only the devices online now")
+    listing.add_argument("--limit", type=int, default=None, metavar="N",
+                         help="at most N devices, by ID (default: all)")
     listing.set_defaults(run=device_list)
+    imports = device.add_parser(
+        "import", parents=[common, data],
+        help="register many devices at once; print each one's connection string as a JSON line",
+        description="Register every device of FILE in one transaction, all or none: one device ID per "
+                    "line (blank lines and # comments ignored) or JSON lines {\"device_id\": \"pump-7\"}. "
+                    "Prints {\"device_id\": ..., \"connection_string\": ...} per device.")
+    imports.add_argument("file", metavar="FILE", help="the list of devices ('-' reads stdin)")
+    imports.set_defaults(run=device_import)
 
     logs = groups.add_parser("logs", parents=[common, data], help="print the activity log")
     logs.add_argument("--device", default=None, help="only this device")
@@ -112,8 +125,8 @@ def _address(args) -> tuple[str, int]:
     return settings.advertised_host(), settings.advertised_port()
 
 
-def _device_cs(args, device) -> str:
-    host, port = _address(args)
+def _device_cs(args, device, address: tuple[str, int] | None = None) -> str:
+    host, port = address or _address(args)
     return str(ConnectionString(host=host, port=port, device_id=device.id, key=device.key))
 
 
@@ -247,9 +260,60 @@ def device_show(args) -> int:
     return 0
 
 
+def device_import(args) -> int:
+    """``device import FILE``: check the whole file, register it in one transaction, then print.
+
+    The connection strings are printed after the commit, never while the registry's
+    write lock is held (a reader like ``| less`` could otherwise stall the hub's
+    presence writes); if printing fails, the error says the devices are registered.
+    """
+    from .fleetimport import MAX_LINE_BYTES, parse
+    source = "stdin" if args.file == "-" else args.file
+    try:
+        with contextlib.nullcontext(sys.stdin.buffer) if args.file == "-" else open(args.file, "rb") as stream:
+            # readline with a bound: a hostile file without newlines is refused, not read whole
+            entries = parse(iter(lambda: stream.readline(MAX_LINE_BYTES + 2), b""), source)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    path = datadir.ensure(datadir.resolve(args.data_dir))
+    address = _address(args)
+    try:
+        devices = open_registry(path).add_devices([e.device_id for e in entries])
+    except DevicesExistError as exc:
+        lines = {e.device_id: e.line for e in entries}
+        first = min(exc.device_ids, key=lines.__getitem__)
+        more = f" (and {len(exc.device_ids) - 1} more lines)" if len(exc.device_ids) > 1 else ""
+        raise ConfigError(f"{source}, line {lines[first]}: device {first!r} is already registered{more}; "
+                          "nothing was imported") from None
+    out = "".join(json.dumps({"device_id": d.id, "connection_string": _device_cs(args, d, address)}) + "\n"
+                  for d in devices)
+    try:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        raise ConfigError(f"the {len(devices)} devices are registered, but printing their connection strings "
+                          f"failed ({exc.strerror or exc}): 'devstreams device show ID' prints each one") from None
+    return 0
+
+
+def _silence_stdout() -> None:
+    """After a failed write to stdout, keep Python's exit-time flush from printing a second error."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def device_list(args) -> int:
-    devices = _registry(args).all()
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    registry = _registry(args)
     running = _hub_running(args)
+    if args.online and not running:
+        devices = []  # the registry's flags may be stale after a crash: without a hub nothing is online
+    else:
+        devices = registry.devices(online_only=args.online, limit=args.limit)
     if args.json:
         print(json.dumps([_device_json(d, running) for d in devices], indent=2))
         return 0
