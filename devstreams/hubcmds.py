@@ -10,7 +10,7 @@ import sys
 
 from broker import datadir
 from broker.registry import SERVICE_POLICY, DevicesExistError, open_registry
-from broker.settings import HubSettings, load, settings_dict, validate
+from broker.settings import HubSettings, broker_address, load, settings_dict, validate
 from devstreams.wire.connstr import ConnectionString
 from devstreams.wire.errors import ConfigError
 
@@ -193,7 +193,10 @@ def hub_broker_config(args) -> int:
     from broker.mosquitto import mosquitto_conf
     path = datadir.ensure(datadir.resolve(args.data_dir))
     settings = _settings(args)
-    port = args.port if args.port is not None else settings.advertised_port() if settings.broker_url else 8883
+    if args.port is not None:
+        port = args.port
+    else:  # where the broker listens: the broker URL's port (an advertised port may be a NAT's)
+        port = broker_address(settings)[1] if settings.broker_url else 8883
     if not 0 < port < 65536:
         raise ConfigError("--port must be a port number (1-65535)")
     open_registry(path).close()  # the hook answers from this registry: make it exist

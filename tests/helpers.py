@@ -33,9 +33,9 @@ def free_port() -> int:
 def have_mosquitto() -> str | None:
     """Why Mosquitto tests cannot run here, or None."""
     if not (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
-        return "Mosquitto is not installed (apt-get install mosquitto mosquitto-dev gcc)"
-    if not os.path.exists("/usr/include/mosquitto_broker.h"):
-        return "Mosquitto's plugin headers are missing (apt-get install mosquitto-dev)"
+        return "Mosquitto is not installed (apt-get install mosquitto mosquitto-dev libmosquitto-dev gcc)"
+    if not all(os.path.exists(f"/usr/include/{h}") for h in ("mosquitto_broker.h", "mosquitto.h")):
+        return "Mosquitto's plugin headers are missing (apt-get install mosquitto-dev libmosquitto-dev)"
     if not shutil.which("cc"):
         return "no C compiler (apt-get install gcc)"
     return None

@@ -37,7 +37,7 @@ COMPILER = shutil.which("cc") or shutil.which("gcc")
 
 pytestmark = pytest.mark.skipif(
     not MOSQUITTO or not COMPILER or not Path("/usr/include/mosquitto_broker.h").exists(),
-    reason="needs mosquitto, a C compiler and Mosquitto's headers (apt-get install mosquitto mosquitto-dev gcc)")
+    reason="needs mosquitto, a C compiler and Mosquitto's headers (apt-get install mosquitto mosquitto-dev libmosquitto-dev gcc)")
 
 TOKEN = "t" * 40
 
@@ -463,14 +463,14 @@ def test_plugin_source_is_warning_free():
 
 def test_build_errors_say_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(ConfigError, match="apt-get install mosquitto-dev gcc"):
+    with pytest.raises(ConfigError, match="apt-get install mosquitto-dev libmosquitto-dev gcc"):
         build_plugin(tmp_path / "a")
     fake = tmp_path / "fake-cc"
     fake.write_text("#!/bin/sh\necho 'devstreams_auth.c:48:10: fatal error: mosquitto_broker.h: "
                     "No such file or directory' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
-    with pytest.raises(ConfigError, match="headers are missing: run 'apt-get install mosquitto-dev gcc'"):
+    with pytest.raises(ConfigError, match="headers are missing: run .apt-get install mosquitto-dev libmosquitto-dev gcc."):
         build_plugin(tmp_path / "b")
     assert list((tmp_path / "b").iterdir()) == [], "a failed build left files behind"
 

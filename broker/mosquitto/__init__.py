@@ -26,7 +26,7 @@ CONTROL_TOPIC = "$CONTROL/devstreams/v1"
 SOURCE = Path(__file__).with_name("devstreams_auth.c")
 PLUGIN_NAME = "devstreams_auth.so"
 MOSQUITTO_DIR = "mosquitto"       # <data-dir>/mosquitto: the built plugin and Mosquitto's persistence
-INSTALL_HINT = "apt-get install mosquitto-dev gcc"
+INSTALL_HINT = "apt-get install mosquitto-dev libmosquitto-dev gcc"
 
 
 def kick_payload(clients=(), users=()) -> bytes:
