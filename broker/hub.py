@@ -21,10 +21,13 @@ from devstreams.transport.tls import client_context
 
 from devstreams.wire.throttle import EveryInterval
 
+from devstreams.wire.events import StreamClosed
+
 from . import datadir, pki
 from .auth import Authenticator
 from .backends import EmbeddedBroker, ExternalBroker
 from .controller import StreamController
+from .memory import TrimRule, release_free_memory
 from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 
@@ -187,6 +190,9 @@ class Hub:
             self.controller.on_gateway_control = self.gateway.apply_control
         version = self.registry.data_version()
         errors = EveryInterval(s.disk_error_log_interval)
+        trim = TrimRule(s.memory_trim_interval)
+        if self.controller is not None:
+            self.controller.events.subscribe(lambda event: trim.freed() if isinstance(event, StreamClosed) else None)
         next_expiry = next_publish = 0.0
         published = True  # clear a list left by a hub that did not stop cleanly
         try:
@@ -201,6 +207,8 @@ class Hub:
                     if now >= next_expiry:
                         next_expiry = now + s.session_expiry_check_interval
                         self.broker.expire(time.time())
+                    if trim.due(now):
+                        release_free_memory()
                     if now >= next_publish:
                         next_publish = now + s.open_streams_refresh
                         rows = self.open_streams()

@@ -188,3 +188,15 @@ def test_only_gateways_receive_the_control_topic():
     for role, cid in ((Role.DEVICE, "pump-7"), (Role.SERVICE, "svc:a")):
         for action in Action:
             assert not allowed(Claim(role, cid, policy="service"), action, gateway_control())
+
+
+def test_memory_is_trimmed_after_streams_end_at_most_once_per_interval():
+    from broker.memory import TrimRule
+    rule = TrimRule(interval=10)
+    assert not rule.due(0)            # nothing freed yet: no trim
+    rule.freed(3)
+    assert rule.due(1)                # streams ended: trim now
+    rule.freed()
+    assert not rule.due(5)            # again within the interval: wait ...
+    assert rule.due(11)               # ... until it has passed
+    assert not rule.due(30)           # nothing freed since: no trim
