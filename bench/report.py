@@ -50,12 +50,43 @@ def markdown(r: dict) -> str:
             f"{r['rate']['streams_per_s']:.0f} ({r['rate']['failed']} failed) |",
             f"| hub memory per idle device ({idle['devices']} devices) | {idle['hub_KiB_per_device']:.1f} KiB |",
             f"| stream setup p50 with them connected | {idle['setup_with_idle_devices']['p50_ms']:.1f} ms |",
-            "", "| target | measured | met |", "|---|---:|:---:|"]
+            ""]
+    out += brokers(r)
+    out += ["", "| target | measured | met |", "|---|---:|:---:|"]
     for name, (value, ok) in verdicts(r).items():
         limit = TARGETS.get(name, "")
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         out.append(f"| {name} {('(' + str(limit) + ')') if limit != '' else ''} | {shown} | {'yes' if ok else 'NO'} |")
     return "\n".join(out) + "\n"
+
+
+def brokers(r: dict) -> list[str]:
+    """The embedded hub next to the hub on Mosquitto: memory per idle device and stream setup."""
+    idle, setup = r["idle"], r["setup"]
+    out = [f"| {idle['devices']} idle devices | memory per device: broker | hub | broker + hub | "
+           "stream setup p50 / p99 | setup p50 / p99 with the devices connected |",
+           "|---|---:|---:|---:|---:|---:|"]
+
+    def row(name: str, broker: float | None, idle: dict, setup: dict) -> str:
+        hub = idle["hub_KiB_per_device"]
+        both = hub + (broker or 0.0)
+        with_idle = idle["setup_with_idle_devices"]
+        return (f"| {name} | {'(in the hub)' if broker is None else f'{broker:.1f} KiB'} | {hub:.1f} KiB | "
+                f"{both:.1f} KiB | {setup['p50_ms']:.1f} / {setup['p99_ms']:.1f} ms | "
+                f"{with_idle['p50_ms']:.1f} / {with_idle['p99_ms']:.1f} ms |")
+    out.append(row("devstreams (embedded broker)", None, idle, setup))
+    mosq = r.get("mosquitto")
+    if mosq is None:
+        return out
+    if "skipped" in mosq:
+        out.append(f"| devstreams on Mosquitto | not measured: {mosq['skipped']} | | | | |")
+    else:
+        out.append(row("devstreams on Mosquitto", mosq["idle"]["broker_KiB_per_device"], mosq["idle"],
+                       mosq["setup"]))
+    out += ["", "On Mosquitto, devices and services log in to Mosquitto (C, with the devstreams plugin "
+            "asking the hub's auth hook); the hub process runs only the controller, the hook and the gateway. "
+            "Memory: RSS delta of each process with the idle devices connected."]
+    return out
 
 
 def chart(r: dict, path: Path) -> bool:

@@ -45,6 +45,7 @@ class Rig:
     def __init__(self, procs: Processes, work: Path, log):
         self.procs, self.work, self.log = procs, work, log
         self.data = work / "hub"
+        self.mqtt_port = 0  # devices connect to the hub's advertised port unless set
 
     def start(self) -> dict[str, int]:
         hub = self.procs.devstreams("hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1",
@@ -86,34 +87,43 @@ class Rig:
             time.sleep(0.1)
         registry.close()
 
-    def idle_devices(self, count: int, setup_samples: int) -> dict:
-        """Connect ``count`` idle devices; hub memory per device and stream setup while they are there."""
+    def idle_devices(self, count: int, setup_samples: int, broker: subprocess.Popen | None = None) -> dict:
+        """Connect ``count`` idle devices; hub memory per device and stream setup while they are there.
+
+        ``broker``: the external broker process the devices connect to (the hub then runs only
+        controller, auth hook and gateway); its memory per device is measured too.
+        """
         from broker.registry import open_registry
         from devstreams.wire.connstr import ConnectionString
         hub_info = wait_file_json(self.data / "hub.json", self.hub_proc)
+        port = self.mqtt_port or hub_info["mqttPort"]
         registry = open_registry(self.data)
         lines = []
         for i in range(count):
             device = registry.add_device(f"idle-{i:05d}")
-            lines.append(str(ConnectionString(host="localhost", port=hub_info["mqttPort"], device_id=device.id,
-                                              key=device.key)))
+            lines.append(str(ConnectionString(host="localhost", port=port, device_id=device.id, key=device.key)))
         registry.close()
         path = self.work / "idle.txt"
         path.write_text("\n".join(lines))
-        hub = psutil.Process(self.hub_proc.pid)
-        before = hub.memory_info().rss
-        sim = self.procs.python("-m", "bench.simdevices", "localhost", str(hub_info["mqttPort"]), self.ca,
+        watched = {"hub": psutil.Process(self.hub_proc.pid)}
+        if broker is not None:
+            watched["broker"] = psutil.Process(broker.pid)
+        before = {name: proc.memory_info().rss for name, proc in watched.items()}
+        sim = self.procs.python("-m", "bench.simdevices", "localhost", str(port), self.ca,
                                 str(path), stdin=subprocess.PIPE)
         started = time.perf_counter()
         line = first_line(sim, "simulated devices")
         connect_seconds = time.perf_counter() - started
         time.sleep(3)  # let presence updates settle
-        after = hub.memory_info().rss
+        after = {name: proc.memory_info().rss for name, proc in watched.items()}
         setup = streams.setup_times(self.service_cs, self.ca, DEVICE, setup_samples)
         sim.stdin.close()
-        return {"devices": int(line.split()[1]), "connect_seconds": connect_seconds,
-                "hub_rss_before_MiB": before / 2**20, "hub_rss_after_MiB": after / 2**20,
-                "hub_KiB_per_device": (after - before) / count / 1024, "setup_with_idle_devices": setup}
+        out = {"devices": int(line.split()[1]), "connect_seconds": connect_seconds,
+               "setup_with_idle_devices": setup}
+        for name in watched:
+            out |= {f"{name}_rss_before_MiB": before[name] / 2**20, f"{name}_rss_after_MiB": after[name] / 2**20,
+                    f"{name}_KiB_per_device": (after[name] - before[name]) / count / 1024}
+        return out
 
 
 def run(sizes: Sizes, log=print) -> dict:
@@ -145,4 +155,7 @@ def run(sizes: Sizes, log=print) -> dict:
         log(f"[devstreams]   p50 {results['setup']['p50_ms']:.1f} ms; new streams for {sizes.rate_seconds:g} s ...")
         results["rate"] = streams.stream_rate(rig.service_cs, rig.ca, DEVICE, sizes.rate_seconds)
         log(f"[devstreams]   {results['rate']['streams_per_s']:.0f} streams/s")
+    # After the embedded hub's processes are all stopped: the two hubs never compete for the CPU.
+    from . import mosquitto  # it builds on Rig
+    results["mosquitto"] = mosquitto.run(sizes, log)
     return results

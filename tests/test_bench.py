@@ -7,7 +7,7 @@ import sys
 import psutil
 import pytest
 
-from helpers import REPO
+from helpers import REPO, have_mosquitto
 
 
 @pytest.mark.timeout(180)
@@ -25,6 +25,16 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
     assert data["setup"]["streams"] == data["sizes"]["setup_streams"]
     assert data["rate"]["failed"] == 0
     assert data["idle"]["devices"] == data["sizes"]["idle_devices"]
-    assert (tmp_path / "quick.md").read_text().startswith("# devstreams benchmark")
+    markdown = (tmp_path / "quick.md").read_text()
+    assert markdown.startswith("# devstreams benchmark")
+    mosquitto = data["mosquitto"]
+    if have_mosquitto():
+        assert mosquitto["skipped"] and "not measured" in markdown
+    else:  # the same figures with the hub on a real Mosquitto, side by side with the embedded hub
+        assert mosquitto["idle"]["devices"] == data["sizes"]["idle_devices"]
+        assert mosquitto["idle"]["broker_rss_after_MiB"] > 0 and "hub_KiB_per_device" in mosquitto["idle"]
+        assert mosquitto["setup"]["streams"] == data["sizes"]["setup_streams"]
+        assert mosquitto["idle"]["setup_with_idle_devices"]["streams"] > 0
+        assert "| devstreams on Mosquitto |" in markdown
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not leftovers, f"the benchmark left processes behind: {leftovers}"

@@ -1,0 +1,110 @@
+"""The "devstreams on Mosquitto" row: the same idle-device and stream-setup figures with the
+hub on an external Mosquitto (devices and services log in to Mosquitto; the hub runs only the
+controller, the auth hook Mosquitto's plugin asks, and the gateway).
+
+Mosquitto is configured exactly as a user would: ``devstreams hub broker-config mosquitto``
+(which also builds the plugin and prepares the TLS files), then ``mosquitto -c FILE``.
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from . import streams
+from .procs import Processes, wait_file_json
+from .run import DEVICE, Rig, Sizes
+
+ROW = "devstreams on Mosquitto"
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+
+
+def missing() -> str | None:
+    """Why this row cannot be measured here, or None (the same checks as the test suite's)."""
+    if not mosquitto_binary():
+        return "Mosquitto is not installed (apt-get install mosquitto mosquitto-dev gcc)"
+    if not os.path.exists("/usr/include/mosquitto_broker.h"):
+        return "Mosquitto's plugin headers are missing (apt-get install mosquitto-dev)"
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        return "no C compiler to build the devstreams plugin (apt-get install gcc)"
+    return None
+
+
+def free_port() -> int:
+    """Mosquitto and the auth hook need their ports before they start (no port 0); the race is tiny."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"mosquitto did not listen on port {port}: {log.read_text()[-2000:]}")
+
+
+class MosquittoRig(Rig):
+    """A Mosquitto, a hub using it, and one echo agent (the stream-setup target)."""
+
+    def start(self) -> dict[str, int]:
+        self.mqtt_port, hook_port = free_port(), free_port()
+        self.data.mkdir(parents=True)
+        # Before broker-config: the printed config must point at this hook port.
+        (self.data / "hub.toml").write_text(f'bind = "127.0.0.1"\nauth_hook_port = {hook_port}\n'
+                                            f'broker_url = "mqtts://localhost:{self.mqtt_port}"\n')
+        conf = self.work / "mosquitto.conf"
+        conf.write_text(self._cli("hub", "broker-config", "mosquitto", "--port", str(self.mqtt_port),
+                                  "--bind", "127.0.0.1") + "\n")
+        log = self.work / "mosquitto.log"
+        with open(log, "wb") as out:  # Mosquitto keeps its own copy of the descriptor
+            self.broker = self.procs.add(subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
+                                                          stdout=out, stderr=subprocess.STDOUT))
+        wait_listening(self.mqtt_port, self.broker, log)
+        self.hub_proc = self.procs.devstreams(
+            "hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1", "--mqtt-port", "0",
+            "--gateway-port", "0", "--broker-url", f"mqtts://localhost:{self.mqtt_port}",
+            "--auth-hook-port", str(hook_port))
+        wait_file_json(self.data / "hub.json", self.hub_proc)
+        self.ca = str(self.data / "tls" / "ca.pem")
+        self.service_cs = self._cli("hub", "connection-string")
+        device_cs = self._cli("device", "add", DEVICE)
+        self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
+                              "--max-streams", "2000")
+        self._wait_online(DEVICE)  # also proves the controller reached Mosquitto
+        return {}
+
+
+def run(sizes: Sizes, log=print) -> dict:
+    """Idle devices (memory in broker and hub, setup meanwhile), then stream setup on its own.
+
+    Returns ``{"skipped": reason}`` when Mosquitto cannot run here.
+    """
+    why = missing()
+    if why:
+        log(f"[{ROW}] skipped: {why}")
+        return {"skipped": why}
+    result: dict = {}
+    with Processes() as procs, tempfile.TemporaryDirectory(prefix="devstreams-bench-mosq-") as tmp:
+        rig = MosquittoRig(procs, Path(tmp), log)
+        rig.start()
+        log(f"[{ROW}] {sizes.idle_devices} idle devices ...")
+        result["idle"] = rig.idle_devices(sizes.idle_devices, min(50, sizes.setup_streams), broker=rig.broker)
+        log(f"[{ROW}]   {result['idle']['broker_KiB_per_device']:.1f} KiB per device in Mosquitto, "
+            f"{result['idle']['hub_KiB_per_device']:.1f} KiB in the hub")
+        time.sleep(2)  # the idle devices leave (their stdin closed): let those presence updates pass
+        log(f"[{ROW}] stream setup x{sizes.setup_streams} ...")
+        result["setup"] = streams.setup_times(rig.service_cs, rig.ca, DEVICE, sizes.setup_streams)
+        log(f"[{ROW}]   p50 {result['setup']['p50_ms']:.1f} ms, p99 {result['setup']['p99_ms']:.1f} ms")
+    return result
