@@ -12,7 +12,11 @@ import ssl
 import pytest
 
 from bench.simdevices import one_device
-from broker.amqtt_fixes import HubBroker, SubscriptionTable
+import itertools
+
+from transitions import Machine, MachineError
+
+from broker.amqtt_fixes import HubBroker, HubSession, SessionStates, SubscriptionTable
 from amqtt.contexts import Action
 from amqtt.session import Session
 from devstreams.wire import topics
@@ -140,6 +144,28 @@ def test_table_iterates_a_snapshot():
     assert len(seen) == 5 and not table
 
 
+def test_session_states_behave_like_amqtts_machine():
+    """Every trigger sequence up to 4 long: same states, same MachineError, same enter callbacks."""
+    def replay(session, events):
+        entered = []
+        session.transitions.on_enter_connected(lambda: entered.append("c"))
+        session.transitions.on_enter_disconnected(lambda: entered.append("d"))
+        out = []
+        for event in events:
+            try:
+                getattr(session.transitions, event)()
+                out.append(session.transitions.state)
+            except MachineError:
+                out.append("MachineError")
+            out.append(session.transitions.is_connected())
+        return out, entered, session.last_connect_time is not None
+    for n in range(1, 5):
+        for events in itertools.product(("connect", "disconnect"), repeat=n):
+            assert replay(HubSession(), events) == replay(Session(), events), events
+    assert type(HubSession().transitions) is SessionStates
+    assert "state=new" in repr(HubSession())
+
+
 # -- the broker's hot paths, by operation counts ------------------------------------------------
 
 @pytest.mark.parametrize("devices", [10, 2000])
@@ -245,7 +271,7 @@ def test_retained_messages_for_a_device_filter_are_one_lookup_and_only_its_own()
 def test_connecting_one_more_device_costs_the_same_with_few_or_many_connected(hub, monkeypatch):
     """Connect + SUBSCRIBE + retained presence of one device, counted inside the real broker:
     amqtt 0.12 matched, repr'd and re-published for every subscription of every device."""
-    counts = {"matches": 0, "retained_calls": 0, "reprs": 0}
+    counts = {"matches": 0, "retained_calls": 0, "reprs": 0, "machines": 0}
     matches, retained_for = HubBroker._matches, HubBroker._publish_retained_messages_for_subscription
     session_repr = Session.__repr__
 
@@ -260,6 +286,12 @@ def test_connecting_one_more_device_costs_the_same_with_few_or_many_connected(hu
     def count_repr(self):
         counts["reprs"] += 1
         return session_repr(self)
+    machine_init = Machine.__init__
+
+    def count_machines(self, *args, **kwargs):
+        counts["machines"] += 1
+        return machine_init(self, *args, **kwargs)
+    monkeypatch.setattr(Machine, "__init__", count_machines)
     monkeypatch.setattr(HubBroker, "_matches", count_matches)
     monkeypatch.setattr(HubBroker, "_publish_retained_messages_for_subscription", count_retained)
     monkeypatch.setattr(Session, "__repr__", count_repr)
@@ -295,3 +327,4 @@ def test_connecting_one_more_device_costs_the_same_with_few_or_many_connected(hu
     few, many = run(body(), timeout=100)
     assert few == many, (few, many)
     assert many["reprs"] == 0 and many["retained_calls"] <= 2
+    assert many["machines"] == 0    # amqtt 0.12 built a transitions.Machine (15 KiB) per connection
