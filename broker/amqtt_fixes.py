@@ -51,6 +51,7 @@ tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import ClassVar
 
 import amqtt.mqtt.protocol.broker_handler
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
@@ -162,8 +163,8 @@ class SessionStates:
     transition into their state, reflexive ones included, as in ``transitions``.
     """
 
-    __slots__ = ("state", "_on_enter")
-    _MOVES = {("connect", "new"): "connected", ("connect", "disconnected"): "connected",
+    __slots__ = ("_on_enter", "state")
+    _MOVES: ClassVar[dict[tuple[str, str], str]] = {("connect", "new"): "connected", ("connect", "disconnected"): "connected",
               ("disconnect", "connected"): "disconnected", ("disconnect", "new"): "disconnected",
               ("disconnect", "disconnected"): "disconnected"}
 

@@ -7,28 +7,26 @@ subscription (or every retained message) comes back.
 """
 
 import asyncio
+import itertools
 import ssl
 
 import pytest
-
-from bench.simdevices import one_device
-import itertools
-
-from transitions import Machine, MachineError
-
-from broker.amqtt_fixes import HubBroker, HubSession, SessionStates, SubscriptionTable
 from amqtt.contexts import Action
 from amqtt.session import Session
+from helpers import run, wait_for
+from transitions import Machine, MachineError
+
+from bench.simdevices import one_device
+from broker.amqtt_fixes import HubBroker, HubSession, SessionStates, SubscriptionTable
 from devstreams.wire import topics
 from devstreams.wire.connstr import parse
-from helpers import run, wait_for
 
 CONTROLLER_FILTERS = (topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_RESPONSES, topics.ALL_SERVICE_REQUESTS,
                       topics.ALL_GATEWAY_EVENTS, topics.ALL_GATEWAY_STATS)
 
 
 class FakeHandler:
-    """What the broker publishes through: records (topic, data, qos, retain); optionally yields first."""
+    """What the broker publishes through: records (topic, data, qos, retain)."""
 
     def __init__(self, sent: list):
         self.sent = sent
@@ -139,7 +137,7 @@ def test_table_iterates_a_snapshot():
     for f in table:           # a plain dict raises "dictionary changed size during iteration"
         seen.append(f)
         table[f + "/more"] = []
-    for f, _ in table.items():
+    for f, _ in table.items():  # noqa: PERF102 (items() is the snapshot under test)
         del table[f]
     assert len(seen) == 5 and not table
 
