@@ -1,27 +1,113 @@
-"""Fixes for amqtt 0.12 flaws that would break isolation or lose messages.
+"""Fixes for amqtt 0.12 flaws that would break isolation, lose messages or make a fleet cost O(N^2).
+
+Correctness:
 
 1. amqtt iterates its subscription table across ``await``s; a client subscribing
    meanwhile aborts that broadcast with "dictionary changed size during
    iteration" and the message is silently lost (seen with devices connecting
-   while requests flow).  The table here iterates over a snapshot.
+   while requests flow).  The table here iterates over a snapshot, and a
+   broadcast walks a copy of the (few) entries that match its topic.
 2. On every CONNECT, amqtt 0.12 sends the new client each retained message that
-matches *any* client's subscription filter, without an ACL check: a device
-would receive other devices' presence.  ``HubBroker`` serves retained messages
-only for filters the session itself subscribed to (which passed the ACL).
-The other flaw (session deleted before authentication) is handled by the gate.
+   matches *any* client's subscription filter, without an ACL check: a device
+   would receive other devices' presence.  ``HubBroker`` serves retained messages
+   only for filters the session itself subscribed to (which passed the ACL).
+   The other flaw (session deleted before authentication) is handled by the gate.
+
+Cost (issue 10).  amqtt 0.12 keeps all subscriptions in one dict ``filter ->
+[(session, qos)]`` and walks all of it on hot paths, so with N devices (each
+subscribed to its own ``devstreams/devices/<id>/streams/req`` and each leaving a
+retained presence) every connection and every message cost O(N):
+
+3. ``Broker._client_message_loop`` (broker.py:637) runs
+   ``self.logger.debug(repr(self._subscriptions))`` after every SUBSCRIBE: the
+   argument -- a repr of every session in the table -- is built even with debug
+   off.  ``SubscriptionTable.__repr__`` is a one-line summary.
+4. ``Broker._handle_client_session`` (broker.py:599-602) calls
+   ``_publish_retained_messages_for_subscription`` for every filter in the table
+   on each CONNECT.  ``HubBroker._handle_client_session`` restates it, calling it
+   only for the session's own filters (``SubscriptionTable.filters_of``).
+5. ``Broker._publish_retained_messages_for_subscription`` (broker.py:1134-1158)
+   walks every retained message on each SUBSCRIBE.  For a filter without
+   wildcards the retained message is one dict lookup; a wildcard filter (the
+   controller's ``devstreams/devices/+/status``, once) still walks them.
+6. ``Broker._run_broadcast`` (broker.py:1009-1061) matches every filter in the
+   table against every message.  ``SubscriptionTable.matching`` finds the exact
+   filter equal to the topic with one dict lookup and walks only the wildcard
+   filters (a handful: the controller's).
+7. ``Broker._del_all_subscriptions`` (broker.py:926-934) walks every filter when
+   a session ends; the table keeps each client's filters.
+
+8. ``Session._init_states`` (session.py:181-205) builds a ``transitions.Machine``
+   for every session: 0.6 ms of CPU and 15 KiB per connection, about a fifth of
+   the hub's cost per device.  ``SessionStates`` is the same three-state machine
+   (same triggers, same ``MachineError`` on a wrong one, same enter callbacks) as a
+   small object; ``HubSession`` uses it, and the broker creates ``HubSession`` objects.
+
+Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
+plugins reading ``BrokerContext.subscriptions`` see the same shape.
+tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
 """
 
-from amqtt.broker import Broker
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import ClassVar
+
+import amqtt.mqtt.protocol.broker_handler
+from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
+from amqtt.contexts import Action
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.session import Session
+from transitions import MachineError
+
+log = logging.getLogger(__name__)
+
+Subscribers = list[tuple[Session, int]]
 
 
-class _SnapshotList(list):
-    def __iter__(self):
-        return iter(list.copy(self))
+def is_wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
 
 
-class _SnapshotDict(dict):
-    """A dict whose iteration survives concurrent changes (it walks a copy)."""
+class SubscriptionTable(dict):
+    """amqtt's ``filter -> [(session, qos)]`` dict, indexed for the broker's hot paths.
+
+    - Filters without wildcards are found by the topic itself (the dict lookup), so
+      a publish to ``devstreams/devices/<id>/streams/req`` costs the same with 10 or
+      10,000 devices; filters with wildcards are also kept in ``wildcards``, the
+      (small) list a publish walks.
+    - ``filters_of(client_id)``: the filters a client subscribed to, so connecting
+      and disconnecting need not walk every filter.  The broker keeps it with
+      ``note``/``forget`` when a subscription is added or deleted.
+    - Iterating the table walks a snapshot of its keys (fix 1: amqtt iterates across
+      ``await``s while clients subscribe).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wildcards: dict[str, None] = {}          # an ordered set
+        self._by_client: dict[str, dict[str, None]] = {}
+
+    # -- what amqtt uses of a dict ----------------------------------------------------------------
+
+    def __setitem__(self, topic_filter: str, subscribers: Subscribers) -> None:
+        super().__setitem__(topic_filter, subscribers)
+        if is_wildcard(topic_filter):
+            self.wildcards[topic_filter] = None
+
+    def __delitem__(self, topic_filter: str) -> None:
+        super().__delitem__(topic_filter)
+        self.wildcards.pop(topic_filter, None)
+
+    def pop(self, topic_filter: str, *default):
+        self.wildcards.pop(topic_filter, None)
+        return super().pop(topic_filter, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self.wildcards.clear()
+        self._by_client.clear()
 
     def __iter__(self):
         return iter(list(dict.keys(self)))
@@ -29,18 +115,218 @@ class _SnapshotDict(dict):
     def items(self):
         return list(dict.items(self))
 
-    def __setitem__(self, key, value):
-        super().__setitem__(key, _SnapshotList(value) if type(value) is list else value)
+    def __repr__(self) -> str:
+        # amqtt logs repr(table) after every SUBSCRIBE, debug or not (fix 3): keep it O(1).
+        return f"<SubscriptionTable: {len(self)} filters, {len(self.wildcards)} with wildcards>"
+
+    # -- the indexes ------------------------------------------------------------------------------
+
+    def note(self, client_id: str, topic_filter: str) -> None:
+        self._by_client.setdefault(client_id, {})[topic_filter] = None
+
+    def forget(self, client_id: str, topic_filter: str) -> None:
+        filters = self._by_client.get(client_id)
+        if filters is not None:
+            filters.pop(topic_filter, None)
+            if not filters:
+                del self._by_client[client_id]
+
+    def filters_of(self, client_id: str | None) -> list[str]:
+        """The filters ``client_id`` subscribed to (a copy: callers await in between)."""
+        return list(self._by_client.get(client_id or "", ()))
+
+    def matching(self, topic: str, matches: Callable[[str, str], bool]) -> list[tuple[str, Subscribers]]:
+        """(filter, copy of its subscribers) for every filter that matches ``topic``.
+
+        One dict lookup for the filter equal to the topic, plus ``matches(topic, f)``
+        for each wildcard filter -- never a walk over the device filters.
+        """
+        found = []
+        if not is_wildcard(topic):
+            exact = dict.get(self, topic)
+            if exact:
+                found.append((topic, list(exact)))
+        for topic_filter in list(self.wildcards):
+            if matches(topic, topic_filter):
+                subscribers = dict.get(self, topic_filter)
+                if subscribers:
+                    found.append((topic_filter, list(subscribers)))
+        return found
+
+
+class SessionStates:
+    """amqtt's per-session state machine (session.py:181-205) without a ``transitions.Machine`` (fix 8).
+
+    States new / connected / disconnected; ``connect`` from new or disconnected,
+    ``disconnect`` from any state; any other trigger raises ``MachineError`` like
+    the Machine does (amqtt's takeover relies on it).  Enter callbacks run on every
+    transition into their state, reflexive ones included, as in ``transitions``.
+    """
+
+    __slots__ = ("_on_enter", "state")
+    _MOVES: ClassVar[dict[tuple[str, str], str]] = {("connect", "new"): "connected", ("connect", "disconnected"): "connected",
+              ("disconnect", "connected"): "disconnected", ("disconnect", "new"): "disconnected",
+              ("disconnect", "disconnected"): "disconnected"}
+
+    def __init__(self) -> None:
+        self.state = "new"
+        self._on_enter: dict[str, list[Callable[[], None]]] = {}
+
+    def _trigger(self, event: str) -> bool:
+        dest = self._MOVES.get((event, self.state))
+        if dest is None:
+            raise MachineError(f"Can't trigger event {event} from state {self.state}!")
+        self.state = dest
+        for callback in self._on_enter.get(dest, ()):
+            callback()
+        return True
+
+    def connect(self) -> bool:
+        return self._trigger("connect")
+
+    def disconnect(self) -> bool:
+        return self._trigger("disconnect")
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+    def on_enter_connected(self, callback: Callable[[], None]) -> None:
+        self._on_enter.setdefault("connected", []).append(callback)
+
+    def on_enter_disconnected(self, callback: Callable[[], None]) -> None:
+        self._on_enter.setdefault("disconnected", []).append(callback)
+
+
+class HubSession(Session):
+    def _init_states(self) -> None:
+        self.transitions = SessionStates()
+        self.transitions.on_enter_connected(self._on_enter_connected)
+        self.transitions.on_enter_disconnected(self._on_enter_disconnected)
 
 
 class HubBroker(Broker):
+    _subscriptions: SubscriptionTable
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._subscriptions = _SnapshotDict()
+        self._subscriptions = SubscriptionTable()
+        # amqtt creates a broker's sessions in these two places (broker_handler.py:227, broker.py:542);
+        # the first names the class through its module, so it is pointed at ours (fix 8).
+        amqtt.mqtt.protocol.broker_handler.Session = HubSession
+
+    def create_offline_session(self, client_id: str):
+        """Replaces ``Broker.create_offline_session`` (broker.py:541-547): the same, with a ``HubSession``."""
+        session = HubSession()
+        session.client_id = client_id
+        handler = amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler(self.plugins_manager, session)
+        session.transitions.disconnect()
+        return handler, session
+
+    # -- keeping the table's per-client index -----------------------------------------------------
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        code = await super().add_subscription(subscription, session)
+        if code != AMQTT_MAGIC_VALUE_RET_SUBSCRIBED:
+            self._subscriptions.note(session.client_id, subscription[0])
+        return code
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted = super()._del_subscription(a_filter, session)
+        if deleted:
+            self._subscriptions.forget(session.client_id, a_filter)
+            if not dict.get(self._subscriptions, a_filter, True):  # amqtt leaves empty lists behind
+                del self._subscriptions[a_filter]
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """Replaces ``Broker._del_all_subscriptions`` (broker.py:926-934), which walks every filter (fix 7)."""
+        for topic_filter in self._subscriptions.filters_of(session.client_id):
+            self._del_subscription(topic_filter, session)
+
+    # -- the hot paths ----------------------------------------------------------------------------
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:
-        subscribers = self._subscriptions.get(subscription[0], [])
+        """Replaces ``Broker._publish_retained_messages_for_subscription`` (broker.py:1134-1158).
+
+        Only for a filter the session itself holds (fix 2), and without walking every
+        retained message for a filter that has no wildcards (fix 5).
+        """
+        topic_filter, qos = subscription
+        subscribers = dict.get(self._subscriptions, topic_filter, ())
         if not any(s.client_id == session.client_id for s, _ in subscribers):
             return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        if is_wildcard(topic_filter):
+            retained = [m for topic, m in list(self._retained_messages.items()) if self._matches(topic, topic_filter)]
+        else:
+            one = self._retained_messages.get(topic_filter)
+            retained = [one] if one is not None else []
+        tasks = [asyncio.ensure_future(handler.mqtt_publish(m.topic, m.data, min(qos, m.qos or qos), retain=True))
+                 for m in retained]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _run_broadcast(self, running_tasks) -> None:
+        """Replaces ``Broker._run_broadcast`` (broker.py:1009-1061): the same delivery rules, but only
+        the filters that match the topic are visited (fix 6), over a copy (fix 1)."""
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for _, subscribers in self._subscriptions.matching(topic, self._matches):
+            for target_session, sub_qos in subscribers:
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                if target_session.transitions.state != "connected":
+                    # [MQTT 3.1.2.4] kept for a disconnected persistent session, QoS 1 and 2 only
+                    if not target_session.clean_session and qos in (QOS_1, QOS_2) and not target_session.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    running_tasks.append(asyncio.ensure_future(
+                        handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+
+    async def _handle_client_session(self, reader, writer, client_session: Session, handler, server,
+                                     listener_name: str) -> None:
+        """Replaces ``Broker._handle_client_session`` (broker.py:549-604) line for line, except that
+        retained messages are published for the session's own filters, not every filter (fix 4)."""
+        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        if client_session.client_id is None:
+            from amqtt.errors import BrokerError
+            raise BrokerError("Client ID was not correctly created/set.")
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():
+                    self.logger.warning(f"Client {client_session.client_id} is already connected, performing take-over.")
+                    old_session = self._sessions[client_session.client_id]
+                    await old_session[1].handle_connection_closed()
+                    await old_session[1].stop()
+                    break
+                self.logger.warning(f"Client {client_session.client_id} is reconnecting too quickly, make it wait")
+                await asyncio.sleep(1)
+
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+        await handler.mqtt_connack_authorize(authenticated)
+        if not authenticated:
+            await writer.close()
+            return
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id,
+                                              client_session=client_session)
+        await handler.start()
+        await self._publish_session_retained_messages(client_session)
+        for topic_filter in self._subscriptions.filters_of(client_session.client_id):
+            await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), client_session)
+        await self._client_message_loop(client_session, handler)
