@@ -41,7 +41,7 @@ class HubSettings:
     service_requests_per_second: float = 100.0  # stream requests one service connection may make per second
     service_requests_burst: int = 200     # stream requests one service connection may make at once
     # Broker.
-    max_connections: int = 10000          # MQTT connections (devices, services, gateways) at once
+    max_connections: int = 12000          # MQTT connections (devices, services, gateways) at once
     max_connect_packet_bytes: int = 8192  # largest MQTT CONNECT the gate reads before authenticating
     connect_packet_timeout: float = 10.0  # s; a TLS client must send CONNECT within this
     registry_poll_interval: float = 0.5   # s; how soon a CLI change (disable, remove) reaches the hub
