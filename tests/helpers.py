@@ -20,6 +20,58 @@ from broker.settings import HubSettings
 REPO = Path(__file__).resolve().parent.parent
 
 
+class RawClient:
+    """A blocking paho client over TLS that records what it receives (topic, payload, retain flag)."""
+
+    def __init__(self, port: int, ca_file: str, client_id, username, password, will=None):
+        import queue
+        import ssl
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+        self.messages: queue.Queue = queue.Queue()
+        self.connack: queue.Queue = queue.Queue()
+        self.subacks: queue.Queue = queue.Queue()
+        self.dropped = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        c.tls_set_context(ssl.create_default_context(cafile=ca_file))
+        c.username_pw_set(username, password)
+        if will:
+            c.will_set(*will, qos=1, retain=True)
+        c.reconnect_delay_set(60, 60)  # a dropped client stays dropped while the test looks
+        c.on_connect = lambda cl, u, f, rc, p: self.connack.put(rc)
+        c.on_disconnect = lambda cl, u, f, rc, p: self.dropped.set()
+        c.on_message = lambda cl, u, m: self.messages.put((m.topic, bytes(m.payload), m.retain))
+        c.on_subscribe = lambda cl, u, mid, rcs, p: self.subacks.put([rc.is_failure for rc in rcs])
+        c.connect("localhost", port, keepalive=30)
+        c.loop_start()
+        self.client = c
+        self.rc = self.connack.get(timeout=10)
+        self.ok = not self.rc.is_failure
+
+    def subscribe(self, topic):
+        self.client.subscribe(topic, qos=1)
+        return self.subacks.get(timeout=10)
+
+    def publish(self, topic, payload, retain=False):
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def get(self, timeout=5):
+        return self.messages.get(timeout=timeout)
+
+    def drain(self, seconds=0.5, retain=True):
+        """What arrived within ``seconds``; ``retain=False``: (topic, payload) pairs only."""
+        time.sleep(seconds)
+        out = []
+        while not self.messages.empty():
+            message = self.messages.get()
+            out.append(message if retain else message[:2])
+        return out
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 BACKENDS = ("embedded", "mosquitto")   # what the backend-parametrised tests run on
 
 

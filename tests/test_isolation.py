@@ -1,56 +1,20 @@
 """Per-device isolation, checked with a raw paho-mqtt client holding real credentials."""
 
 import asyncio
-import queue
-import ssl
-import time
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import DeviceAgent
+import helpers
 from helpers import hub_running, run, wait_for
 from service_client import ServiceClient, StreamRejectedError
 from devstreams.wire import sas, topics
 from devstreams.wire.connstr import parse
 
 
-class RawClient:
-    """A blocking paho client that records everything it receives."""
-
-    def __init__(self, hub, client_id, username, password):
-        self.messages: queue.Queue = queue.Queue()
-        self.connack: queue.Queue = queue.Queue()
-        self.subacks: queue.Queue = queue.Queue()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
-        c.tls_set_context(ssl.create_default_context(cafile=hub.ca_file))
-        c.username_pw_set(username, password)
-        c.on_connect = lambda cl, u, f, rc, p: self.connack.put(rc)
-        c.on_message = lambda cl, u, m: self.messages.put((m.topic, bytes(m.payload)))
-        c.on_subscribe = lambda cl, u, mid, rcs, p: self.subacks.put([rc.is_failure for rc in rcs])
-        c.connect("localhost", hub.hub.mqtt_port, keepalive=30)
-        c.loop_start()
-        self.client = c
-        self.rc = self.connack.get(timeout=10)
-
-    def subscribe(self, topic):
-        self.client.subscribe(topic, qos=1)
-        return self.subacks.get(timeout=10)
-
-    def publish(self, topic, payload):
-        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
-
-    def drain(self, seconds=0.5):
-        time.sleep(seconds)
-        out = []
-        while not self.messages.empty():
-            out.append(self.messages.get())
-        return out
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
+def RawClient(hub, client_id, username, password):
+    """A raw paho client of this hub's MQTT endpoint (embedded or Mosquitto)."""
+    return helpers.RawClient(hub.hub.mqtt_port, hub.ca_file, client_id, username, password)
 
 
 @pytest.fixture
@@ -84,7 +48,7 @@ def test_device_sees_only_its_own_topics(hub):
                 with pytest.raises(StreamRejectedError):
                     await svc.create_stream("dev-b", "ssh")
         run(main())
-        leaked = [t for t, _ in spy.drain() if "dev-b" in t]
+        leaked = [t for t, _ in spy.drain(retain=False) if "dev-b" in t]
         assert leaked == [], f"device A received B's traffic: {leaked}"
     finally:
         spy.close()

@@ -10,18 +10,14 @@ import asyncio
 import http.client
 import json
 import os
-import queue
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import datadir
 from broker.auth import CONTROLLER_RESOURCE, Authenticator
@@ -31,6 +27,7 @@ from broker.registry import open_registry
 from broker.settings import HubSettings
 from devstreams.wire import sas, topics
 from devstreams.wire.errors import ConfigError
+from helpers import RawClient
 
 MOSQUITTO = shutil.which("mosquitto")
 COMPILER = shutil.which("cc") or shutil.which("gcc")
@@ -180,7 +177,7 @@ class Stack:
         self.conf.write_text(mosquitto_conf(self.data_dir, settings, port=self.port, bind="127.0.0.1"))
         self.log = tmp_path / "mosquitto.log"
         self.proc = None
-        self.clients: list[Client] = []
+        self.clients: list[RawClient] = []
 
     def start_broker(self) -> "Stack":
         with open(self.log, "ab") as log:
@@ -207,68 +204,22 @@ class Stack:
                 self.proc.wait(10)
         self.hook.stop()
 
-    def client(self, client_id, username, password, will=None) -> "Client":
-        c = Client(self, client_id, username, password, will)
+    def client(self, client_id, username, password, will=None) -> RawClient:
+        c = RawClient(self.port, str(self.data_dir / "tls" / "ca.pem"), client_id, username, password, will)
         self.clients.append(c)
         return c
 
-    def device(self, device_id, **kw) -> "Client":
+    def device(self, device_id, **kw) -> RawClient:
         return self.client(device_id, device_id, sas.make_token(self.keys[device_id],
                                                                 sas.device_resource(device_id)), **kw)
 
-    def controller(self) -> "Client":
+    def controller(self) -> RawClient:
         return self.client(topics.CONTROLLER_USER, topics.CONTROLLER_USER,
                            sas.make_token(self.controller_key, CONTROLLER_RESOURCE, 3600))
 
-    def service(self, client_id="svc:one") -> "Client":
+    def service(self, client_id="svc:one") -> RawClient:
         return self.client(client_id, "svc:service",
                            sas.make_token(self.policy_key, sas.service_resource("service")))
-
-
-class Client:
-    """A blocking paho client over TLS that records what it receives and when it is dropped."""
-
-    def __init__(self, stack: Stack, client_id, username, password, will=None):
-        self.messages: queue.Queue = queue.Queue()
-        self.connack: queue.Queue = queue.Queue()
-        self.subacks: queue.Queue = queue.Queue()
-        self.dropped = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
-        c.tls_set_context(ssl.create_default_context(cafile=str(stack.data_dir / "tls" / "ca.pem")))
-        c.username_pw_set(username, password)
-        if will:
-            c.will_set(*will, qos=1, retain=True)
-        c.reconnect_delay_set(60, 60)  # a dropped client stays dropped while the test looks
-        c.on_connect = lambda cl, u, f, rc, p: self.connack.put(rc)
-        c.on_disconnect = lambda cl, u, f, rc, p: self.dropped.set()
-        c.on_message = lambda cl, u, m: self.messages.put((m.topic, bytes(m.payload), m.retain))
-        c.on_subscribe = lambda cl, u, mid, rcs, p: self.subacks.put([rc.is_failure for rc in rcs])
-        c.connect("localhost", stack.port, keepalive=30)
-        c.loop_start()
-        self.client = c
-        self.rc = self.connack.get(timeout=10)
-        self.ok = not self.rc.is_failure
-
-    def subscribe(self, topic):
-        self.client.subscribe(topic, qos=1)
-        return self.subacks.get(timeout=10)
-
-    def publish(self, topic, payload, retain=False):
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-    def get(self, timeout=5):
-        return self.messages.get(timeout=timeout)
-
-    def drain(self, seconds=0.5):
-        time.sleep(seconds)
-        out = []
-        while not self.messages.empty():
-            out.append(self.messages.get())
-        return out
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -287,7 +238,7 @@ def test_plugin_builds_once_and_config_runs(stack, tmp_path):
     conf = stack.conf.read_text()
     for line in ("per_listener_settings false", "allow_anonymous false", f"listener {stack.port} 127.0.0.1",
                  f"plugin_opt_hook_url http://127.0.0.1:{stack.hook.port}", "max_packet_size 65536",
-                 "max_connections 10000", "persistence true"):
+                 f"max_connections {HubSettings().max_connections}", "persistence true"):
         assert line in conf.splitlines(), line
     assert (stack.data_dir / "keys" / "auth-hook.token").stat().st_mode & 0o777 == 0o600
     assert datadir.hook_token(stack.data_dir) not in stack.log.read_text()
