@@ -75,19 +75,36 @@ CONNACK_SERVER_UNAVAILABLE = 3
 FD_HEADROOM = 100           # files the hub needs besides MQTT connections (registry, gateway, logs)
 
 
-def shrink_tls_buffer(writer: asyncio.StreamWriter) -> None:
-    """Give an idle-most-of-the-time TLS connection a 4 KiB read buffer instead of 256 KiB.
+def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = None) -> None:
+    """Give an idle-most-of-the-time TLS connection a 4 KiB read buffer instead of 256 KiB, or none of its own.
 
     CPython's asyncio keeps a ``SSLProtocol.max_size`` (256 KiB) bytearray per TLS
     connection: with thousands of idle devices that is most of the hub's memory.
+    With ``shared`` (a buffer of ``TLS_READ_BUFFER`` bytes owned by the gate, one per
+    event loop) the connection has no buffer of its own at all (issue 10: 4.1 KiB per
+    idle device).  That is safe on a selector event loop only: its transport calls
+    ``get_buffer()``, ``recv_into()`` and ``buffer_updated()`` in one go, and
+    ``SSLProtocol.buffer_updated`` copies the bytes into the connection's incoming
+    ``MemoryBIO`` before returning, so no two connections ever hold the buffer at once.
+    A proactor loop (Windows) keeps the buffer across an overlapped read: there each
+    connection keeps its own.
     This reaches into asyncio internals, so it does nothing if they look different.
     """
     proto = getattr(writer.transport, "_ssl_protocol", None)
     if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
         return
     proto.max_size = TLS_READ_BUFFER
+    if shared is not None and len(shared) == TLS_READ_BUFFER and _selector_transport(proto):
+        proto._ssl_buffer = shared.obj
+        proto._ssl_buffer_view = shared
+        return
     proto._ssl_buffer = bytearray(TLS_READ_BUFFER)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+
+
+def _selector_transport(proto) -> bool:
+    from asyncio import selector_events
+    return isinstance(getattr(proto, "_transport", None), selector_events._SelectorTransport)
 
 
 class _GuardedReader(StreamReaderAdapter):
@@ -236,6 +253,7 @@ class Gate:
         self._logins = logins
         self.busy = 0  # logins answered "server unavailable" over max_logins_per_second
         self.port = 0
+        self._tls_buffer = memoryview(bytearray(TLS_READ_BUFFER))  # shared by every connection of this loop
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
         raise_nofile_limit(self._max_connections)
@@ -311,7 +329,7 @@ class Gate:
                             self._max_unauthenticated, self._max_connections)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        shrink_tls_buffer(writer)
+        shrink_tls_buffer(writer, self._tls_buffer)
         peer = writer.get_extra_info("peername")
         task = asyncio.current_task()
         self._unauthenticated[task] = writer
