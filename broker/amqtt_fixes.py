@@ -67,12 +67,14 @@ import logging
 from collections.abc import Callable
 from typing import ClassVar
 
+import amqtt.broker
 import amqtt.mqtt.protocol.broker_handler
 import amqtt.session
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from transitions import MachineError
 
@@ -218,41 +220,42 @@ class SessionStates:
         self._on_enter.setdefault("disconnected", []).append(callback)
 
 
-class SlimEvent(asyncio.Event):
-    """An ``asyncio.Event`` whose waiters deque exists only once someone waits (fix 9).
+class WaiterList(list):
+    """What ``asyncio.Queue`` and ``asyncio.Event`` keep their waiting futures in, at list size (fix 9).
 
-    ``Event.set`` iterates ``_waiters``: the class-level empty tuple serves until then.
+    They use a ``collections.deque``, which allocates a 64-slot block (about 760 bytes)
+    even when empty; an idle connection has no waiter or one.  asyncio uses only
+    ``append``, ``remove``, ``popleft``, iteration, ``len`` and truth on it.
     """
 
-    _waiters = ()
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
+class SlimEvent(asyncio.Event):
+    """An ``asyncio.Event`` whose waiters live in a ``WaiterList`` (fix 9)."""
 
     def __init__(self) -> None:
         super().__init__()
-        del self._waiters
-
-    def wait(self):  # not a coroutine itself: one frame less per waiting connection
-        if "_waiters" not in self.__dict__:
-            self._waiters = collections.deque()
-        return super().wait()
+        self._waiters = WaiterList()
 
 
 class SlimQueue(asyncio.Queue):
-    """An ``asyncio.Queue`` whose deques are created when first needed (fix 9).
+    """An ``asyncio.Queue`` without its four empty deques (fix 9).
 
-    Same behaviour as ``asyncio.Queue`` (it is one: every method is the inherited one);
-    only where the empty deques live differs.  ``_getters``/``_putters``/``_queue``
-    fall back to a class-level empty tuple, which the inherited methods only read
-    (``while waiters``, ``len``, ``not``) until ``get``/``put``/``_put`` create the
-    instance's own deque; ``join()``'s Event is a ``SlimEvent``.
+    Same behaviour as ``asyncio.Queue``: every public method is the inherited one.
+    Getters and putters live in ``WaiterList``s, ``join()``'s Event is a ``SlimEvent``,
+    and the items deque exists only while there are items (``_queue`` falls back to a
+    class-level empty tuple, which the inherited methods only read with ``len``/``not``).
     """
 
-    _getters = ()
-    _putters = ()
     _queue = ()
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
-        del self._getters, self._putters  # (_init made no _queue)
+        self._getters, self._putters = WaiterList(), WaiterList()
         self._finished = SlimEvent()
         self._finished.set()
 
@@ -267,20 +270,50 @@ class SlimQueue(asyncio.Queue):
     def _get(self):
         item = self._queue.popleft()
         if not self._queue:
-            del self._queue  # an idle connection keeps no empty deque (about 760 bytes)
+            del self._queue  # an idle connection keeps no empty deque
         return item
 
-    # get/put are not coroutines themselves (one frame less per waiting connection): they
-    # return asyncio.Queue's, after making sure the deque it appends its waiter to exists.
-    def get(self):
-        if "_getters" not in self.__dict__:
-            self._getters = collections.deque()
-        return super().get()
 
-    def put(self, item):
-        if "_putters" not in self.__dict__ and self.full():
-            self._putters = collections.deque()
-        return super().put(item)
+class HubHandler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler with fewer objects per idle connection (fix 10).
+
+    ``Broker._client_message_loop`` (broker.py:609-612) wraps four handler coroutines
+    in tasks and waits for the first to finish, for the whole life of the connection.
+    ``wait_disconnect`` only awaits a future: returning that future itself, the
+    broker's ``ensure_future`` uses it as is (no task, no coroutine; cancelling it at
+    the end is what cancelling the task did).  The two pending-(un)subscription
+    getters return the queue's ``get()`` directly (one coroutine frame less each).
+    """
+
+    def wait_disconnect(self):
+        waiter = self._disconnect_waiter
+        if waiter is not None:
+            return waiter
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def get_next_pending_subscription(self):
+        return self._pending_subscriptions.get()
+
+    def get_next_pending_unsubscription(self):
+        return self._pending_unsubscriptions.get()
+
+
+def slim_handler_events(handler: BrokerProtocolHandler) -> None:
+    """Swap the handler's two reader Events for ``SlimEvent``s once ``start()`` returned (fix 9).
+
+    ``BaseProtocolHandler.start`` (handler.py:127-129) creates them with ``asyncio.Event()``
+    and waits on ``_reader_ready`` once; from then on the reader loop only sets them and
+    ``stop()`` waits on ``_reader_stopped``, so nobody waits on either at this point.
+    """
+    for name in ("_reader_ready", "_reader_stopped"):
+        old = getattr(handler, name, None)
+        if type(old) is asyncio.Event and not old._waiters:
+            new = SlimEvent()
+            if old.is_set():
+                new.set()
+            setattr(handler, name, new)
 
 
 class HubSession(Session):
@@ -301,13 +334,16 @@ class HubBroker(Broker):
         amqtt.mqtt.protocol.broker_handler.Session = HubSession
         # Session.__init__ and BrokerProtocolHandler.__init__ create their queues by these names (fix 9).
         amqtt.session.Queue = SlimQueue
+        # Broker._initialize_client_session calls BrokerProtocolHandler.init_from_connect (broker.py:489),
+        # a classmethod that builds ``cls(...)``: pointing broker.py's name at HubHandler is enough (fix 10).
+        amqtt.broker.BrokerProtocolHandler = HubHandler
         amqtt.mqtt.protocol.broker_handler.Queue = SlimQueue
 
     def create_offline_session(self, client_id: str):
         """Replaces ``Broker.create_offline_session`` (broker.py:541-547): the same, with a ``HubSession``."""
         session = HubSession()
         session.client_id = client_id
-        handler = amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler(self.plugins_manager, session)
+        handler = HubHandler(self.plugins_manager, session)
         session.transitions.disconnect()
         return handler, session
 
@@ -409,6 +445,7 @@ class HubBroker(Broker):
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id,
                                               client_session=client_session)
         await handler.start()
+        slim_handler_events(handler)
         await self._publish_session_retained_messages(client_session)
         for topic_filter in self._subscriptions.filters_of(client_session.client_id):
             await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), client_session)
