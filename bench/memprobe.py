@@ -61,6 +61,9 @@ def main() -> None:
         if args.trace:
             tracemalloc.start(args.frames)
         gc.collect()
+        if not args.trace:
+            from broker.memory import release_free_memory
+            release_free_memory()  # a trimmed baseline, so "after malloc_trim" compares like with like
         rss0, tasks0 = me.memory_info().rss, tasks()
         snap0 = tracemalloc.take_snapshot() if args.trace else None
         types0 = types() if args.trace else None
@@ -85,6 +88,10 @@ def main() -> None:
             rss1, tasks1 = me.memory_info().rss, tasks()
             print(f"devices {n}: RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/device, "
                   f"tasks {(tasks1 - tasks0) / n:.2f}/device", flush=True)
+            from broker.memory import release_free_memory
+            release_free_memory()
+            rss2 = me.memory_info().rss
+            print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/device", flush=True)
             if args.trace:
                 snap1 = tracemalloc.take_snapshot()
                 stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else "lineno")
