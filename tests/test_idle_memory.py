@@ -203,3 +203,33 @@ def test_python_memory_per_idle_tls_device_stays_small(hub, fleet_of):
         tracemalloc.stop()
     per_device = sum(s.size_diff for s in after.compare_to(before, "filename")) / len(fleet.ids)
     assert per_device < 38 * 1024, f"{per_device / 1024:.1f} KiB of Python objects per idle device"
+
+
+@pytest.mark.timeout(120)
+def test_the_hub_returns_handshake_memory_after_logins(tmp_path, monkeypatch):
+    """Logins (not only ended streams) lead to a heap trim: each TLS handshake leaves freed memory."""
+    import broker.hub
+    from helpers import HubThread
+    trims = []
+    monkeypatch.setattr(broker.hub, "release_free_memory", lambda: trims.append(time.monotonic()))
+    hub = HubThread(tmp_path / "hub", memory_trim_interval=0.1).start()
+    fleet = None
+    try:
+        deadline = time.monotonic() + 20
+        while not trims:   # the controller's own login
+            assert time.monotonic() < deadline, "no trim after the controller logged in"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        settled = len(trims)
+        time.sleep(0.5)
+        assert len(trims) == settled, "trims without anything freed"
+        fleet = IdleFleet(hub, tmp_path, 3)
+        fleet.connect()
+        deadline = time.monotonic() + 20
+        while len(trims) == settled:
+            assert time.monotonic() < deadline, "no trim after devices logged in"
+            time.sleep(0.05)
+    finally:
+        if fleet is not None:
+            fleet.close()
+        hub.stop()
