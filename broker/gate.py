@@ -44,6 +44,7 @@ and never touches a logged-in one.
 """
 
 import asyncio
+import collections
 import json
 import logging
 import resource
@@ -61,6 +62,7 @@ from amqtt.mqtt.publish import PublishPacket
 from devstreams.wire.throttle import LogLimiter
 from devstreams.wire.topics import CONTROLLER_USER, Role, device_notice
 
+from .amqtt_fixes import WaiterList
 from .auth import AuthRefused, Authenticator, Identity
 from .limits import TokenBucket
 from .packetguard import PacketGuard, check_will
@@ -100,6 +102,23 @@ def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = 
         return
     proto._ssl_buffer = bytearray(TLS_READ_BUFFER)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+
+
+def slim_stream_deques(writer: asyncio.StreamWriter) -> None:
+    """Swap two always-empty-when-idle asyncio deques of a connection for lists (issue 10: 1.5 KiB per device).
+
+    ``StreamReaderProtocol._drain_waiters`` (streams.py: append/remove/iterate) and
+    ``SSLProtocol._write_backlog`` (sslproto.py: append/clear/``[0]``/``del [0]``; it holds
+    at most the chunk being encrypted, since writes go straight on into the outgoing
+    MemoryBIO) are ``collections.deque``s, which take about 760 bytes even when empty; an
+    empty list takes 56.  Only swapped when they are empty deques, as asyncio 3.11-3.13 has them.
+    """
+    protocol = getattr(writer, "_protocol", None)
+    if isinstance(getattr(protocol, "_drain_waiters", None), collections.deque) and not protocol._drain_waiters:
+        protocol._drain_waiters = WaiterList()
+    proto = getattr(writer.transport, "_ssl_protocol", None)
+    if isinstance(getattr(proto, "_write_backlog", None), collections.deque) and not proto._write_backlog:
+        proto._write_backlog = []
 
 
 def _selector_transport(proto) -> bool:
@@ -220,7 +239,7 @@ def takeover_notice(device_id: str) -> bytes:
     return PublishPacket.build(device_notice(device_id), payload, None, False, 0, False).to_bytes()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     identity: Identity
     password: str
@@ -335,6 +354,7 @@ class Gate:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         shrink_tls_buffer(writer, self._tls_buffer)
+        slim_stream_deques(writer)
         peer = writer.get_extra_info("peername")
         task = asyncio.current_task()
         self._unauthenticated[task] = writer
