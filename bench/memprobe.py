@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--frames", type=int, default=1)
+    ap.add_argument("--by-file", action="store_true", help="group by file instead of file:line")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
@@ -94,13 +95,15 @@ def main() -> None:
             print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/device", flush=True)
             if args.trace:
                 snap1 = tracemalloc.take_snapshot()
-                stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else "lineno")
+                stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else
+                                        "filename" if args.by_file else "lineno")
                 total = sum(s.size_diff for s in stats)
                 print(f"tracemalloc: {total / n / 1024:.1f} KiB/device (Python allocations)")
                 for s in stats[:args.top]:
                     if s.size_diff / n < 64:
                         break
-                    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in s.traceback[:args.frames])
+                    where = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+                                       for f in s.traceback[:args.frames])
                     print(f"  {s.size_diff / n:8.0f} B {s.count_diff / n:6.2f} blk  {where}")
                 types1 = types()
                 print("objects per device by type:")

@@ -411,8 +411,11 @@ class Gate:
                 log.info("closing the connection of %s: %s", client_id, reason)
                 writer.transport.abort()
 
-            await self._broker.external_connected(_GuardedReader(raw, reader, guard, refuse),
-                                                  StreamWriterAdapter(writer), LISTENER)
+            guarded = _GuardedReader(raw, reader, guard, refuse)
+            # This frame lives as long as the connection: keep neither the CONNECT bytes (the
+            # reader replays its own copy, then drops it) nor the parsed packet (issue 10).
+            del raw, packet
+            await self._broker.external_connected(guarded, StreamWriterAdapter(writer), LISTENER)
         finally:
             if self._live.get(client_id) is live:
                 del self._live[client_id]
