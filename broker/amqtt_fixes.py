@@ -56,6 +56,15 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
    sessions and handlers get it (the modules' ``Queue`` names are pointed at it,
    like fix 8).  Measured: 9.1 KiB less per idle device.
 
+10. ``Broker._client_message_loop`` (broker.py:609-612) keeps four waiter tasks per
+    connection; ``HubHandler.wait_disconnect`` returns the disconnect future itself, so
+    one of them is no task at all.
+11. ``ProtocolHandler._reader_loop`` (handler.py:466) reads every packet through
+    ``asyncio.wait_for(..., keepalive)``, which on Python 3.11 wraps the read in one
+    more task per connection (re-created for each packet).  The handler module gets
+    Python 3.12's ``wait_for`` (``async with asyncio.timeout(...)``: same result, same
+    ``TimeoutError``, no task); on 3.12+ it is asyncio's own.
+
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
 tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
@@ -64,11 +73,14 @@ tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
 import asyncio
 import collections
 import logging
+import sys
+import types
 from collections.abc import Callable
 from typing import ClassVar
 
 import amqtt.broker
 import amqtt.mqtt.protocol.broker_handler
+import amqtt.mqtt.protocol.handler
 import amqtt.session
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action
@@ -274,6 +286,25 @@ class SlimQueue(asyncio.Queue):
         return item
 
 
+class _AsyncioFor311(types.ModuleType):
+    """``asyncio`` as amqtt's handler module sees it: the same, with 3.12's task-less ``wait_for`` (fix 11)."""
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(aw, timeout):
+        if timeout is None:
+            return await aw
+        async with asyncio.timeout(timeout):
+            return await aw
+
+
+def patch_handler_wait_for() -> None:
+    if sys.version_info < (3, 12) and hasattr(asyncio, "timeout"):
+        amqtt.mqtt.protocol.handler.asyncio = _AsyncioFor311("asyncio")
+
+
 class HubHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler with fewer objects per idle connection (fix 10).
 
@@ -337,6 +368,7 @@ class HubBroker(Broker):
         # Broker._initialize_client_session calls BrokerProtocolHandler.init_from_connect (broker.py:489),
         # a classmethod that builds ``cls(...)``: pointing broker.py's name at HubHandler is enough (fix 10).
         amqtt.broker.BrokerProtocolHandler = HubHandler
+        patch_handler_wait_for()  # fix 11
         amqtt.mqtt.protocol.broker_handler.Queue = SlimQueue
 
     def create_offline_session(self, client_id: str):

@@ -102,6 +102,28 @@ def test_hub_handler_waits_for_disconnect_without_a_task():
     run(body(), timeout=20)
 
 
+def test_handler_wait_for_times_out_like_asyncio_and_makes_no_task():
+    import amqtt.mqtt.protocol.handler as handler_module
+
+    from broker.amqtt_fixes import patch_handler_wait_for
+    patch_handler_wait_for()
+    wait_for = handler_module.asyncio.wait_for
+    assert handler_module.asyncio.Event is asyncio.Event   # everything else is asyncio's
+
+    async def body():
+        never = asyncio.get_running_loop().create_future()
+        tasks = len(asyncio.all_tasks())
+        slow = asyncio.ensure_future(wait_for(never, 0.05))
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) == tasks + 1          # only the caller's own task
+        with pytest.raises(asyncio.TimeoutError):
+            await slow
+        assert never.cancelled()
+        assert await wait_for(asyncio.sleep(0, "ok"), 5) == "ok"
+        assert await wait_for(asyncio.sleep(0, "none"), None) == "none"
+    run(body(), timeout=20)
+
+
 # -- end to end: the real hub, idle TLS devices in another process ------------------------------
 
 class IdleFleet:
@@ -162,12 +184,12 @@ def tasks_on(hub) -> int:
 
 @pytest.mark.timeout(120)
 def test_an_idle_tls_device_holds_few_objects_in_the_hub(hub, fleet_of):
-    """Per idle device: 6 tasks (amqtt 0.12 + the gate: 7), no deque in amqtt's queues and
+    """Per idle device: 5 tasks (amqtt 0.12 + the gate: 7), no deque in amqtt's queues and
     events (16 of ~760 bytes before) nor in the stream's drain waiters and TLS write backlog, and no TLS read buffer of its own (4 KiB before)."""
     fleet = fleet_of(30)
     before = tasks_on(hub)
     fleet.connect()
-    assert (tasks_on(hub) - before) / len(fleet.ids) <= 6.05
+    assert (tasks_on(hub) - before) / len(fleet.ids) <= 5.05
 
     def inspect():
         broker: HubBroker = hub.hub.broker._broker
