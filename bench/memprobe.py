@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import collections
 import gc
-import os
 import subprocess
 import sys
 import tempfile

@@ -63,7 +63,7 @@ from devstreams.wire.throttle import LogLimiter
 from devstreams.wire.topics import CONTROLLER_USER, Role, device_notice
 
 from .amqtt_fixes import WaiterList
-from .auth import AuthRefused, Authenticator, Identity
+from .auth import Authenticator, AuthRefused, Identity
 from .limits import TokenBucket
 from .packetguard import PacketGuard, check_will
 

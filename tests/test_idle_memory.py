@@ -233,8 +233,9 @@ def test_python_memory_per_idle_tls_device_stays_small(hub, fleet_of):
 @pytest.mark.timeout(120)
 def test_the_hub_returns_handshake_memory_after_logins(tmp_path, monkeypatch):
     """Logins (not only ended streams) lead to a heap trim: each TLS handshake leaves freed memory."""
-    import broker.hub
     from helpers import HubThread
+
+    import broker.hub
     trims = []
     monkeypatch.setattr(broker.hub, "release_free_memory", lambda: trims.append(time.monotonic()))
     hub = HubThread(tmp_path / "hub", memory_trim_interval=0.1).start()
