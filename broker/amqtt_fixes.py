@@ -57,8 +57,11 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
    like fix 8).  Measured: 9.1 KiB less per idle device.
 
 10. ``Broker._client_message_loop`` (broker.py:609-612) keeps four waiter tasks per
-    connection; ``HubHandler.wait_disconnect`` returns the disconnect future itself, so
-    one of them is no task at all.
+    connection for its whole life.  ``HubHandler.wait_disconnect`` returns the
+    disconnect future itself, and the pending-(un)subscription getters return a
+    future from an ``InboxQueue`` (one consumer: the next item goes straight into
+    it), so three of the four are no task at all: with fix 11 an idle device has 3 tasks
+    (the gate's, the handler's reader loop, the delivery waiter) instead of 7.
 11. ``ProtocolHandler._reader_loop`` (handler.py:466) reads every packet through
     ``asyncio.wait_for(..., keepalive)``, which on Python 3.11 wraps the read in one
     more task per connection (re-created for each packet).  The handler module gets
@@ -305,6 +308,33 @@ def patch_handler_wait_for() -> None:
         amqtt.mqtt.protocol.handler.asyncio = _AsyncioFor311("asyncio")
 
 
+class InboxQueue(SlimQueue):
+    """A ``SlimQueue`` with a single consumer that waits on a future rather than in a task (fix 10).
+
+    ``next_item()`` returns a future: done at once if an item is queued, else it is the
+    one the next ``put``/``put_nowait`` completes with its item (that item skips the
+    queue and ``task_done`` accounting; nobody ``join()``s these queues).  A cancelled
+    future is simply not used: the next item is queued as usual.
+    """
+
+    _waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
+            return
+        super().put_nowait(item)
+
+    def next_item(self) -> asyncio.Future:
+        item = asyncio.get_running_loop().create_future()
+        if self.empty():
+            self._waiter = item
+        else:
+            item.set_result(self.get_nowait())
+        return item
+
+
 class HubHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler with fewer objects per idle connection (fix 10).
 
@@ -313,7 +343,7 @@ class HubHandler(BrokerProtocolHandler):
     ``wait_disconnect`` only awaits a future: returning that future itself, the
     broker's ``ensure_future`` uses it as is (no task, no coroutine; cancelling it at
     the end is what cancelling the task did).  The two pending-(un)subscription
-    getters return the queue's ``get()`` directly (one coroutine frame less each).
+    getters return an ``InboxQueue`` future the same way.
     """
 
     def wait_disconnect(self):
@@ -324,11 +354,16 @@ class HubHandler(BrokerProtocolHandler):
         done.set_result(None)
         return done
 
-    def get_next_pending_subscription(self):
-        return self._pending_subscriptions.get()
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_subscriptions = InboxQueue()
+        self._pending_unsubscriptions = InboxQueue()
 
-    def get_next_pending_unsubscription(self):
-        return self._pending_unsubscriptions.get()
+    def get_next_pending_subscription(self) -> asyncio.Future:
+        return self._pending_subscriptions.next_item()
+
+    def get_next_pending_unsubscription(self) -> asyncio.Future:
+        return self._pending_unsubscriptions.next_item()
 
 
 def slim_handler_events(handler: BrokerProtocolHandler) -> None:
