@@ -54,7 +54,7 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
    on ``retained_messages`` of a live session).  ``SlimQueue`` is an
    ``asyncio.Queue`` that creates each deque when it is first needed; the broker's
    sessions and handlers get it (the modules' ``Queue`` names are pointed at it,
-   like fix 8).  Measured: 9.1 KiB less per idle device.
+   like fix 8).  With the handler events below: 14.1 -> 1.9 KiB per idle device (tracemalloc, 500 devices).
 
 10. ``Broker._client_message_loop`` (broker.py:609-612) keeps four waiter tasks per
     connection for its whole life.  ``HubHandler.wait_disconnect`` returns the

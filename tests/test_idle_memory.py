@@ -241,7 +241,7 @@ def test_an_idle_tls_device_holds_few_objects_in_the_hub(hub, fleet_of):
 
 @pytest.mark.timeout(180)
 def test_python_memory_per_idle_tls_device_stays_small(hub, fleet_of):
-    """tracemalloc, per idle device, in the hub's process: about 28 KiB on CPython 3.11 with
+    """tracemalloc, per idle device, in the hub's process: about 25 KiB on CPython 3.11 with
     these fixes, 47 KiB without them.  The bound is generous (noise: other threads, caches)."""
     fleet = fleet_of(100)
     gc.collect()
