@@ -43,21 +43,55 @@ retained presence) every connection and every message cost O(N):
    (same triggers, same ``MachineError`` on a wrong one, same enter callbacks) as a
    small object; ``HubSession`` uses it, and the broker creates ``HubSession`` objects.
 
+Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
+
+9. Every connection has four ``asyncio.Queue`` objects (``Session.retained_messages``
+   and ``delivered_message_queue``, session.py:173-176; the handler's pending
+   (un)subscriptions, broker_handler.py:56-57), and each ``Queue`` allocates four
+   ``collections.deque`` (items, getters, putters, and its ``join()`` Event's
+   waiters) of about 760 bytes each, empty or not: 12 KiB per idle device.  Most
+   are never used (amqtt never calls ``join()``, never bounds a queue, never waits
+   on ``retained_messages`` of a live session).  ``SlimQueue`` is an
+   ``asyncio.Queue`` that keeps its waiters in lists (``WaiterList``, 56 bytes
+   empty) and has an items deque only while it holds items; the broker's
+   sessions and handlers get it (the modules' ``Queue`` names are pointed at it,
+   like fix 8), and the handler's two reader Events become ``SlimEvent``s once
+   started.  With them: 14.1 -> 1.9 KiB per idle device (tracemalloc, 500 devices).
+
+10. ``Broker._client_message_loop`` (broker.py:609-612) keeps four waiter tasks per
+    connection for its whole life.  ``HubHandler.wait_disconnect`` returns the
+    disconnect future itself, and the pending-(un)subscription getters return a
+    future from an ``InboxQueue`` (one consumer: the next item goes straight into
+    it), so three of the four are no task at all: with fix 11 an idle device has 3 tasks
+    (the gate's, the handler's reader loop, the delivery waiter) instead of 7.
+11. ``ProtocolHandler._reader_loop`` (handler.py:466) reads every packet through
+    ``asyncio.wait_for(..., keepalive)``, which on Python 3.11 wraps the read in one
+    more task per connection (re-created for each packet).  The handler module gets
+    Python 3.12's ``wait_for`` (``async with asyncio.timeout(...)``: same result, same
+    ``TimeoutError``, no task); on 3.12+ it is asyncio's own.
+
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
 tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
 """
 
 import asyncio
+import collections
 import logging
+import sys
+import types
 from collections.abc import Callable
 from typing import ClassVar
 
+import amqtt.broker
 import amqtt.mqtt.protocol.broker_handler
+import amqtt.mqtt.protocol.handler
+import amqtt.session
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from transitions import MachineError
 
@@ -203,6 +237,153 @@ class SessionStates:
         self._on_enter.setdefault("disconnected", []).append(callback)
 
 
+class WaiterList(list):
+    """What ``asyncio.Queue`` and ``asyncio.Event`` keep their waiting futures in, at list size (fix 9).
+
+    They use a ``collections.deque``, which allocates a 64-slot block (about 760 bytes)
+    even when empty; an idle connection has no waiter or one.  asyncio uses only
+    ``append``, ``remove``, ``popleft``, iteration, ``len`` and truth on it.
+    """
+
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
+class SlimEvent(asyncio.Event):
+    """An ``asyncio.Event`` whose waiters live in a ``WaiterList`` (fix 9)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters = WaiterList()
+
+
+class SlimQueue(asyncio.Queue):
+    """An ``asyncio.Queue`` without its four empty deques (fix 9).
+
+    Same behaviour as ``asyncio.Queue``: every public method is the inherited one.
+    Getters and putters live in ``WaiterList``s, ``join()``'s Event is a ``SlimEvent``,
+    and the items deque exists only while there are items (``_queue`` falls back to a
+    class-level empty tuple, which the inherited methods only read with ``len``/``not``).
+    """
+
+    _queue = ()
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._getters, self._putters = WaiterList(), WaiterList()
+        self._finished = SlimEvent()
+        self._finished.set()
+
+    def _init(self, maxsize: int) -> None:
+        pass  # no items deque until the first item (_put)
+
+    def _put(self, item) -> None:
+        if "_queue" not in self.__dict__:
+            self._queue = collections.deque()
+        self._queue.append(item)
+
+    def _get(self):
+        item = self._queue.popleft()
+        if not self._queue:
+            del self._queue  # an idle connection keeps no empty deque
+        return item
+
+
+class _AsyncioFor311(types.ModuleType):
+    """``asyncio`` as amqtt's handler module sees it: the same, with 3.12's task-less ``wait_for`` (fix 11)."""
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(aw, timeout):
+        if timeout is None:
+            return await aw
+        async with asyncio.timeout(timeout):
+            return await aw
+
+
+def patch_handler_wait_for() -> None:
+    if sys.version_info < (3, 12) and hasattr(asyncio, "timeout"):
+        amqtt.mqtt.protocol.handler.asyncio = _AsyncioFor311("asyncio")
+
+
+class InboxQueue(SlimQueue):
+    """A ``SlimQueue`` with a single consumer that waits on a future rather than in a task (fix 10).
+
+    ``next_item()`` returns a future: done at once if an item is queued, else it is the
+    one the next ``put``/``put_nowait`` completes with its item (that item skips the
+    queue and ``task_done`` accounting; nobody ``join()``s these queues).  A cancelled
+    future is simply not used: the next item is queued as usual.
+    """
+
+    _waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
+            return
+        super().put_nowait(item)
+
+    def next_item(self) -> asyncio.Future:
+        item = asyncio.get_running_loop().create_future()
+        if self.empty():
+            self._waiter = item
+        else:
+            item.set_result(self.get_nowait())
+        return item
+
+
+class HubHandler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler with fewer objects per idle connection (fix 10).
+
+    ``Broker._client_message_loop`` (broker.py:609-612) wraps four handler coroutines
+    in tasks and waits for the first to finish, for the whole life of the connection.
+    ``wait_disconnect`` only awaits a future: returning that future itself, the
+    broker's ``ensure_future`` uses it as is (no task, no coroutine; cancelling it at
+    the end is what cancelling the task did).  The two pending-(un)subscription
+    getters return an ``InboxQueue`` future the same way.
+    """
+
+    def wait_disconnect(self):
+        waiter = self._disconnect_waiter
+        if waiter is not None:
+            return waiter
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_subscriptions = InboxQueue()
+        self._pending_unsubscriptions = InboxQueue()
+
+    def get_next_pending_subscription(self) -> asyncio.Future:
+        return self._pending_subscriptions.next_item()
+
+    def get_next_pending_unsubscription(self) -> asyncio.Future:
+        return self._pending_unsubscriptions.next_item()
+
+
+def slim_handler_events(handler: BrokerProtocolHandler) -> None:
+    """Swap the handler's two reader Events for ``SlimEvent``s once ``start()`` returned (fix 9).
+
+    ``BaseProtocolHandler.start`` (handler.py:127-129) creates them with ``asyncio.Event()``
+    and waits on ``_reader_ready`` once; from then on the reader loop only sets them and
+    ``stop()`` waits on ``_reader_stopped``, so nobody waits on either at this point.
+    """
+    for name in ("_reader_ready", "_reader_stopped"):
+        old = getattr(handler, name, None)
+        if type(old) is asyncio.Event and not old._waiters:
+            new = SlimEvent()
+            if old.is_set():
+                new.set()
+            setattr(handler, name, new)
+
+
 class HubSession(Session):
     def _init_states(self) -> None:
         self.transitions = SessionStates()
@@ -219,12 +400,19 @@ class HubBroker(Broker):
         # amqtt creates a broker's sessions in these two places (broker_handler.py:227, broker.py:542);
         # the first names the class through its module, so it is pointed at ours (fix 8).
         amqtt.mqtt.protocol.broker_handler.Session = HubSession
+        # Session.__init__ and BrokerProtocolHandler.__init__ create their queues by these names (fix 9).
+        amqtt.session.Queue = SlimQueue
+        # Broker._initialize_client_session calls BrokerProtocolHandler.init_from_connect (broker.py:489),
+        # a classmethod that builds ``cls(...)``: pointing broker.py's name at HubHandler is enough (fix 10).
+        amqtt.broker.BrokerProtocolHandler = HubHandler
+        patch_handler_wait_for()  # fix 11
+        amqtt.mqtt.protocol.broker_handler.Queue = SlimQueue
 
     def create_offline_session(self, client_id: str):
         """Replaces ``Broker.create_offline_session`` (broker.py:541-547): the same, with a ``HubSession``."""
         session = HubSession()
         session.client_id = client_id
-        handler = amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler(self.plugins_manager, session)
+        handler = HubHandler(self.plugins_manager, session)
         session.transitions.disconnect()
         return handler, session
 
@@ -326,6 +514,7 @@ class HubBroker(Broker):
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id,
                                               client_session=client_session)
         await handler.start()
+        slim_handler_events(handler)
         await self._publish_session_retained_messages(client_session)
         for topic_filter in self._subscriptions.filters_of(client_session.client_id):
             await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), client_session)

@@ -194,6 +194,7 @@ class Hub:
         if self.controller is not None:
             self.controller.events.subscribe(lambda event: trim.freed() if isinstance(event, StreamClosed) else None)
         next_expiry = next_publish = 0.0
+        accepted = 0  # TLS connections the gate accepted: their handshakes left freed memory behind
         published = True  # clear a list left by a hub that did not stop cleanly
         try:
             while True:
@@ -207,6 +208,10 @@ class Hub:
                     if now >= next_expiry:
                         next_expiry = now + s.session_expiry_check_interval
                         self.broker.expire(time.time())
+                    gate = getattr(self.broker, "gate", None)
+                    if gate is not None and gate.accepted != accepted:
+                        trim.freed(gate.accepted - accepted)
+                        accepted = gate.accepted
                     if trim.due(now):
                         release_free_memory()
                     if now >= next_publish:

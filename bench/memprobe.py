@@ -1,0 +1,121 @@
+"""Where an idle TLS device's memory goes in the embedded hub (issue 10).
+
+usage: python -m bench.memprobe N [--trace] [--top K]
+
+Starts a hub in this process, connects N idle simulated devices (bench.simdevices:
+real MQTT over TLS) from a subprocess, and reports per device:
+- the RSS delta (everything: Python objects, OpenSSL, glibc overhead);
+- with ``--trace``: the tracemalloc diff grouped by file:line (Python allocations
+  only; tracemalloc itself inflates the RSS, so measure RSS without it), the
+  object counts by type and the asyncio tasks per device.
+"""
+
+import argparse
+import asyncio
+import collections
+import gc
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import psutil
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("n", type=int)
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--frames", type=int, default=1)
+    ap.add_argument("--by-file", action="store_true", help="group by file instead of file:line")
+    args = ap.parse_args()
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo))
+    from broker.registry import open_registry
+    from devstreams.wire.connstr import ConnectionString
+    from tests.helpers import HubThread
+
+    with tempfile.TemporaryDirectory(prefix="memprobe-") as tmp:
+        data = Path(tmp) / "hub"
+        hub = HubThread(data, max_logins_per_second=10000.0, logins_burst=10000).start()
+        reg = open_registry(data)
+        lines = []
+        for i in range(args.n):
+            d = reg.add_device(f"idle-{i:05d}")
+            lines.append(str(ConnectionString(host="localhost", port=hub.hub.mqtt_port, device_id=d.id, key=d.key)))
+        reg.close()
+        path = Path(tmp) / "idle.txt"
+        path.write_text("\n".join(lines))
+        time.sleep(1)
+        me = psutil.Process()
+
+        def tasks() -> int:
+            return hub.call(lambda: len(asyncio.all_tasks()))
+
+        def types() -> collections.Counter:
+            return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+
+        if args.trace:
+            tracemalloc.start(args.frames)
+        gc.collect()
+        if not args.trace:
+            from broker.memory import release_free_memory
+            release_free_memory()  # a trimmed baseline, so "after malloc_trim" compares like with like
+        rss0, tasks0 = me.memory_info().rss, tasks()
+        snap0 = tracemalloc.take_snapshot() if args.trace else None
+        types0 = types() if args.trace else None
+        sim = subprocess.Popen([sys.executable, "-m", "bench.simdevices", "localhost", str(hub.hub.mqtt_port),
+                                hub.ca_file, str(path)], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+        try:
+            line = sim.stdout.readline().strip()
+            if not line.startswith("connected"):
+                raise SystemExit(f"simdevices: {line!r}")
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                r = open_registry(data)
+                online = sum(1 for d in r.all() if d.online)
+                r.close()
+                if online >= args.n:
+                    break
+                time.sleep(0.5)
+            time.sleep(3)
+            gc.collect()
+            n = args.n
+            rss1, tasks1 = me.memory_info().rss, tasks()
+            print(f"devices {n}: RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/device, "
+                  f"tasks {(tasks1 - tasks0) / n:.2f}/device", flush=True)
+            from broker.memory import release_free_memory
+            release_free_memory()
+            rss2 = me.memory_info().rss
+            print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/device", flush=True)
+            if args.trace:
+                snap1 = tracemalloc.take_snapshot()
+                stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else
+                                        "filename" if args.by_file else "lineno")
+                total = sum(s.size_diff for s in stats)
+                print(f"tracemalloc: {total / n / 1024:.1f} KiB/device (Python allocations)")
+                for s in stats[:args.top]:
+                    if s.size_diff / n < 64:
+                        break
+                    where = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+                                       for f in s.traceback[:args.frames])
+                    print(f"  {s.size_diff / n:8.0f} B {s.count_diff / n:6.2f} blk  {where}")
+                types1 = types()
+                print("objects per device by type:")
+                diff = {k: (types1[k] - types0.get(k, 0)) / n for k in types1}
+                for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:args.top]:
+                    if v < 0.5:
+                        break
+                    print(f"  {v:6.2f}  {k}")
+        finally:
+            sim.stdin.close()
+            sim.wait(30)
+            hub.stop()
+
+
+if __name__ == "__main__":
+    main()
