@@ -24,13 +24,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a correctness run in seconds")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet benchmark (with --quick: its tiny stages)")
+    parser.add_argument("--backend", choices=("embedded", "mosquitto"), action="append",
+                        help="with --fleet: only this backend (repeatable; default both)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where results go")
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if args.fleet:
             sizes = fleet.FLEET_QUICK if args.quick else fleet.FLEET_FULL
-            results = fleet.run(sizes, log=log)
+            results = fleet.run(sizes, log=log, backends=tuple(args.backend or ("embedded", "mosquitto")))
         else:
             results = run(QUICK if args.quick else FULL, log=log,
                           fleet_sizes=fleet.FLEET_QUICK if args.quick else None)
@@ -41,7 +43,8 @@ def main(argv=None) -> int:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     if args.fleet:
-        files = fleet.write(results, Path(args.out), "fleet-quick" if args.quick else "fleet",
+        stem = ("fleet-quick" if args.quick else "fleet") + ("-" + "-".join(args.backend) if args.backend else "")
+        files = fleet.write(results, Path(args.out), stem,
                             time.strftime("%Y-%m-%d"), os.cpu_count(),
                             f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
         print(files[1].read_text())
