@@ -173,7 +173,7 @@ class Fleet:
                 if reg == total:
                     return time.perf_counter() - started, sims, reg
             time.sleep(0.25)
-        return None, sims, reg
+        return None, sims, self.registry_online()
 
 
 async def _setup(cs: str, ca: str, count: int, budget: float) -> dict:
@@ -215,7 +215,7 @@ def cpu_percent(procs: dict[str, psutil.Process], seconds: float) -> dict[str, f
 
 def _setup_text(setup: dict) -> str:
     timed = (f"{setup['p50_ms']:.1f} / {setup['p99_ms']:.1f} ms" if setup["streams"] else "none completed")
-    return timed + (f", {setup['failed']} failed ({setup['errors'][0]})" if setup["failed"] else "")
+    return timed + (f", {setup['failed']} failed ({setup['errors'][0]})" if setup.get("failed") else "")
 
 
 class EmbeddedFleetRig(Rig):
@@ -244,6 +244,7 @@ class EmbeddedFleetRig(Rig):
         """Stop the hub, start it on the same ports and data dir; returns when the restart began
         (perf_counter), once the new hub serves."""
         stop_process(self.hub_proc)
+        (self.data / "hub.json").unlink(missing_ok=True)  # a hub killed after the grace period leaves it
         started = time.perf_counter()
         self.hub_proc = self.procs.devstreams(*self.hub_args, "--mqtt-port", str(self.mqtt_port),
                                               "--gateway-port", str(self.gateway_port))
@@ -375,7 +376,8 @@ def markdown(fleet: dict) -> list[str]:
         r = b["restart"]
         back = (f"{r['back_online_seconds']:.1f} s" if r["back_online_seconds"] is not None
                 else f"not within {r['timeout_s']:.0f} s ({r['connected_at_end']:,} connected, "
-                     f"{r['registry_online_at_end']:,} online)")
+                     + ("registry not read" if r["registry_online_at_end"] is None
+                        else f"{r['registry_online_at_end']:,} online") + ")")
         out += ["", f"Restart{' (Mosquitto and hub)' if mosq else ''} with {r['devices']:,} devices: hub serving again "
                 f"after {r['hub_up_seconds']:.1f} s, all back online after {back}; "
                 f"{r['refused_during']:,} CONNACK 3 refusals, {r['errors_during']:,} failed attempts on the way.", "",

@@ -114,6 +114,7 @@ class MosquittoRig(Rig):
         CONNACK 5, which a device that was connected before takes as "revoked"."""
         stop_process(self.hub_proc)
         stop_process(self.broker)
+        (self.data / "hub.json").unlink(missing_ok=True)  # a hub killed after the grace period leaves it
         started = time.perf_counter()
         self.hub_proc = self.procs.devstreams(*self.hub_args, "--gateway-port", str(self.gateway_port))
         deadline = time.monotonic() + 30
