@@ -1,28 +1,55 @@
-"""``python -m bench [--quick] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``."""
+"""``python -m bench [--quick] [--fleet] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``.
+
+``--fleet`` runs only the fleet benchmark (bench/fleet.py: 1k .. 10k idle devices, then a hub
+restart, on the embedded broker and on Mosquitto); it takes longer than the rest together,
+so the full run leaves it out.  ``--quick`` includes a tiny fleet (50, 100 devices).
+"""
 
 import argparse
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 from devstreams.wire.errors import DevstreamsError
 
-from . import report
+from . import fleet, report
 from .run import FULL, QUICK, run
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a correctness run in seconds")
+    parser.add_argument("--fleet", action="store_true",
+                        help="only the fleet benchmark (with --quick: its tiny stages)")
+    parser.add_argument("--backend", choices=("embedded", "mosquitto"), action="append",
+                        help="with --fleet: only this backend (repeatable; default both)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where results go")
     args = parser.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        results = run(QUICK if args.quick else FULL, log=lambda m: print(m, file=sys.stderr, flush=True))
+        if args.fleet:
+            sizes = fleet.FLEET_QUICK if args.quick else fleet.FLEET_FULL
+            results = fleet.run(sizes, log=log, backends=tuple(args.backend or ("embedded", "mosquitto")))
+        else:
+            results = run(QUICK if args.quick else FULL, log=log,
+                          fleet_sizes=fleet.FLEET_QUICK if args.quick else None)
     except KeyboardInterrupt:
         print("interrupted; all processes stopped", file=sys.stderr)
         return 130
     except (RuntimeError, DevstreamsError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
+    if args.fleet:
+        stem = ("fleet-quick" if args.quick else "fleet") + ("-" + "-".join(args.backend) if args.backend else "")
+        files = fleet.write(results, Path(args.out), stem,
+                            time.strftime("%Y-%m-%d"), os.cpu_count(),
+                            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
+        print(files[1].read_text())
+        print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
+        return 0
     files = report.write(results, Path(args.out), "quick" if args.quick else "latest")
     print(report.markdown(results))
     print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)

@@ -13,10 +13,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from . import streams
-from .procs import Processes, wait_file_json
+from .procs import Processes, stop_process, wait_file_json
 from .run import DEVICE, Rig, Sizes
 
 ROW = "devstreams on Mosquitto"
@@ -44,6 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
 def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -56,27 +63,30 @@ def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float 
 
 
 class MosquittoRig(Rig):
-    """A Mosquitto, a hub using it, and one echo agent (the stream-setup target)."""
+    """A Mosquitto, a hub using it, and one echo agent (the stream-setup target).
+
+    ``hub_toml``: more hub.toml lines (the fleet benchmark raises max_connections)."""
+
+    def __init__(self, procs: Processes, work: Path, log, hub_toml: str = ""):
+        super().__init__(procs, work, log)
+        self.hub_toml = hub_toml
 
     def start(self) -> dict[str, int]:
-        self.mqtt_port, hook_port = free_port(), free_port()
+        self.mqtt_port, self.hook_port = free_port(), free_port()
+        hook_port = self.hook_port
         self.data.mkdir(parents=True)
         # Before broker-config: the printed config must point at this hook port.
         (self.data / "hub.toml").write_text(f'bind = "127.0.0.1"\nauth_hook_port = {hook_port}\n'
-                                            f'broker_url = "mqtts://localhost:{self.mqtt_port}"\n')
-        conf = self.work / "mosquitto.conf"
-        conf.write_text(self._cli("hub", "broker-config", "mosquitto", "--port", str(self.mqtt_port),
-                                  "--bind", "127.0.0.1") + "\n")
-        log = self.work / "mosquitto.log"
-        with open(log, "wb") as out:  # Mosquitto keeps its own copy of the descriptor
-            self.broker = self.procs.add(subprocess.Popen([mosquitto_binary(), "-c", str(conf)],
-                                                          stdout=out, stderr=subprocess.STDOUT))
-        wait_listening(self.mqtt_port, self.broker, log)
-        self.hub_proc = self.procs.devstreams(
-            "hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1", "--mqtt-port", "0",
-            "--gateway-port", "0", "--broker-url", f"mqtts://localhost:{self.mqtt_port}",
-            "--auth-hook-port", str(hook_port))
-        wait_file_json(self.data / "hub.json", self.hub_proc)
+                                            f'broker_url = "mqtts://localhost:{self.mqtt_port}"\n' + self.hub_toml)
+        self.conf = self.work / "mosquitto.conf"
+        self.conf.write_text(self._cli("hub", "broker-config", "mosquitto", "--port", str(self.mqtt_port),
+                                       "--bind", "127.0.0.1") + "\n")
+        self._start_broker()
+        self.hub_args = ["hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1", "--mqtt-port", "0",
+                         "--broker-url", f"mqtts://localhost:{self.mqtt_port}", "--auth-hook-port", str(hook_port)]
+        self.hub_proc = self.procs.devstreams(*self.hub_args, "--gateway-port", "0")
+        info = wait_file_json(self.data / "hub.json", self.hub_proc)
+        self.gateway_port = urllib.parse.urlsplit(info["streamingEndpoints"][0]).port
         self.ca = str(self.data / "tls" / "ca.pem")
         self.service_cs = self._cli("hub", "connection-string")
         device_cs = self._cli("device", "add", DEVICE)
@@ -84,6 +94,38 @@ class MosquittoRig(Rig):
                               "--max-streams", "2000")
         self._wait_online(DEVICE)  # also proves the controller reached Mosquitto
         return {}
+
+    def _start_broker(self) -> None:
+        log = self.work / "mosquitto.log"
+        with open(log, "ab") as out:  # Mosquitto keeps its own copy of the descriptor
+            self.broker = self.procs.add(subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                                          stdout=out, stderr=subprocess.STDOUT))
+        wait_listening(self.mqtt_port, self.broker, log)
+
+    def watched(self) -> dict:
+        import psutil
+        return {"broker": psutil.Process(self.broker.pid), "hub": psutil.Process(self.hub_proc.pid)}
+
+    def restart(self) -> float:
+        """Stop hub and Mosquitto (the devices are connected to Mosquitto), start both again on the
+        same ports, data dir and config; returns when the restart began (perf_counter).
+
+        The hub first: until its auth hook answers, Mosquitto's plugin refuses every login with
+        CONNACK 5, which a device that was connected before takes as "revoked"."""
+        stop_process(self.hub_proc)
+        stop_process(self.broker)
+        (self.data / "hub.json").unlink(missing_ok=True)  # a hub killed after the grace period leaves it
+        started = time.perf_counter()
+        self.hub_proc = self.procs.devstreams(*self.hub_args, "--gateway-port", str(self.gateway_port))
+        deadline = time.monotonic() + 30
+        while not _listening(self.hook_port):
+            if self.hub_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the hub's auth hook did not come back: {self.hub_proc.stderr.read()[-2000:]}"
+                                   if self.hub_proc.poll() is not None else "the hub's auth hook did not come back")
+            time.sleep(0.05)
+        self._start_broker()
+        wait_file_json(self.data / "hub.json", self.hub_proc)
+        return started
 
 
 def run(sizes: Sizes, log=print) -> dict:

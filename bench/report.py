@@ -57,6 +57,9 @@ def markdown(r: dict) -> str:
         limit = TARGETS.get(name, "")
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         out.append(f"| {name} {('(' + str(limit) + ')') if limit != '' else ''} | {shown} | {'yes' if ok else 'NO'} |")
+    if "fleet" in r:
+        from .fleet import markdown as fleet_markdown
+        out += [""] + fleet_markdown(r["fleet"])
     return "\n".join(out) + "\n"
 
 

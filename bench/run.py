@@ -111,7 +111,10 @@ class Rig:
         before = {name: proc.memory_info().rss for name, proc in watched.items()}
         sim = self.procs.python("-m", "bench.simdevices", "localhost", str(port), self.ca,
                                 str(path), stdin=subprocess.PIPE)
+        first_line(sim, "simulated devices")  # "ready"
         started = time.perf_counter()
+        sim.stdin.write("go\n")
+        sim.stdin.flush()
         line = first_line(sim, "simulated devices")
         connect_seconds = time.perf_counter() - started
         time.sleep(3)  # let presence updates settle
@@ -126,7 +129,8 @@ class Rig:
         return out
 
 
-def run(sizes: Sizes, log=print) -> dict:
+def run(sizes: Sizes, log=print, fleet_sizes=None) -> dict:
+    """Every path and row; with ``fleet_sizes`` (bench/fleet.py) the fleet stages too, last."""
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
                      "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
                      "sizes": sizes.__dict__, "paths": {}}
@@ -158,4 +162,7 @@ def run(sizes: Sizes, log=print) -> dict:
     # After the embedded hub's processes are all stopped: the two hubs never compete for the CPU.
     from . import mosquitto  # it builds on Rig
     results["mosquitto"] = mosquitto.run(sizes, log)
+    if fleet_sizes is not None:
+        from . import fleet
+        results["fleet"] = fleet.run(fleet_sizes, log)
     return results

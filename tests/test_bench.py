@@ -10,11 +10,11 @@ import pytest
 from helpers import REPO, have_mosquitto
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=170)
+                            capture_output=True, text=True, timeout=290)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "quick.json").read_text())
     for name in ("direct", "ssh -R", "devstreams"):
@@ -36,5 +36,45 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
         assert mosquitto["setup"]["streams"] == data["sizes"]["setup_streams"]
         assert mosquitto["idle"]["setup_with_idle_devices"]["streams"] > 0
         assert "| devstreams on Mosquitto |" in markdown
+    # the fleet stages (tiny in --quick) and the restart, on each backend that runs here
+    fleet = data["fleet"]
+    backends = ["embedded"] + ([] if have_mosquitto() else ["mosquitto"])
+    if have_mosquitto():
+        assert fleet["mosquitto"]["skipped"]
+    for backend in backends:
+        stages = fleet[backend]["stages"]
+        assert [s["devices"] for s in stages] == fleet["sizes"]["stages"]
+        for stage in stages:
+            assert stage["connect_rate"] > 0 and stage["hub_rss_MiB"] > 0 and stage["hub_idle_cpu_percent"] >= 0
+            assert stage["setup"]["streams"] == fleet["sizes"]["setup_samples"]
+        restart = fleet[backend]["restart"]
+        # every device reconnected by itself and the registry shows each online again
+        assert restart["back_online_seconds"] is not None, restart
+        assert restart["connected_at_end"] == restart["registry_online_at_end"] == stages[-1]["devices"]
+    assert "## Fleet (issue 10)" in markdown and "back online <= 60 s after a restart" in markdown
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not leftovers, f"the benchmark left processes behind: {leftovers}"
+
+
+def test_fleet_targets_are_judged_on_the_last_stage_and_the_restart():
+    from bench import fleet
+
+    def stage(devices, rate, kib, p50, p99):
+        return {"devices": devices, "added": devices, "connect_seconds": devices / rate, "connect_rate": rate,
+                "KiB_per_device": kib, "hub_KiB_per_device": kib, "hub_rss_MiB": 100.0,
+                "hub_idle_cpu_percent": 1.0, "setup": {"p50_ms": p50, "p99_ms": p99, "streams": 10}}
+    restart = {"devices": 10000, "hub_up_seconds": 1.0, "back_online_seconds": None, "timeout_s": 300.0,
+               "connected_at_end": 9000, "registry_online_at_end": 8000, "refused_during": 5, "errors_during": 0}
+    backend = {"stages": [stage(1000, 400.0, 90.0, 50.0, 500.0), stage(10000, 310.0, 39.0, 19.0, 99.0)],
+               "restart": restart}
+    v = fleet.verdicts(backend)
+    assert v["connect_rate_ratio"] == (310.0 / 400.0, True)
+    assert v["connect_rate_per_s"] == (310.0, True)
+    assert v["KiB_per_device"] == (39.0, True) and v["setup_p50_ms"][1] and v["setup_p99_ms"][1]
+    assert v["back_online_s"] == (None, False)  # not all back within the timeout: missed
+    backend["stages"][-1] = stage(10000, 250.0, 41.0, 21.0, 101.0)
+    restart["back_online_seconds"] = 61.0
+    assert not any(ok for _, ok in fleet.verdicts(backend).values())
+    text = "\n".join(fleet.markdown({"embedded": backend, "mosquitto": {"skipped": "no Mosquitto"}}))
+    assert "| 10,000 back online <= 60 s after a restart | 61.00 | missed |" in text
+    assert "not measured: no Mosquitto" in text
