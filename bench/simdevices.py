@@ -80,6 +80,31 @@ def raise_nofile(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+async def login(cs: connstr.ConnectionString, host: str, port: int, ctx: ssl.SSLContext):
+    """One device's login as the agent does it: CONNECT, SUBSCRIBE, retained presence; (reader, writer)."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    try:
+        token = sas.make_token(cs.key, sas.device_resource(cs.device_id), 3600)
+        writer.write(connect_packet(cs.device_id, token))
+        connack = await reader.readexactly(4)
+        if connack[3] != 0:
+            raise Refused(connack[3])
+        writer.write(subscribe_packet(topics.device_requests(cs.device_id)))
+        await reader.readexactly(5)  # SUBACK
+        writer.write(publish_packet(topics.device_status(cs.device_id),
+                                    msg.encode(msg.Presence(online=True, conn="sim"))))
+        await writer.drain()
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def one_device(cs: connstr.ConnectionString, host: str, port: int, ctx: ssl.SSLContext) -> asyncio.StreamWriter:
+    """One logged-in idle device (tests); the caller closes the writer."""
+    return (await login(cs, host, port, ctx))[1]
+
+
 class Fleet:
     def __init__(self, host: str, port: int, ctx: ssl.SSLContext, strings: list[connstr.ConnectionString]):
         self.host, self.port, self.ctx, self.strings = host, port, ctx, strings
@@ -90,22 +115,7 @@ class Fleet:
         self._up_once = 0
 
     async def _login(self, cs: connstr.ConnectionString):
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ctx)
-        try:
-            token = sas.make_token(cs.key, sas.device_resource(cs.device_id), 3600)
-            writer.write(connect_packet(cs.device_id, token))
-            connack = await reader.readexactly(4)
-            if connack[3] != 0:
-                raise Refused(connack[3])
-            writer.write(subscribe_packet(topics.device_requests(cs.device_id)))
-            await reader.readexactly(5)  # SUBACK
-            writer.write(publish_packet(topics.device_status(cs.device_id),
-                                        msg.encode(msg.Presence(online=True, conn="sim"))))
-            await writer.drain()
-        except BaseException:
-            writer.close()
-            raise
-        return reader, writer
+        return await login(cs, self.host, self.port, self.ctx)
 
     async def device(self, cs: connstr.ConnectionString) -> None:
         attempt, first = 0, True

@@ -174,6 +174,9 @@ class IdleFleet:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.simdevices", "localhost",
                                       str(self.hub.hub.mqtt_port), self.hub.ca_file, str(self.path)],
                                      cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "ready\n"
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line.startswith(f"connected {len(self.ids)}"), line
         deadline = time.monotonic() + 60
