@@ -243,7 +243,13 @@ class MqttSession:
         await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
-        """Queue a message; False if it could not be queued (not connected)."""
+        """Queue a message; False if it could not be queued (not connected).
+
+        Not while a reconnect is in flight either: paho would queue it on a socket whose
+        CONNECT may yet be refused, and the caller would wait for an answer that never comes.
+        """
+        if not self.connected:
+            return False
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
