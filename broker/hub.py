@@ -16,12 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from devstreams.wire.connstr import ConnectionString
 from devstreams.transport.tls import client_context
-
-from devstreams.wire.throttle import EveryInterval
-
+from devstreams.wire.connstr import ConnectionString
 from devstreams.wire.events import StreamClosed
+from devstreams.wire.throttle import EveryInterval
 
 from . import datadir, pki
 from .auth import Authenticator
