@@ -245,14 +245,12 @@ def _online(data, device_id) -> bool:
 @needs_mosquitto
 @pytest.mark.timeout(60)
 def test_a_broker_refusing_the_controller_is_one_line_and_retried(tmp_path, caplog):
-    """Mosquitto asks a hook that is not there: it refuses every login, the hub's controller included."""
-    data = tmp_path / "hub"
-    port, nobody = free_port(), free_port()
-    settings = HubSettings(bind="127.0.0.1", broker_url=f"mqtts://localhost:{port}", auth_hook_port=nobody)
-    broker = Mosquitto(data, settings, port=port).start()
-    hub = HubThread(data, broker_url=settings.broker_url, auth_hook_port=0)
+    """Hub B (another data dir, so other keys) on a Mosquitto that asks hub A's hook: refused, retried."""
+    broker, (owner,) = _hubs(tmp_path, 1)
+    stranger = HubThread(tmp_path / "other", broker_url=owner.settings.broker_url, auth_hook_port=0,
+                         broker_ca_file=owner.ca_file)
     try:
-        hub.start()  # up at once: the controller keeps trying in the background
+        stranger.start()  # up at once: the controller keeps trying in the background
         deadline = time.monotonic() + 30
         while broker.log.read_text().count("disconnected, not authorised") < 2:  # tried, refused, tried again
             assert time.monotonic() < deadline, broker.log.read_text()
@@ -261,6 +259,35 @@ def test_a_broker_refusing_the_controller_is_one_line_and_retried(tmp_path, capl
         assert len(refusals) == 1, refusals  # one line per cause, not one per attempt
         assert refusals[0].startswith("the MQTT broker refused the credentials of 'hub:controller:")
         assert refusals[0].endswith("retrying")
+        assert not stranger.hub.controller.connected and owner.hub.controller.connected
+    finally:
+        stranger.stop()
+        owner.stop()
+        broker.stop()
+
+
+@needs_mosquitto
+@pytest.mark.timeout(60)
+def test_a_hook_that_is_down_is_no_refusal(tmp_path, caplog):
+    """Mosquitto asks a hook that is not there: no verdict, so no 'not authorized' (an agent would take
+    its key for revoked and exit); the connection just ends, the client says so once and retries."""
+    data = tmp_path / "hub"
+    port, nobody = free_port(), free_port()
+    settings = HubSettings(bind="127.0.0.1", broker_url=f"mqtts://localhost:{port}", auth_hook_port=nobody)
+    broker = Mosquitto(data, settings, port=port).start()
+    hub = HubThread(data, broker_url=settings.broker_url, auth_hook_port=0)
+    try:
+        hub.start()
+        deadline = time.monotonic() + 30
+        while broker.log.read_text().count("New client connected") + broker.log.read_text().count(
+                "New connection from") < 3:  # the start-up probe, then at least two attempts
+            assert time.monotonic() < deadline, broker.log.read_text()
+            time.sleep(0.1)
+        time.sleep(1)
+        lines = [r.getMessage() for r in caplog.records if "before answering the login" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert not [r for r in caplog.records if "refused the credentials" in r.getMessage()]
+        assert "not authorised" not in broker.log.read_text()
         assert not hub.hub.controller.connected
     finally:
         hub.stop()

@@ -10,6 +10,7 @@ import asyncio
 import http.client
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -341,8 +342,8 @@ def test_hook_down_refuses_logins_and_recovers(stack):
     assert live.subscribe(topics.device_requests("dev-a")) == [False]
     port = stack.hook.port
     stack.hook.stop()
-    refused = stack.device("dev-b")
-    assert refused.rc.is_failure, "a login passed with the hook down"
+    with pytest.raises(queue.Empty):  # no CONNACK at all: the connection just ends, "try again later"
+        stack.device("dev-b")
     assert stack.proc.poll() is None, "mosquitto died"
     assert "unreachable" in stack.log.read_text(), "no log line for the hook being down"
     stack.hook = HookThread(stack.data_dir, port).start()
@@ -467,7 +468,8 @@ def test_wrong_hook_token_is_logged_and_denies(stack):
         stack.proc.terminate()
         stack.proc.wait(10)
         stack.start_broker()
-        assert stack.device("dev-a").rc.is_failure
+        with pytest.raises(queue.Empty):  # no verdict: the connection ends without CONNACK, as with the hook down
+            stack.device("dev-a")
         assert "refused the token (401)" in stack.log.read_text()
         assert real not in stack.log.read_text() and "w" * 43 not in stack.log.read_text()
     finally:

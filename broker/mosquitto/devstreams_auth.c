@@ -383,6 +383,10 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	body[pos++] = '}';
 	body[pos] = '\0';
 	status = hook_post("/mqtt/auth", body, answer, sizeof(answer));
+	/* No verdict (the hook is down or slow) is not a refusal: Mosquitto then closes the
+	 * connection without "not authorized", so a client retries later instead of taking
+	 * its credentials for revoked. */
+	if(status < 0) return MOSQ_ERR_UNKNOWN;
 	if(status != 200) return MOSQ_ERR_AUTH;
 	s = session_new(ed->client);
 	if(s){  /* a superuser (the hub's controller) skips the per-topic calls */

@@ -184,6 +184,7 @@ class MqttSession:
         self.ever_connected = False
         self._stopping = False
         self._background = False   # start_in_background(): never give up, not even on refused credentials
+        self._answered = False     # this connection attempt got a CONNACK (refused or not)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._pending_subs: dict[int, str] = {}
@@ -292,6 +293,7 @@ class MqttSession:
 
     def _paho_on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
+            self._answered = True
             if reason_code.is_failure:
                 self._connect_refused(reason_code)
                 return
@@ -361,6 +363,12 @@ class MqttSession:
             self.connected = False
             if was and not self._stopping and not self._displaced:
                 log.warning("lost the connection to the %s (%s); reconnecting", self.peer, reason_code)
+            elif not was and not self._answered and not self._stopping and \
+                    self._log_limit.allow("no-connack", time.monotonic()):
+                # e.g. Mosquitto while the hub's auth hook is down: no verdict, so not a refusal
+                log.warning("the %s at %s:%s closed the connection before answering the login; retrying",
+                            self.peer, self.host, self.port)
+            self._answered = False
             if was and self._on_disconnected is not None:
                 self._post(self._on_disconnected)
             if not self._stopping:
