@@ -30,7 +30,6 @@ import json
 import subprocess
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,13 +227,7 @@ class EmbeddedFleetRig(Rig):
         self.hub_proc = self.procs.devstreams(*self.hub_args, "--mqtt-port", "0", "--gateway-port", "0")
         info = wait_file_json(self.data / "hub.json", self.hub_proc)
         self.mqtt_port = info["mqttPort"]
-        self.gateway_port = urllib.parse.urlsplit(info["streamingEndpoints"][0]).port
-        self.ca = str(self.data / "tls" / "ca.pem")
-        self.service_cs = self._cli("hub", "connection-string")
-        device_cs = self._cli("device", "add", DEVICE)
-        self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
-                              "--max-streams", "2000")
-        self._wait_online(DEVICE)
+        self._echo_device(info)
         return {}
 
     def watched(self) -> dict[str, psutil.Process]:

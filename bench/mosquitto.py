@@ -6,17 +6,15 @@ Mosquitto is configured exactly as a user would: ``devstreams hub broker-config 
 (which also builds the plugin and prepares the TLS files), then ``mosquitto -c FILE``.
 """
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
 from . import streams
+from .openssh import free_port, wait_port  # Mosquitto and the hook need their ports up front (no port 0)
 from .procs import Processes, stop_process, wait_file_json
 from .run import DEVICE, Rig, Sizes
 
@@ -36,30 +34,6 @@ def missing() -> str | None:
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         return "no C compiler to build the devstreams plugin (apt-get install gcc)"
     return None
-
-
-def free_port() -> int:
-    """Mosquitto and the auth hook need their ports before they start (no port 0); the race is tiny."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-        return True
-    return False
-
-
-def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"mosquitto did not listen on port {port}: {log.read_text()[-2000:]}")
 
 
 class MosquittoRig(Rig):
@@ -85,14 +59,7 @@ class MosquittoRig(Rig):
         self.hub_args = ["hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1", "--mqtt-port", "0",
                          "--broker-url", f"mqtts://localhost:{self.mqtt_port}", "--auth-hook-port", str(hook_port)]
         self.hub_proc = self.procs.devstreams(*self.hub_args, "--gateway-port", "0")
-        info = wait_file_json(self.data / "hub.json", self.hub_proc)
-        self.gateway_port = urllib.parse.urlsplit(info["streamingEndpoints"][0]).port
-        self.ca = str(self.data / "tls" / "ca.pem")
-        self.service_cs = self._cli("hub", "connection-string")
-        device_cs = self._cli("device", "add", DEVICE)
-        self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
-                              "--max-streams", "2000")
-        self._wait_online(DEVICE)  # also proves the controller reached Mosquitto
+        self._echo_device(wait_file_json(self.data / "hub.json", self.hub_proc))
         return {}
 
     def _start_broker(self) -> None:
@@ -100,7 +67,7 @@ class MosquittoRig(Rig):
         with open(log, "ab") as out:  # Mosquitto keeps its own copy of the descriptor
             self.broker = self.procs.add(subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
                                                           stdout=out, stderr=subprocess.STDOUT))
-        wait_listening(self.mqtt_port, self.broker, log)
+        wait_port(self.mqtt_port, proc=self.broker, log=log)
 
     def watched(self) -> dict:
         import psutil
@@ -110,19 +77,18 @@ class MosquittoRig(Rig):
         """Stop hub and Mosquitto (the devices are connected to Mosquitto), start both again on the
         same ports, data dir and config; returns when the restart began (perf_counter).
 
-        The hub first: until its auth hook answers, Mosquitto's plugin refuses every login with
-        CONNACK 5, which a device that was connected before takes as "revoked"."""
+        The hub first: until its auth hook answers, Mosquitto's plugin gives no verdict and every
+        login attempt is lost (the devices retry), which would count against the restart time."""
         stop_process(self.hub_proc)
         stop_process(self.broker)
         (self.data / "hub.json").unlink(missing_ok=True)  # a hub killed after the grace period leaves it
         started = time.perf_counter()
         self.hub_proc = self.procs.devstreams(*self.hub_args, "--gateway-port", str(self.gateway_port))
-        deadline = time.monotonic() + 30
-        while not _listening(self.hook_port):
-            if self.hub_proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the hub's auth hook did not come back: {self.hub_proc.stderr.read()[-2000:]}"
-                                   if self.hub_proc.poll() is not None else "the hub's auth hook did not come back")
-            time.sleep(0.05)
+        try:
+            wait_port(self.hook_port, 30, self.hub_proc)
+        except RuntimeError as exc:
+            why = self.hub_proc.stderr.read()[-2000:] if self.hub_proc.poll() is not None else exc
+            raise RuntimeError(f"the hub's auth hook did not come back: {why}") from None
         self._start_broker()
         wait_file_json(self.data / "hub.json", self.hub_proc)
         return started

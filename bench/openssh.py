@@ -19,17 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = None) -> None:
+def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = None,
+              log: Path | None = None) -> None:
+    """Until something listens on ``port``; the error says why, with the end of ``log`` if given."""
+    tail = (lambda: f": {log.read_text(errors='replace')[-2000:]}") if log is not None else (lambda: "")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}{tail()}")
         try:
             socket.create_connection(("127.0.0.1", port), 0.5).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+    raise RuntimeError(f"nothing listening on port {port} after {timeout} s{tail()}")
 
 
 class Sshd:

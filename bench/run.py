@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,16 @@ class Rig:
         self.procs.add(self.sshd.proc)
         wait_port(proxy_port)
         return {"direct": self.target_port, "ssh -R": ssh_port, "devstreams": proxy_port}
+
+    def _echo_device(self, hub_json: dict) -> None:
+        """For rigs that only time stream setup: the hub's CA and service key, and one echo agent online."""
+        self.gateway_port = urllib.parse.urlsplit(hub_json["streamingEndpoints"][0]).port
+        self.ca = str(self.data / "tls" / "ca.pem")
+        self.service_cs = self._cli("hub", "connection-string")
+        device_cs = self._cli("device", "add", DEVICE)
+        self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
+                              "--max-streams", "2000")
+        self._wait_online(DEVICE)  # on Mosquitto this also proves the controller reached the broker
 
     def _cli(self, *args: str) -> str:
         result = subprocess.run([sys.executable, "-m", "devstreams", *args, "--data-dir", str(self.data)],

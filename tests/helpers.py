@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+# For servers that cannot bind port 0 themselves (Mosquitto, the auth hook): the tiny race is acceptable.
+from bench.openssh import free_port, wait_port  # noqa: F401  (free_port re-exported for tests)
 
 from broker.hub import Hub
 from broker.registry import open_registry
@@ -75,13 +77,6 @@ class RawClient:
 BACKENDS = ("embedded", "mosquitto")   # what the backend-parametrised tests run on
 
 
-def free_port() -> int:
-    """For servers that cannot bind port 0 themselves (Mosquitto); the tiny race is acceptable in tests."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def have_mosquitto() -> str | None:
     """Why Mosquitto tests cannot run here, or None."""
     if not (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
@@ -110,14 +105,8 @@ class Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()[-2000:]}")
+        wait_port(self.port, proc=self.proc, log=self.log)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -28,7 +28,7 @@ from broker.registry import open_registry
 from broker.settings import HubSettings
 from devstreams.wire import sas, topics
 from devstreams.wire.errors import ConfigError
-from helpers import RawClient
+from helpers import RawClient, free_port
 
 MOSQUITTO = shutil.which("mosquitto")
 COMPILER = shutil.which("cc") or shutil.which("gcc")
@@ -152,12 +152,6 @@ class HookThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
