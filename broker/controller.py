@@ -252,6 +252,10 @@ class StreamController:
         self._timers.pop(key, None)
         self._apply(self._core.timer(key, time.monotonic()))
 
+    def gateway_capacity(self, gateway: str, max_streams: int) -> None:
+        """The built-in gateway's limit (a standalone gateway says its own in its stats)."""
+        self._core.gateway_capacity(gateway, max_streams)
+
     def on_gateway_event(self, event) -> None:
         """A subscriber for a gateway's ``EventSink`` (the built-in gateway, via hub.py)."""
         if isinstance(event, StreamOpened):

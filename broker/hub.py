@@ -186,6 +186,7 @@ class Hub:
         s = self.settings
         if self.gateway is not None and self.controller is not None:
             self.controller.on_gateway_control = self.gateway.apply_control
+            self.controller.gateway_capacity(self.gateway.public_url, self.gateway.settings.max_streams)
         version = self.registry.data_version()
         errors = EveryInterval(s.disk_error_log_interval)
         trim = TrimRule(s.memory_trim_interval)

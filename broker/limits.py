@@ -27,12 +27,21 @@ class TokenBucket:
 
 @dataclass
 class StreamSlots:
-    """Streams being negotiated or open, per hub and per device (pending only)."""
+    """Streams being negotiated or open: per hub, per gateway, and per device (pending only).
+
+    A gateway's capacity is what it announced (``GatewayStats.max_streams``); a
+    gateway that has not announced one is bounded by the hub's limit only.  The
+    count per gateway is this hub's own (the streams it sent there), exact and
+    without lag; a gateway shared by several hubs still refuses over its limit
+    itself, with a 503 at the upgrade.
+    """
 
     max_streams: int
     max_pending_per_device: int
-    _held: set[str] = field(default_factory=set)
+    _held: dict[str, str] = field(default_factory=dict)       # stream id -> gateway it was sent to
     _pending_by_device: dict[str, int] = field(default_factory=dict)
+    _by_gateway: dict[str, int] = field(default_factory=dict)
+    capacity: dict[str, int] = field(default_factory=dict)    # gateway -> streams it can hold
 
     def refusal(self, device: str) -> str | None:
         """Why a new stream to ``device`` cannot start now, or None."""
@@ -43,8 +52,18 @@ class StreamSlots:
                     "(max_pending_per_device)")
         return None
 
-    def hold(self, stream_id: str, device: str) -> None:
-        self._held.add(stream_id)
+    def has_room(self, gateway: str) -> bool:
+        limit = self.capacity.get(gateway)
+        return limit is None or self._by_gateway.get(gateway, 0) < limit
+
+    def full_text(self, gateways: list[str]) -> str:
+        """The refusal when no gateway has room: each one's count and capacity."""
+        each = ", ".join(f"{g} holds {self._by_gateway.get(g, 0)} of {self.capacity.get(g, '?')}" for g in gateways)
+        return f"every streaming gateway is at capacity ({each}); retry later"
+
+    def hold(self, stream_id: str, device: str, gateway: str = "") -> None:
+        self._held[stream_id] = gateway
+        self._by_gateway[gateway] = self._by_gateway.get(gateway, 0) + 1
         self._pending_by_device[device] = self._pending_by_device.get(device, 0) + 1
 
     def answered(self, device: str) -> None:
@@ -55,10 +74,18 @@ class StreamSlots:
             self._pending_by_device.pop(device, None)
 
     def release(self, stream_id: str) -> bool:
-        if stream_id in self._held:
-            self._held.discard(stream_id)
-            return True
-        return False
+        gateway = self._held.pop(stream_id, None)
+        if gateway is None:
+            return False
+        left = self._by_gateway[gateway] - 1
+        if left > 0:
+            self._by_gateway[gateway] = left
+        else:
+            del self._by_gateway[gateway]
+        return True
+
+    def at(self, gateway: str) -> int:
+        return self._by_gateway.get(gateway, 0)
 
     def __len__(self) -> int:
         return len(self._held)

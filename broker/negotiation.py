@@ -36,7 +36,6 @@ back by the adapter with ``undeliverable(rid, now)``.
 
 import enum
 import hashlib
-import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -233,7 +232,7 @@ class Negotiation:
         self._mint = mint
         self._new_id = new_id
         self._gateways = gateways
-        self._gateway_cycle = itertools.count()
+        self._next_gateway = 0                         # round robin over the gateways with room
         self.presence: dict[str, str] = {}             # device id -> connection nonce
         self._by_rid: dict[str, KnownStream] = {}       # hub rid -> stream waiting for the device
         self.book = StreamBook()
@@ -305,6 +304,8 @@ class Negotiation:
         refusal = self.slots.refusal(request.device)
         if refusal:
             return Outcome.LIMIT, refusal
+        if self._gateway_with_room(advance=False) is None:  # refused before the device is asked
+            return Outcome.LIMIT, self.slots.full_text([g.rstrip("/") for g in self._gateways()])
         if not self.bucket.take(now):
             return Outcome.LIMIT, (f"the hub's limit of {self._settings.max_new_streams_per_second:g} "
                                    "new streams per second is reached; retry shortly")
@@ -329,8 +330,8 @@ class Negotiation:
         join_timeout = min(request.join_timeout, s.join_timeout)
         stream_id = self._new_id()
         rid = self._new_id()[:16]
-        gateways = self._gateways()
-        gateway = gateways[next(self._gateway_cycle) % len(gateways)].rstrip("/")
+        gateway = self._gateway_with_room(advance=True)
+        assert gateway is not None  # admission checked
         url = stream_url(gateway, stream_id)
         ttl = response_timeout + join_timeout
 
@@ -344,7 +345,7 @@ class Negotiation:
                             url=url, service_token=token(Side.SERVICE))
         self.book.add(known)
         self._by_rid[rid] = known
-        self.slots.hold(stream_id, request.device)
+        self.slots.hold(stream_id, request.device, gateway)
         wire_request = msg.StreamRequest(rid=rid, stream_id=stream_id, name=request.name, url=url,
                                          token=token(Side.DEVICE), expires=wall + response_timeout)
         self._move(known, State.PENDING)
@@ -455,7 +456,27 @@ class Negotiation:
                                  reason=event.reason, bytes_to_device=event.bytes_to_device,
                                  bytes_to_service=event.bytes_to_service, duration=event.duration)
 
+    def _gateway_with_room(self, advance: bool) -> str | None:
+        """The next gateway in turn that can take one more stream (None: all are full)."""
+        gateways = self._gateways()
+        for i in range(len(gateways)):
+            at = (self._next_gateway + i) % len(gateways)
+            gateway = gateways[at].rstrip("/")
+            if self.slots.has_room(gateway):
+                if advance:
+                    self._next_gateway = at + 1
+                return gateway
+        return None
+
+    def gateway_capacity(self, gateway: str, max_streams: int) -> None:
+        """A gateway this hub sends streams to can hold ``max_streams`` (its own limit)."""
+        gateway = gateway.rstrip("/")
+        if gateway in (g.rstrip("/") for g in self._gateways()):
+            self.slots.capacity[gateway] = max_streams
+
     def gateway_stats(self, stats: msg.GatewayStats) -> None:
+        if stats.url and stats.max_streams:
+            self.gateway_capacity(stats.url, stats.max_streams)
         for stream_id, to_device, to_service in stats.streams:
             known = self.book.get(stream_id)
             if known is not None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_TTL = 24 * 3600
 STATS_INTERVAL = 1.0  # seconds between byte-count reports while streams are open
+HEARTBEAT = 30.0      # seconds between reports while no stream is open (the hub learns our capacity)
 
 
 class MqttReporter:
@@ -36,19 +37,27 @@ class MqttReporter:
             client_id=self.client_id, host=host, port=port, username=topics.GATEWAY_USER,
             password=lambda: sas.make_token(signing_key, sas.GATEWAY_RESOURCE, TOKEN_TTL),
             ssl_context=ssl_context, keepalive=30, subscriptions=(topics.gateway_control(),),
-            on_message=self._on_message)
+            on_message=self._on_message, on_connected=self._on_connected)
         self._stats_topic = topics.gateway_stats(self.client_id)
         self._starting: asyncio.Task | None = None
         self._stats: asyncio.Task | None = None
         self._control: Callable[[msg.GatewayControl], object] | None = None
         self._open_streams: Callable[[], list[dict]] | None = None
+        self._url: Callable[[], str] = lambda: ""
+        self._max_streams = 0
+        self._due = 0.0   # monotonic time of the next report even with no stream open (0: now)
 
     def attach(self, gateway, stats_interval: float = STATS_INTERVAL) -> None:
         """Report ``gateway``'s stream events, apply the hub's orders to it, send the hub its byte counts."""
         gateway.events.subscribe(self.on_event)
         self._control = gateway.apply_control
         self._open_streams = gateway.open_streams
+        self._url = lambda: gateway.public_url
+        self._max_streams = gateway.settings.max_streams
         self._stats_interval = stats_interval
+
+    def _on_connected(self, conn_id: str) -> None:
+        self._due = 0.0  # a hub that just (re)started learns our capacity at once
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -69,13 +78,21 @@ class MqttReporter:
             self._stats = asyncio.create_task(self._report_stats())
 
     async def _report_stats(self) -> None:
+        """Byte counts of open streams every interval; with none open, our URL and capacity
+        every ``HEARTBEAT`` and after each (re)connect (a hub on an external broker may restart
+        without this session noticing)."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._stats_interval)
             try:
                 rows = [(r["stream_id"], r["bytes_to_device"], r["bytes_to_service"])
                         for r in self._open_streams() if r["paired"]]
-                for i in range(0, len(rows), msg.MAX_STATS_STREAMS):
-                    stats = msg.GatewayStats(streams=tuple(rows[i:i + msg.MAX_STATS_STREAMS]))
+                if not rows and loop.time() < self._due or not self._mqtt.connected:
+                    continue
+                self._due = loop.time() + HEARTBEAT
+                for i in range(0, max(len(rows), 1), msg.MAX_STATS_STREAMS):
+                    stats = msg.GatewayStats(streams=tuple(rows[i:i + msg.MAX_STATS_STREAMS]), url=self._url(),
+                                             max_streams=self._max_streams)
                     self._mqtt.publish(self._stats_topic, msg.encode(stats), qos=CONTROL_QOS)
             except Exception:
                 log.exception("reporting byte counts failed")

@@ -145,6 +145,58 @@ def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_a_full_standalone_gateway_is_refused_by_the_hub_before_the_device_is_asked(tmp_path):
+    """The gateway says its capacity (--max-streams 1) in its reports; the hub, whose own limit is higher,
+    answers the second request LIMIT itself: the device never hears of it, so no TLS handshake is spent
+    on a gateway that would answer 503.  Closing the first stream makes room again."""
+    from bench.openssh import free_port
+    from devstreams.wire.errors import LimitExceededError
+
+    data = tmp_path / "hub"
+    port = free_port()
+    hub = gateway = None
+    asked = []
+
+    async def counting_echo(request):
+        asked.append(request.stream_id)
+        await echo(request)
+
+    try:
+        hub = HubThread(data, gateway_urls=(f"wss://localhost:{port}",), max_concurrent_streams=10).start()
+        gateway = subprocess.Popen([sys.executable, "-m", "devstreams", "gateway", "up", "--data-dir", str(data),
+                                    "--bind", "127.0.0.1", "--port", str(port), "--max-streams", "1",
+                                    "--log-level", "warning"],
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "gateway listening" in gateway.stdout.readline()
+        url = f"wss://localhost:{port}"
+        run(wait_for(lambda: hub.hub.controller._core.slots.capacity.get(url) == 1, timeout=15,
+                     what="the gateway's capacity reported to the hub"))
+
+        async def main():
+            async with DeviceAgent(hub.add_device("full"), counting_echo, ca_file=hub.ca_file), \
+                    ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+                await wait_for(lambda: "full" in hub.hub.controller.online_devices, what="online")
+                async with await (await svc.create_stream("full", "echo")).open() as first:
+                    await first.send(b"one")
+                    assert await first.recv() == b"one"
+                    with pytest.raises(LimitExceededError, match="every streaming gateway is at capacity"):
+                        await svc.create_stream("full", "echo")
+                    assert len(asked) == 1, "the device must not be asked for a stream no gateway can hold"
+                await wait_for(lambda: hub.hub.controller.open_streams == 0, timeout=10, what="slot freed")
+                async with await (await svc.create_stream("full", "echo")).open() as second:
+                    await second.send(b"two")
+                    assert await second.recv() == b"two"
+                assert len(asked) == 2
+        run(main())
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(10)
+        if hub is not None:
+            hub.stop()
+
+
+@pytest.mark.timeout(90)
 def test_gateway_beside_the_hub_reports_to_it_without_hub_flag(tmp_path):
     """Only --data-dir: the gateway reports to the hub running there, so closing a stream frees its slot."""
     from bench.openssh import free_port

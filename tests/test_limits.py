@@ -167,10 +167,13 @@ def test_gateway_control_round_trip_and_bounds():
 
 
 def test_gateway_stats_round_trip_and_bounds():
-    stats = msg.GatewayStats(streams=(("a" * 32, 10, 20),))
+    stats = msg.GatewayStats(streams=(("a" * 32, 10, 20),), url="wss://gw:8443", max_streams=5000)
     assert msg.decode_gateway_stats(msg.encode(stats)) == stats
+    assert msg.decode_gateway_stats(b'{"streams": []}') == msg.GatewayStats()  # an older gateway's stats
     for bad in (b'{"streams": [["a", -1, 0]]}', b'{"streams": [["a", 1]]}', b'{"streams": [["", 1, 1]]}',
-                b'{"streams": [["a", true, 1]]}', b'{"streams": {}}'):
+                b'{"streams": [["a", true, 1]]}', b'{"streams": {}}', b'{"streams": [], "url": "http://x"}',
+                b'{"streams": [], "max_streams": -1}', b'{"streams": [], "max_streams": true}',
+                b'{"streams": [], "max_streams": 1e9}', b'{"streams": [], "url": 5}'):
         with pytest.raises(msg.MessageError):
             msg.decode_gateway_stats(bad)
     with pytest.raises(msg.MessageError):

@@ -220,6 +220,35 @@ def test_hub_concurrent_stream_limit():
     assert (res.outcome, res.reason) == (Outcome.LIMIT, "the hub's limit of 2 concurrent streams is reached")
 
 
+def test_a_full_gateway_gets_no_more_streams_and_all_full_is_refused_before_the_device_is_asked():
+    """Each gateway holds at most what it announced; the rest go round robin to gateways with room;
+    with none left the service hears LIMIT at once and the device is never asked (issue 10: a refused
+    open used to cost the device a TLS handshake to a gateway that then said 503)."""
+    core = make()
+    online(core)
+    core.gateway_stats(msg.GatewayStats(url="wss://gw1", max_streams=1))
+    core.gateway_capacity("wss://gw2/", 2)
+    core.gateway_capacity("wss://elsewhere", 1)                    # not one of ours: ignored
+    urls = [sent(request(core, rid=f"r{n}")).url for n in range(3)]
+    assert [u.rsplit("/streams/", 1)[0] for u in urls] == ["wss://gw1", "wss://gw2", "wss://gw2"]
+    refused = request(core, rid="r4")
+    assert not of(refused, PublishToDevice)
+    res = answer(refused)
+    assert res.outcome is Outcome.LIMIT
+    assert res.reason == ("every streaming gateway is at capacity (wss://gw1 holds 1 of 1, "
+                          "wss://gw2 holds 2 of 2); retry later")
+    core.stream_closed(urls[1].rsplit("/", 1)[1])                  # gw2 frees one
+    assert sent(request(core, rid="r5")).url.startswith("wss://gw2/")
+    assert core.slots.at("wss://gw1") == 1 and core.slots.at("wss://gw2") == 2
+
+
+def test_a_gateway_that_never_said_its_capacity_is_bounded_by_the_hub_only():
+    core = make(max_concurrent_streams=3)
+    online(core)
+    assert len({sent(request(core, rid=f"r{n}")).url.rsplit("/streams/", 1)[0] for n in range(3)}) == 2
+    assert answer(request(core, rid="r4")).reason == "the hub's limit of 3 concurrent streams is reached"
+
+
 def test_pending_per_device_limit_counts_unanswered_requests_only():
     core = make(max_pending_per_device=1)
     online(core)

@@ -123,10 +123,14 @@ MAX_STATS_STREAMS = 100  # streams per GatewayStats message (the gateway splits 
 
 @dataclass(frozen=True)
 class GatewayStats:
-    """Gateway -> hub, every second or so while streams are open: ``[stream id, bytes to device,
-    bytes to service]`` for each open stream."""
+    """Gateway -> hub, every second or so while streams are open, and at least every
+    ``heartbeat`` seconds and on each (re)connect otherwise: ``[stream id, bytes to device,
+    bytes to service]`` for each open stream, and the gateway's public URL and stream limit,
+    so the hub refuses a stream it cannot hold before the device is asked (0: not said)."""
 
     streams: tuple[tuple[str, int, int], ...] = ()
+    url: str = ""
+    max_streams: int = 0
 
 
 def encode(message: Any) -> bytes:
@@ -258,4 +262,10 @@ def decode_gateway_stats(payload: bytes) -> GatewayStats:
                 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in row[1:])):
             raise MessageError("each entry of 'streams' must be [stream id, bytes to device, bytes to service]")
         out.append((row[0], row[1], row[2]))
-    return GatewayStats(streams=tuple(out))
+    url = _str(d, "url", 1024, required=False)
+    if url and not url.startswith(("wss://", "ws://")):
+        raise MessageError("field 'url' must be a ws:// or wss:// URL")
+    max_streams = d.get("max_streams", 0)
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 0 <= max_streams <= 10**7:
+        raise MessageError("field 'max_streams' must be a whole number from 0 to 10000000")
+    return GatewayStats(streams=tuple(out), url=url, max_streams=max_streams)
