@@ -202,4 +202,7 @@ def test_memory_is_trimmed_after_streams_end_at_most_once_per_interval():
     rule.freed()
     assert not rule.due(5)            # again within the interval: wait ...
     assert rule.due(11)               # ... until it has passed
-    assert not rule.due(30)           # nothing freed since: no trim
+    assert not rule.due(15)
+    assert rule.due(21)               # once more an interval later: what closed after the event
+    assert not rule.due(40)           # nothing freed since: no trim
+    assert not rule.due(100)
