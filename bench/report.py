@@ -10,6 +10,7 @@ TARGETS = {
     "setup_p99_ms": 150.0,
     "streams_per_s": 100.0,
     "KiB_per_device": 64.0,
+    "rss_after_bulk_vs_before": 1.2,   # issue 10: hub RSS after the bulk rows within 20 % of before
 }
 
 
@@ -26,6 +27,10 @@ def verdicts(r: dict) -> dict:
         "streams_per_s": (r["rate"]["streams_per_s"], r["rate"]["streams_per_s"] >= TARGETS["streams_per_s"]),
         "KiB_per_device": (r["idle"]["hub_KiB_per_device"],
                            r["idle"]["hub_KiB_per_device"] <= TARGETS["KiB_per_device"]),
+        **({"rss_after_bulk_vs_before": (
+            r["memory_after_bulk"]["hub_rss_after_MiB"] / r["memory_after_bulk"]["hub_rss_before_MiB"],
+            r["memory_after_bulk"]["hub_rss_after_MiB"] / r["memory_after_bulk"]["hub_rss_before_MiB"]
+            <= TARGETS["rss_after_bulk_vs_before"])} if "memory_after_bulk" in r else {}),
         "all_intact": (all(p["concurrent"]["intact"] == p["concurrent"]["connections"] for p in paths.values()),
                        all(p["concurrent"]["intact"] == p["concurrent"]["connections"] for p in paths.values())),
     }
@@ -49,8 +54,13 @@ def markdown(r: dict) -> str:
             f"| new streams per second ({r['rate']['seconds']:.0f} s, {r['rate']['workers']} workers) | "
             f"{r['rate']['streams_per_s']:.0f} ({r['rate']['failed']} failed) |",
             f"| hub memory per idle device ({idle['devices']} devices) | {idle['hub_KiB_per_device']:.1f} KiB |",
-            f"| stream setup p50 with them connected | {idle['setup_with_idle_devices']['p50_ms']:.1f} ms |",
-            ""]
+            f"| stream setup p50 with them connected | {idle['setup_with_idle_devices']['p50_ms']:.1f} ms |"]
+    mem = r.get("memory_after_bulk")
+    if mem:
+        out.append(f"| hub RSS before the bulk rows / at their end / {mem['settle_seconds']:g} s later | "
+                   f"{mem['hub_rss_before_MiB']:.0f} / {mem['hub_rss_end_of_load_MiB']:.0f} / "
+                   f"{mem['hub_rss_after_MiB']:.0f} MiB |")
+    out.append("")
     out += brokers(r)
     out += ["", "| target | measured | met |", "|---|---:|:---:|"]
     for name, (value, ok) in verdicts(r).items():

@@ -34,10 +34,12 @@ class Sizes:
     setup_streams: int
     rate_seconds: float
     idle_devices: int
+    settle_after_bulk: float  # s after the bulk rows before the hub's RSS is read again (trims run)
 
 
-FULL = Sizes(1 << 30, 2000, 200, 8 << 20, 200, 10.0, 2000)
-QUICK = Sizes(32 << 20, 200, 20, 1 << 20, 20, 2.0, 100)
+# The hub trims at most every memory_trim_interval (10 s) and once more an interval later.
+FULL = Sizes(1 << 30, 2000, 200, 8 << 20, 200, 10.0, 2000, 22.0)
+QUICK = Sizes(32 << 20, 200, 20, 1 << 20, 20, 2.0, 100, 0.0)
 
 
 class Rig:
@@ -153,7 +155,10 @@ def run(sizes: Sizes, log=print, fleet_sizes=None) -> dict:
         log(f"[devstreams] {sizes.idle_devices} idle devices ...")
         results["idle"] = rig.idle_devices(sizes.idle_devices, min(50, sizes.setup_streams))
         log(f"[devstreams]   {results['idle']['hub_KiB_per_device']:.1f} KiB per device")
+        hub = psutil.Process(rig.hub_proc.pid)
         for name, port in ports.items():
+            if name == "devstreams":
+                rss_before = hub.memory_info().rss
             log(f"[{name}] bulk {sizes.bulk_bytes >> 20} MiB ...")
             path = {"bulk": measure.bulk(port, sizes.bulk_bytes)}
             log(f"[{name}]   {path['bulk']['MBps']:.0f} MB/s; ping-pong {sizes.pingpong_rounds} rounds ...")
@@ -165,6 +170,14 @@ def run(sizes: Sizes, log=print, fleet_sizes=None) -> dict:
             log(f"[{name}]   {path['concurrent']['intact']}/{sizes.concurrent_connections} intact, "
                 f"{path['concurrent']['aggregate_MBps']:.0f} MB/s")
             results["paths"][name] = path
+            if name == "devstreams":
+                peak = hub.memory_info().rss
+                time.sleep(sizes.settle_after_bulk)
+                results["memory_after_bulk"] = {
+                    "hub_rss_before_MiB": rss_before / 2**20, "hub_rss_end_of_load_MiB": peak / 2**20,
+                    "hub_rss_after_MiB": hub.memory_info().rss / 2**20, "settle_seconds": sizes.settle_after_bulk}
+                log(f"[devstreams]   hub RSS {rss_before / 2**20:.0f} MiB before the bulk rows, "
+                    f"{results['memory_after_bulk']['hub_rss_after_MiB']:.0f} MiB {sizes.settle_after_bulk:g} s after")
         log(f"[devstreams] stream setup x{sizes.setup_streams} ...")
         results["setup"] = streams.setup_times(rig.service_cs, rig.ca, DEVICE, sizes.setup_streams)
         log(f"[devstreams]   p50 {results['setup']['p50_ms']:.1f} ms; new streams for {sizes.rate_seconds:g} s ...")

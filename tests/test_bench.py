@@ -26,6 +26,8 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
     assert data["rate"]["failed"] == 0
     assert data["idle"]["devices"] == data["sizes"]["idle_devices"]
     markdown = (tmp_path / "quick.md").read_text()
+    mem = data["memory_after_bulk"]
+    assert 0 < mem["hub_rss_before_MiB"] and 0 < mem["hub_rss_after_MiB"] and "hub RSS before the bulk rows" in markdown
     assert markdown.startswith("# devstreams benchmark")
     mosquitto = data["mosquitto"]
     if have_mosquitto():
