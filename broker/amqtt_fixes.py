@@ -70,6 +70,11 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
     Python 3.12's ``wait_for`` (``async with asyncio.timeout(...)``: same result, same
     ``TimeoutError``, no task); on 3.12+ it is asyncio's own.
 
+12. ``ProtocolHandler._reader_loop`` (handler.py:453-466) arms a keepalive timer for every
+    packet read, though the broker's ``handle_read_timeout`` does nothing (broker_handler.py:86-87);
+    ``HubHandler.start`` starts the loop without one.  (The gate also answers a lone PINGREQ
+    itself, broker/gate.py, so amqtt never sees an idle client's pings.)
+
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
 tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
@@ -360,6 +365,26 @@ class HubHandler(BrokerProtocolHandler):
         super().__init__(*args, **kwargs)
         self._pending_subscriptions = InboxQueue()
         self._pending_unsubscriptions = InboxQueue()
+
+    async def start(self) -> None:
+        """``BaseProtocolHandler.start`` with a reader loop that reads without a keepalive timer (fix 12).
+
+        ``_reader_loop`` (handler.py:453-466) reads every packet under
+        ``wait_for(..., session.keep_alive)``, but on a timeout it only calls
+        ``handle_read_timeout``, which the broker's handler leaves empty
+        (broker_handler.py:86-87): the timer never disconnects anyone, it just arms,
+        cancels or fires a timer for every packet of every connection.  The loop reads
+        ``keep_alive`` once, before it sets ``_reader_ready`` (which ``start`` awaits), so
+        the session shows 0 only for that moment and keeps its real value afterwards.
+        """
+        keep_alive = self.session.keep_alive if self.session is not None else None
+        if keep_alive:
+            self.session.keep_alive = 0
+        try:
+            await super().start()
+        finally:
+            if keep_alive:
+                self.session.keep_alive = keep_alive
 
     def get_next_pending_subscription(self) -> asyncio.Future:
         return self._pending_subscriptions.next_item()

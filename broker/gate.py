@@ -78,6 +78,8 @@ CONNECT_PACKET_TYPE = 1
 TLS_READ_BUFFER = 4 * 1024  # MQTT control traffic is small; OpenSSL buffers partial records
 READ_CHUNK = 16 * 1024      # what the guarded reader asks the socket for at a time
 CONNACK_SERVER_UNAVAILABLE = 3
+PINGREQ, PINGRESP = b"\xc0\x00", b"\xd0\x00"
+PING_WRITE_BACKLOG = 64 * 1024  # bytes queued towards a client before the gate waits to answer its pings
 FD_HEADROOM = 100           # files the hub needs besides MQTT connections (registry, gateway, logs)
 
 
@@ -136,30 +138,62 @@ class _GuardedReader(StreamReaderAdapter):
     It reads only when amqtt asks (so TCP backpressure stays) and at most
     ``READ_CHUNK`` beyond what amqtt asked for.  On refusal it calls
     ``on_refuse(reason)`` once and from then on reports end of stream.
+
+    A PINGREQ that arrives on its own (a whole read, at a packet boundary, with
+    nothing buffered for amqtt: what every idle client sends each keepalive) is
+    answered here with a PINGRESP and never reaches amqtt (issue 10).  In amqtt 0.12
+    each one costs a fixed-header decode, a PACKET_RECEIVED event, a task for
+    ``handle_pingreq`` (handler.py:514, broker_handler.py:111-112), a packet object
+    and a ``drain()``: about a third of an idle hub's CPU.  amqtt's broker does nothing
+    on a keepalive timeout (``BrokerProtocolHandler.handle_read_timeout`` is ``pass``),
+    so it loses nothing by not seeing pings.  A PINGREQ within other bytes goes to
+    amqtt as before.  While more than ``PING_WRITE_BACKLOG`` bytes wait to go out to a
+    client that does not read, the gate waits before answering (as amqtt's ``drain``).
+    ``pings`` counts the answered ones.
     """
 
-    def __init__(self, prefix: bytes, reader: asyncio.StreamReader, guard: PacketGuard, on_refuse):
+    def __init__(self, prefix: bytes, reader: asyncio.StreamReader, guard: PacketGuard, on_refuse,
+                 writer: asyncio.StreamWriter | None = None):
         super().__init__(reader)
         self._buf = bytearray(prefix)
         self._guard = guard
         self._on_refuse = on_refuse
         self._eof = False
+        self._writer = writer
+        self.pings = 0
 
     async def _fill(self) -> bool:
-        if self._eof:
-            return False
-        chunk = await self._reader.read(READ_CHUNK)
-        if not chunk:
-            self._eof = True
-            return False
-        reason = self._guard.feed(chunk)
-        if reason is not None:
-            self._eof = True
-            self._buf.clear()
-            self._on_refuse(reason)
-            return False
-        self._buf += chunk
-        return True
+        while True:
+            if self._eof:
+                return False
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:
+                self._eof = True
+                return False
+            lone_ping = chunk == PINGREQ and not self._buf and self._guard.at_boundary
+            reason = self._guard.feed(chunk)
+            if reason is not None:
+                self._eof = True
+                self._buf.clear()
+                self._on_refuse(reason)
+                return False
+            if lone_ping and self._writer is not None:
+                await self._pong()
+                continue
+            self._buf += chunk
+            return True
+
+    async def _pong(self) -> None:
+        writer = self._writer
+        if writer.is_closing():
+            return
+        writer.write(PINGRESP)
+        self.pings += 1
+        if writer.transport.get_write_buffer_size() > PING_WRITE_BACKLOG:
+            try:
+                await writer.drain()
+            except ConnectionError:
+                self._eof = True
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -455,7 +489,7 @@ class Gate:
                 log.info("closing the connection of %s: %s", client_id, reason)
                 writer.transport.abort()
 
-            guarded = _GuardedReader(raw, reader, guard, refuse)
+            guarded = _GuardedReader(raw, reader, guard, refuse, writer)
             # This frame lives as long as the connection: keep neither the CONNECT bytes (the
             # reader replays its own copy, then drops it) nor the parsed packet (issue 10).
             del raw, packet

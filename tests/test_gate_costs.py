@@ -3,9 +3,20 @@
 Plain objects, no sockets: each test counts calls, never time.
 """
 
-from broker.gate import Gate, _Live, token_expiry
+import asyncio
+import ssl
+
+import amqtt.mqtt.protocol.handler as amqtt_handler
+import pytest
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from helpers import run, wait_for
+
+from bench import simdevices
+from broker.amqtt_fixes import _AsyncioFor311
 from broker.auth import Identity
+from broker.gate import PINGREQ, PINGRESP, Gate, _Live, token_expiry
 from devstreams.wire import sas
+from devstreams.wire.connstr import parse
 from devstreams.wire.topics import Role
 
 
@@ -82,3 +93,48 @@ def test_entries_of_ended_sessions_do_not_pile_up():
         login(gate, "d", 10**9 + i)
         del gate._live["d"]
     assert len(gate._expiries) <= 2 * len(gate._live) + 1024
+
+
+# -- end to end: the real hub, a real TLS device ------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_an_idle_devices_pings_are_answered_without_waking_amqtt(hub, monkeypatch):
+    """A lone PINGREQ gets its PINGRESP from the gate: amqtt 0.12 decoded it, fired an event, made
+    a task for handle_pingreq and a packet object.  amqtt's reader also arms no keepalive timer
+    (its broker handler ignores read timeouts).  Pings sent together with other bytes still go to amqtt."""
+    calls = {"handle_pingreq": 0, "timed_reads": 0}
+    handle_pingreq = BrokerProtocolHandler.handle_pingreq
+
+    async def count_pingreq(self, packet):
+        calls["handle_pingreq"] += 1
+        return await handle_pingreq(self, packet)
+    monkeypatch.setattr(BrokerProtocolHandler, "handle_pingreq", count_pingreq)
+    if isinstance(amqtt_handler.asyncio, _AsyncioFor311):  # Python 3.11: the handler's wait_for is ours
+        timed_wait = _AsyncioFor311.wait_for
+
+        async def count_timed(aw, timeout):
+            calls["timed_reads"] += timeout is not None
+            return await timed_wait(aw, timeout)
+        monkeypatch.setattr(_AsyncioFor311, "wait_for", staticmethod(count_timed))
+    cs = parse(hub.add_device("pinger"))
+    ctx = ssl.create_default_context(cafile=hub.ca_file)
+
+    async def body():
+        reader, writer = await simdevices.login(cs, "localhost", hub.hub.mqtt_port, ctx)
+        try:
+            await wait_for(lambda: "pinger" in hub.hub.controller.online_devices, what="presence")
+            before = dict(calls)
+            for _ in range(5):
+                writer.write(PINGREQ)
+                assert await asyncio.wait_for(reader.readexactly(2), 10) == PINGRESP
+            lone = {k: calls[k] - before[k] for k in calls}
+            writer.write(PINGREQ + PINGREQ)  # not alone: amqtt answers both
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == PINGRESP * 2
+            await asyncio.sleep(0.1)
+            return lone, calls["handle_pingreq"] - before["handle_pingreq"] - lone["handle_pingreq"]
+        finally:
+            writer.close()
+
+    lone, together = run(body(), timeout=50)
+    assert lone == {"handle_pingreq": 0, "timed_reads": 0}, lone
+    assert together == 2
