@@ -70,6 +70,13 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
     Python 3.12's ``wait_for`` (``async with asyncio.timeout(...)``: same result, same
     ``TimeoutError``, no task); on 3.12+ it is asyncio's own.
 
+12. ``ProtocolHandler._reader_loop`` (handler.py:453-466) arms a keepalive timer for every
+    packet read, though the broker's ``handle_read_timeout`` does nothing (broker_handler.py:86-87);
+    ``HubHandler.start`` starts the loop without one.  (The gate also answers a lone PINGREQ
+    itself, broker/gate.py, so amqtt never sees an idle client's pings.)
+13. ``Broker._session_monitor`` (broker.py:356-383) walks every session each second;
+    ``HubBroker._session_monitor`` walks only after some session disconnected.
+
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
 tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
@@ -206,11 +213,15 @@ class SessionStates:
         self.state = "new"
         self._on_enter: dict[str, list[Callable[[], None]]] = {}
 
+    disconnects: ClassVar[int] = 0  # transitions into "disconnected" in this process (fix 13)
+
     def _trigger(self, event: str) -> bool:
         dest = self._MOVES.get((event, self.state))
         if dest is None:
             raise MachineError(f"Can't trigger event {event} from state {self.state}!")
         self.state = dest
+        if dest == "disconnected":
+            SessionStates.disconnects += 1
         for callback in self._on_enter.get(dest, ()):
             callback()
         return True
@@ -361,6 +372,26 @@ class HubHandler(BrokerProtocolHandler):
         self._pending_subscriptions = InboxQueue()
         self._pending_unsubscriptions = InboxQueue()
 
+    async def start(self) -> None:
+        """``BaseProtocolHandler.start`` with a reader loop that reads without a keepalive timer (fix 12).
+
+        ``_reader_loop`` (handler.py:453-466) reads every packet under
+        ``wait_for(..., session.keep_alive)``, but on a timeout it only calls
+        ``handle_read_timeout``, which the broker's handler leaves empty
+        (broker_handler.py:86-87): the timer never disconnects anyone, it just arms,
+        cancels or fires a timer for every packet of every connection.  The loop reads
+        ``keep_alive`` once, before it sets ``_reader_ready`` (which ``start`` awaits), so
+        the session shows 0 only for that moment and keeps its real value afterwards.
+        """
+        keep_alive = self.session.keep_alive if self.session is not None else None
+        if keep_alive:
+            self.session.keep_alive = 0
+        try:
+            await super().start()
+        finally:
+            if keep_alive:
+                self.session.keep_alive = keep_alive
+
     def get_next_pending_subscription(self) -> asyncio.Future:
         return self._pending_subscriptions.next_item()
 
@@ -415,6 +446,28 @@ class HubBroker(Broker):
         handler = HubHandler(self.plugins_manager, session)
         session.transitions.disconnect()
         return handler, session
+
+    async def _session_monitor(self) -> None:
+        """Replaces ``Broker._session_monitor`` (broker.py:356-383) when sessions never expire (fix 13).
+
+        amqtt walks every session once a second to find disconnected clean (or anonymous)
+        sessions to remove: O(N) per second with nothing happening.  A session only
+        becomes removable by entering "disconnected", so this walks (the same filter, the
+        same ``_cleanup_session``) only when some session disconnected since the last walk.
+        With ``session_expiry_interval`` set, removal also depends on the clock: amqtt's own loop.
+        """
+        if self.config.session_expiry_interval is not None:
+            await super()._session_monitor()
+            return
+        seen = None
+        while True:
+            if SessionStates.disconnects != seen:
+                seen = SessionStates.disconnects
+                ended = [client_id for client_id, (session, _) in self._sessions.items()
+                         if session.transitions.state == "disconnected" and (session.is_anonymous or session.clean_session)]
+                for client_id in ended:
+                    await self._cleanup_session(client_id)
+            await asyncio.sleep(1)
 
     # -- keeping the table's per-client index -----------------------------------------------------
 

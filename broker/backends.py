@@ -91,7 +91,7 @@ class EmbeddedBroker:
         return {identity.client_id: reason for identity, reason in kicked if identity.role is Role.DEVICE}
 
     def expire(self, now: float) -> None:
-        self.gate.kick(lambda identity, password: auth.expired(identity, password, now))
+        self.gate.kick_expired(now, lambda identity, password: auth.expired(identity, password, now))
 
 
 # -- external brokers ------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ and never touches a logged-in one.
 
 import asyncio
 import collections
+import heapq
+import itertools
 import json
 import logging
 import resource
@@ -59,6 +61,8 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
+from devstreams.wire import sas
+from devstreams.wire.errors import TokenError
 from devstreams.wire.throttle import LogLimiter
 from devstreams.wire.topics import CONTROLLER_USER, Role, device_notice
 
@@ -74,6 +78,8 @@ CONNECT_PACKET_TYPE = 1
 TLS_READ_BUFFER = 4 * 1024  # MQTT control traffic is small; OpenSSL buffers partial records
 READ_CHUNK = 16 * 1024      # what the guarded reader asks the socket for at a time
 CONNACK_SERVER_UNAVAILABLE = 3
+PINGREQ, PINGRESP = b"\xc0\x00", b"\xd0\x00"
+PING_WRITE_BACKLOG = 64 * 1024  # bytes queued towards a client before the gate waits to answer its pings
 FD_HEADROOM = 100           # files the hub needs besides MQTT connections (registry, gateway, logs)
 
 
@@ -132,30 +138,62 @@ class _GuardedReader(StreamReaderAdapter):
     It reads only when amqtt asks (so TCP backpressure stays) and at most
     ``READ_CHUNK`` beyond what amqtt asked for.  On refusal it calls
     ``on_refuse(reason)`` once and from then on reports end of stream.
+
+    A PINGREQ that arrives on its own (a whole read, at a packet boundary, with
+    nothing buffered for amqtt: what every idle client sends each keepalive) is
+    answered here with a PINGRESP and never reaches amqtt (issue 10).  In amqtt 0.12
+    each one costs a fixed-header decode, a PACKET_RECEIVED event, a task for
+    ``handle_pingreq`` (handler.py:514, broker_handler.py:111-112), a packet object
+    and a ``drain()``: about a third of an idle hub's CPU.  amqtt's broker does nothing
+    on a keepalive timeout (``BrokerProtocolHandler.handle_read_timeout`` is ``pass``),
+    so it loses nothing by not seeing pings.  A PINGREQ within other bytes goes to
+    amqtt as before.  While more than ``PING_WRITE_BACKLOG`` bytes wait to go out to a
+    client that does not read, the gate waits before answering (as amqtt's ``drain``).
+    ``pings`` counts the answered ones.
     """
 
-    def __init__(self, prefix: bytes, reader: asyncio.StreamReader, guard: PacketGuard, on_refuse):
+    def __init__(self, prefix: bytes, reader: asyncio.StreamReader, guard: PacketGuard, on_refuse,
+                 writer: asyncio.StreamWriter | None = None):
         super().__init__(reader)
         self._buf = bytearray(prefix)
         self._guard = guard
         self._on_refuse = on_refuse
         self._eof = False
+        self._writer = writer
+        self.pings = 0
 
     async def _fill(self) -> bool:
-        if self._eof:
-            return False
-        chunk = await self._reader.read(READ_CHUNK)
-        if not chunk:
-            self._eof = True
-            return False
-        reason = self._guard.feed(chunk)
-        if reason is not None:
-            self._eof = True
-            self._buf.clear()
-            self._on_refuse(reason)
-            return False
-        self._buf += chunk
-        return True
+        while True:
+            if self._eof:
+                return False
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:
+                self._eof = True
+                return False
+            lone_ping = chunk == PINGREQ and not self._buf and self._guard.at_boundary
+            reason = self._guard.feed(chunk)
+            if reason is not None:
+                self._eof = True
+                self._buf.clear()
+                self._on_refuse(reason)
+                return False
+            if lone_ping and self._writer is not None:
+                await self._pong()
+                continue
+            self._buf += chunk
+            return True
+
+    async def _pong(self) -> None:
+        writer = self._writer
+        if writer.is_closing():
+            return
+        writer.write(PINGRESP)
+        self.pings += 1
+        if writer.transport.get_write_buffer_size() > PING_WRITE_BACKLOG:
+            try:
+                await writer.drain()
+            except ConnectionError:
+                self._eof = True
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -232,6 +270,14 @@ def raise_nofile_limit(max_connections: int) -> int:
     return soft
 
 
+def token_expiry(password: str | None) -> float:
+    """When a login's SAS token runs out (epoch seconds); 0 for an unreadable one (checked at once)."""
+    try:
+        return float(sas.parse_token(password).expiry)
+    except TokenError:
+        return 0.0
+
+
 def takeover_notice(device_id: str) -> bytes:
     """The one PUBLISH a displaced device receives before its connection closes."""
     payload = json.dumps({"event": "takeover",
@@ -265,6 +311,12 @@ class Gate:
         self._max_unauthenticated = max_unauthenticated
         self._server: asyncio.Server | None = None
         self._live: dict[str, _Live] = {}
+        # (token expiry, n, client id, live) of every login, soonest first: the hub drops sessions
+        # whose token ran out every second, and walking all of them each time was a third of the
+        # hub's idle CPU at 5,000 devices (issue 10).  Entries of ended sessions are skipped when
+        # they come up and dropped in bulk when they outnumber the live ones.
+        self._expiries: list[tuple[float, int, str, _Live]] = []
+        self._expiry_seq = itertools.count()
         self._handlers: set[asyncio.Task] = set()
         self._unauthenticated: dict[asyncio.Task, asyncio.StreamWriter] = {}  # oldest first
         self._shed_log = LogLimiter(60.0)
@@ -316,6 +368,31 @@ class Gate:
                 live.writer.transport.abort()
                 kicked.append((live.identity, reason))
         return kicked
+
+    def kick_expired(self, now: float, reason_for: Callable[[Identity, str], str | None]) -> list[tuple[Identity, str]]:
+        """Like ``kick``, but only for the logins whose token expiry lies before ``now``.
+
+        ``reason_for`` still decides (the hub's own controller is never dropped this way); a
+        session it spares is not asked again.  Cost: the sessions due, not all of them.
+        """
+        kicked, heap = [], self._expiries
+        while heap and heap[0][0] < now:
+            _, _, cid, live = heapq.heappop(heap)
+            if self._live.get(cid) is not live or live.writer.is_closing():
+                continue
+            reason = reason_for(live.identity, live.password)
+            if reason:
+                log.info("dropping %s %s: %s", live.identity.role.value, cid, reason)
+                live.writer.transport.abort()
+                kicked.append((live.identity, reason))
+        return kicked
+
+    def _note_expiry(self, client_id: str, live: _Live) -> None:
+        heap = self._expiries
+        heapq.heappush(heap, (token_expiry(live.password), next(self._expiry_seq), client_id, live))
+        if len(heap) > 2 * len(self._live) + 1024:  # ended sessions' entries: drop them all at once
+            heap[:] = [e for e in heap if self._live.get(e[2]) is e[3]]
+            heapq.heapify(heap)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -398,6 +475,7 @@ class Gate:
         live = _Live(identity, packet.password, writer, task)
         old = self._live.get(client_id)
         self._live[client_id] = live
+        self._note_expiry(client_id, live)
         try:
             if old is not None:
                 if not await self._take_over(client_id, old, peer):
@@ -411,7 +489,7 @@ class Gate:
                 log.info("closing the connection of %s: %s", client_id, reason)
                 writer.transport.abort()
 
-            guarded = _GuardedReader(raw, reader, guard, refuse)
+            guarded = _GuardedReader(raw, reader, guard, refuse, writer)
             # This frame lives as long as the connection: keep neither the CONNECT bytes (the
             # reader replays its own copy, then drops it) nor the parsed packet (issue 10).
             del raw, packet

@@ -43,6 +43,11 @@ class PacketGuard:
         self._head = bytearray()  # a PUBLISH's topic-length field and topic, while collecting them
         self._need = 0          # how many bytes of _head we want
 
+    @property
+    def at_boundary(self) -> bool:
+        """True when the next byte fed starts a new packet (the gate answers a lone PINGREQ itself)."""
+        return self.refused is None and self._state == "type"
+
     def feed(self, data: bytes) -> str | None:
         """Inspect the next bytes; return None if all is well so far, else the (final) reason."""
         if self.refused is not None:

@@ -326,3 +326,50 @@ def test_connecting_one_more_device_costs_the_same_with_few_or_many_connected(hu
     assert few == many, (few, many)
     assert many["reprs"] == 0 and many["retained_calls"] <= 2
     assert many["machines"] == 0    # amqtt 0.12 built a transitions.Machine (15 KiB) per connection
+
+
+class CountingSessions(dict):
+    def __init__(self):
+        super().__init__()
+        self.walks = 0
+
+    def items(self):
+        self.walks += 1
+        return super().items()
+
+
+def test_the_session_monitor_walks_the_sessions_only_after_a_disconnect(monkeypatch):
+    """amqtt 0.12 walked every session once a second, idle or not (broker.py:365)."""
+    sessions = CountingSessions()
+    ticks, real_sleep = [0], asyncio.sleep
+
+    async def tick(delay, *args):
+        ticks[0] += 1
+        await real_sleep(0)
+    monkeypatch.setattr(asyncio, "sleep", tick)
+
+    async def body():
+        fleet = Fleet()
+        fleet.broker._sessions = sessions
+        for i in range(20):
+            s = HubSession()
+            s.client_id, s.clean_session = f"dev-{i}", True
+            s.transitions.connect()
+            sessions[s.client_id] = (s, None)
+        monitor = asyncio.ensure_future(fleet.broker._session_monitor())
+        try:
+            while ticks[0] < 30:
+                await real_sleep(0)
+            idle_walks = sessions.walks
+            sessions["dev-3"][0].transitions.disconnect()
+            start = ticks[0]
+            while ticks[0] < start + 30:
+                await real_sleep(0)
+            return idle_walks, sessions.walks
+        finally:
+            monitor.cancel()
+
+    idle_walks, walks = run(body(), timeout=20)
+    assert idle_walks == 1          # amqtt: 30
+    assert walks == 2               # one more after the disconnect
+    assert "dev-3" not in sessions and len(sessions) == 19
