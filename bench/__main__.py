@@ -8,6 +8,7 @@ so the full run leaves it out.  ``--quick`` includes a tiny fleet (50, 100 devic
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -26,8 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a correctness run in seconds")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet benchmark (with --quick: its tiny stages)")
-    parser.add_argument("--streams", action="store_true",
-                        help="the gateway's concurrent streams stage (with --quick: 20 streams)")
+    parser.add_argument("--streams", nargs="?", type=int, const=0, metavar="N",
+                        help="the gateway's concurrent streams stage: 5,000 streams, or N (with --quick: 20)")
     parser.add_argument("--backend", choices=("embedded", "mosquitto"), action="append",
                         help="with --fleet: only this backend (repeatable; default both)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where results go")
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
         if args.fleet:
             sizes = fleet.FLEET_QUICK if args.quick else fleet.FLEET_FULL
             results = fleet.run(sizes, log=log, backends=tuple(args.backend or ("embedded", "mosquitto")))
-        if args.streams:
-            streams = gwstreams.run(gwstreams.STREAMS_QUICK if args.quick else gwstreams.STREAMS_FULL, log=log)
+        if args.streams is not None:
+            sizes = gwstreams.STREAMS_QUICK if args.quick else gwstreams.STREAMS_FULL
+            if args.streams:
+                sizes = dataclasses.replace(sizes, streams=args.streams)
+            streams = gwstreams.run(sizes, log=log)
         elif not args.fleet:
             results = run(QUICK if args.quick else FULL, log=log,
                           fleet_sizes=fleet.FLEET_QUICK if args.quick else None)
@@ -49,8 +53,9 @@ def main(argv=None) -> int:
     except (RuntimeError, DevstreamsError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
-    if args.streams:
-        files = gwstreams.write(streams, Path(args.out), "streams-quick" if args.quick else "streams",
+    if args.streams is not None:
+        stem = "streams-quick" if args.quick else f"streams-{streams['sizes']['streams']}"
+        files = gwstreams.write(streams, Path(args.out), stem,
                                 time.strftime("%Y-%m-%d"), os.cpu_count(), machine)
         print(files[1].read_text())
         print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
@@ -61,8 +66,8 @@ def main(argv=None) -> int:
                             machine)
         print(files[1].read_text())
         print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
-    if args.streams or args.fleet:
-        return 0 if not args.streams or (streams["all_intact"] and streams["beyond_ok"]) else 1
+    if args.streams is not None or args.fleet:
+        return 0 if args.streams is None or (streams["all_intact"] and streams["beyond_ok"]) else 1
     files = report.write(results, Path(args.out), "quick" if args.quick else "latest")
     print(report.markdown(results))
     print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)

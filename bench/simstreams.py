@@ -18,7 +18,7 @@
 Both speak one protocol on stdin/stdout: ``ready`` once started; then one command per
 stdin line, answered by one line ``<word> <json>``.  Commands: devices -- ``go`` (log in;
 answers ``connected``), ``stats``; services -- ``open``, ``stats`` (counters, and the echo
-latencies since the previous ``stats``), ``pause``/``resume`` (stop/restart sending),
+latencies since the previous ``stats``), ``resume``/``pause`` (start/stop sending; quiet at first),
 ``beyond N`` (N more stream requests, all expected to be refused), ``close`` (stop sending,
 wait for every echo, end each stream cleanly with eof; per-stream results).  A closed stdin
 ends the process (devices print a last ``stats`` first).
@@ -309,7 +309,7 @@ class Services:
         self.plan = plan
         self.streams: list[EchoStream] = []
         self.latencies: list[float] = []
-        self.sending = True
+        self.sending = False   # quiet while opening (``resume`` starts the messages)
 
     async def _open_one(self, index: int, device: str, setup: list, errors: list, retries: list) -> None:
         from service_client import LimitExceededError
@@ -330,6 +330,8 @@ class Services:
                 return
             setup.append((time.perf_counter() - started) * 1000)
             self.streams.append(EchoStream(index, stream, info.stream_id, self))
+            if len(self.streams) % 250 == 0:
+                say("progress", {"opened": len(self.streams)})
             return
         errors.append("rate-limited 50 times in a row")
 
@@ -422,6 +424,8 @@ async def services_main(cs: str, ca_file: str, plan_path: str) -> int:
 
 if __name__ == "__main__":
     raise_nofile(20000)  # one socket per device or stream, and then some
+    from devstreams.cli import _event_loop
+    _event_loop()  # uvloop, as the hub and the CLI use it: these processes share the hub's cores
     try:
         if sys.argv[1] == "devices":
             sys.exit(asyncio.run(devices_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])))
