@@ -365,10 +365,11 @@ class Services:
                       "latency_ms": [round(x, 3) for x in lat]})
 
     async def pause(self, _) -> None:
+        """Stop sending; answer once every echo under way came back (or after 180 s)."""
         self.sending = False
-        await asyncio.gather(*(asyncio.wait_for(s.all_echoed.wait(), 30) for s in self.streams),
-                             return_exceptions=True)
-        say("paused", {})
+        waits = await asyncio.gather(*(asyncio.wait_for(s.all_echoed.wait(), 180) for s in self.streams),
+                                     return_exceptions=True)
+        say("paused", {"drained": not any(isinstance(w, BaseException) for w in waits)})
 
     async def resume(self, _) -> None:
         self.sending = True
