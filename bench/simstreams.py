@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import ssl
 import struct
 import sys
@@ -390,7 +391,7 @@ class Services:
                 accepted.append(info)
                 outcomes["accepted"] = outcomes.get("accepted", 0) + 1
             except Exception as exc:  # noqa: BLE001 -- the expected outcome, by kind
-                key = f"{type(exc).__name__}: {exc}"[:160]
+                key = re.sub(r"device \S+", "device D", f"{type(exc).__name__}: {exc}")[:160]  # one key per kind
                 outcomes[key] = outcomes.get(key, 0) + 1
             times.append((time.perf_counter() - started) * 1000)
         started = time.perf_counter()
