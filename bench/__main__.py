@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--fleet] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``.
+"""``python -m bench [--quick] [--fleet] [--streams [N]] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``.
 
 ``--fleet`` runs only the fleet benchmark (bench/fleet.py: 1k .. 10k idle devices, then a hub
 restart, on the embedded broker and on Mosquitto); it takes longer than the rest together,

@@ -22,7 +22,14 @@ MQTT connection each).  Phases:
 
 Settings raised in hub.toml, and only these: ``max_concurrent_streams`` (default 1,000; the
 gateway's limit is the same setting) to the stream count.  ``max_connections`` (12,000 MQTT
-connections) already covers the devices.  Rate limits stay at their defaults.
+connections) already covers the devices.  Rate limits stay at their defaults.  Descriptors:
+5,000 streams take 10,000 gateway sockets plus 5,000 MQTT connections in the hub, under the
+20,000 its soft limit is raised to (broker/gate.py ``raise_nofile_limit``: the hard limit); the
+simulated ends raise theirs (bench/simdevices.py ``raise_nofile``).
+
+``python -m bench --streams N`` runs the stage at N streams.  Results of the runs on the 2-core
+development machine, and why 1 message/s on 5,000 streams did not keep up there:
+bench/results/streams-notes.md.
 """
 
 import json
