@@ -27,6 +27,7 @@ ends the process (devices print a last ``stats`` first).
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import ssl
@@ -426,6 +427,7 @@ async def services_main(cs: str, ca_file: str, plan_path: str) -> int:
 
 if __name__ == "__main__":
     raise_nofile(20000)  # one socket per device or stream, and then some
+    os.nice(10)  # load generators standing in for other machines: the hub gets the CPU it needs first
     from devstreams.cli import _event_loop
     _event_loop()  # uvloop, as the hub and the CLI use it: these processes share the hub's cores
     try:
