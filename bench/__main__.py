@@ -1,11 +1,14 @@
-"""``python -m bench [--quick] [--fleet] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``.
+"""``python -m bench [--quick] [--fleet] [--streams [N]] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``.
 
 ``--fleet`` runs only the fleet benchmark (bench/fleet.py: 1k .. 10k idle devices, then a hub
 restart, on the embedded broker and on Mosquitto); it takes longer than the rest together,
 so the full run leaves it out.  ``--quick`` includes a tiny fleet (50, 100 devices).
+``--streams`` runs only the gateway stage (bench/gwstreams.py: 5,000 concurrent echo streams at
+1 message/s each, then requests beyond capacity); ``--fleet --streams`` runs both, the streams last.
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from devstreams.wire.errors import DevstreamsError
 
-from . import fleet, report
+from . import fleet, gwstreams, report
 from .run import FULL, QUICK, run
 
 
@@ -24,16 +27,24 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a correctness run in seconds")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet benchmark (with --quick: its tiny stages)")
+    parser.add_argument("--streams", nargs="?", type=int, const=0, metavar="N",
+                        help="the gateway's concurrent streams stage: 5,000 streams, or N (with --quick: 20)")
     parser.add_argument("--backend", choices=("embedded", "mosquitto"), action="append",
                         help="with --fleet: only this backend (repeatable; default both)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where results go")
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
     try:
         if args.fleet:
             sizes = fleet.FLEET_QUICK if args.quick else fleet.FLEET_FULL
             results = fleet.run(sizes, log=log, backends=tuple(args.backend or ("embedded", "mosquitto")))
-        else:
+        if args.streams is not None:
+            sizes = gwstreams.STREAMS_QUICK if args.quick else gwstreams.STREAMS_FULL
+            if args.streams:
+                sizes = dataclasses.replace(sizes, streams=args.streams)
+            streams = gwstreams.run(sizes, log=log)
+        elif not args.fleet:
             results = run(QUICK if args.quick else FULL, log=log,
                           fleet_sizes=fleet.FLEET_QUICK if args.quick else None)
     except KeyboardInterrupt:
@@ -42,14 +53,21 @@ def main(argv=None) -> int:
     except (RuntimeError, DevstreamsError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
+    if args.streams is not None:
+        stem = "streams-quick" if args.quick else f"streams-{streams['sizes']['streams']}"
+        files = gwstreams.write(streams, Path(args.out), stem,
+                                time.strftime("%Y-%m-%d"), os.cpu_count(), machine)
+        print(files[1].read_text())
+        print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
     if args.fleet:
         stem = ("fleet-quick" if args.quick else "fleet") + ("-" + "-".join(args.backend) if args.backend else "")
         files = fleet.write(results, Path(args.out), stem,
                             time.strftime("%Y-%m-%d"), os.cpu_count(),
-                            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
+                            machine)
         print(files[1].read_text())
         print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
-        return 0
+    if args.streams is not None or args.fleet:
+        return 0 if args.streams is None or (streams["all_intact"] and streams["beyond_ok"]) else 1
     files = report.write(results, Path(args.out), "quick" if args.quick else "latest")
     print(report.markdown(results))
     print("written: " + ", ".join(str(f) for f in files), file=sys.stderr)
