@@ -118,6 +118,12 @@ class _LivenessMixin:
             self.liveness.heard(self.loop.time())
         super().data_received(data)
 
+    def send_data(self) -> None:
+        # Every frame we write is a sign of life to the peer: no heartbeat is due while data flows.
+        if self.liveness is not None and self.protocol.writes:
+            self.liveness.sent(self.loop.time())
+        super().send_data()
+
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         # A closed connection must be freed by reference counting alone.  A stream's connection

@@ -1,4 +1,4 @@
-"""A closed stream WebSocket is freed by reference counting, not left to the cyclic GC (issue 10).
+"""Stream WebSockets at scale: closed ones are freed by reference counting, busy ones send no heartbeats (issue 10).
 
 A stream's connections live long enough to reach the GC's oldest generation, which a busy hub
 collects rarely; each connection left to it keeps its TLS buffers and OpenSSL state.  After 200
@@ -70,3 +70,49 @@ def test_closed_connections_are_freed_without_the_cyclic_gc(tmp_path):
         assert not alive, f"{len(alive)} closed connections kept alive by reference cycles: {alive}"
     finally:
         gc.enable()
+
+
+def test_no_heartbeats_while_data_flows_and_heartbeats_again_when_quiet(tmp_path):
+    """Any frame written is a sign of life: with messages every 0.1 s and a 0.3 s heartbeat interval
+    neither side pings; once the stream is quiet both do again (and nobody is declared lost)."""
+    files = ensure_tls(tmp_path, ("localhost",))
+    beats = {"server": 0, "client": 0}
+
+    def counting(ws, side):
+        original = ws._send_heartbeat
+
+        def beat():
+            beats[side] += 1
+            original()
+        ws._send_heartbeat = beat
+
+    async def main() -> tuple[dict, dict]:
+        async def handler(ws):
+            counting(ws, "server")
+            ws.start_liveness(0.3, 0.6)
+            try:
+                async for message in ws:
+                    await ws.send(message)
+            except ConnectionClosed:
+                pass
+
+        async with serve(handler, "127.0.0.1", 0, ssl=server_context(files), create_connection=LiveServerConnection,
+                         ping_interval=None, close_timeout=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"wss://localhost:{port}", ssl=client_context(files.ca_cert), ping_interval=None,
+                               create_connection=LiveClientConnection) as ws:
+                counting(ws, "client")
+                ws.start_liveness(0.3, 0.6)
+                for n in range(15):
+                    await ws.send(b"%d" % n)
+                    assert await ws.recv() == b"%d" % n
+                    await asyncio.sleep(0.1)
+                flowing = dict(beats)
+                await asyncio.sleep(1.2)
+                quiet = dict(beats)
+                assert ws.close_code is None, "a quiet but live peer must not be cut"
+        return flowing, quiet
+
+    flowing, quiet = run(main())
+    assert flowing == {"server": 0, "client": 0}, flowing
+    assert quiet["server"] >= 2 and quiet["client"] >= 2, quiet
