@@ -360,13 +360,9 @@ class Gate:
         key rotated) and for SAS tokens that expired during the session.
         Returns the dropped identities with their reasons.
         """
-        kicked = []
+        kicked: list[tuple[Identity, str]] = []
         for cid, live in list(self._live.items()):
-            reason = reason_for(live.identity, live.password)
-            if reason:
-                log.info("dropping %s %s: %s", live.identity.role.value, cid, reason)
-                live.writer.transport.abort()
-                kicked.append((live.identity, reason))
+            self._drop_if(cid, live, reason_for, kicked)
         return kicked
 
     def kick_expired(self, now: float, reason_for: Callable[[Identity, str], str | None]) -> list[tuple[Identity, str]]:
@@ -378,14 +374,18 @@ class Gate:
         kicked, heap = [], self._expiries
         while heap and heap[0][0] < now:
             _, _, cid, live = heapq.heappop(heap)
-            if self._live.get(cid) is not live or live.writer.is_closing():
-                continue
-            reason = reason_for(live.identity, live.password)
-            if reason:
-                log.info("dropping %s %s: %s", live.identity.role.value, cid, reason)
-                live.writer.transport.abort()
-                kicked.append((live.identity, reason))
+            if self._live.get(cid) is live and not live.writer.is_closing():
+                self._drop_if(cid, live, reason_for, kicked)
         return kicked
+
+    @staticmethod
+    def _drop_if(cid: str, live: "_Live", reason_for: Callable[[Identity, str], str | None],
+                 kicked: list[tuple[Identity, str]]) -> None:
+        reason = reason_for(live.identity, live.password)
+        if reason:
+            log.info("dropping %s %s: %s", live.identity.role.value, cid, reason)
+            live.writer.transport.abort()
+            kicked.append((live.identity, reason))
 
     def _note_expiry(self, client_id: str, live: _Live) -> None:
         heap = self._expiries
