@@ -20,6 +20,15 @@ from devstreams.transport.wslink import LiveClientConnection, LiveServerConnecti
 from helpers import run
 
 
+async def echo_all(ws) -> None:
+    """Echo every message until the connection ends, however it ends."""
+    try:
+        async for message in ws:
+            await ws.send(message)
+    except ConnectionClosed:
+        pass
+
+
 def test_closed_connections_are_freed_without_the_cyclic_gc(tmp_path):
     files = ensure_tls(tmp_path, ("localhost",))
     server_refs: list[weakref.ref] = []
@@ -33,10 +42,7 @@ def test_closed_connections_are_freed_without_the_cyclic_gc(tmp_path):
             server_refs.append(weakref.ref(ws))
             ws.start_liveness(5, 5)
             try:
-                async for message in ws:
-                    await ws.send(message)
-            except ConnectionClosed:
-                pass
+                await echo_all(ws)
             finally:
                 if len(server_refs) == 3:
                     done.set()
@@ -90,11 +96,7 @@ def test_no_heartbeats_while_data_flows_and_heartbeats_again_when_quiet(tmp_path
         async def handler(ws):
             counting(ws, "server")
             ws.start_liveness(0.3, 0.6)
-            try:
-                async for message in ws:
-                    await ws.send(message)
-            except ConnectionClosed:
-                pass
+            await echo_all(ws)
 
         async with serve(handler, "127.0.0.1", 0, ssl=server_context(files), create_connection=LiveServerConnection,
                          ping_interval=None, close_timeout=None) as server:
