@@ -66,7 +66,8 @@ class EmbeddedBroker:
                          connect_packet_timeout=s.connect_packet_timeout, max_connections=s.max_connections,
                          max_packet_bytes=s.max_packet_bytes, max_retained_bytes=s.max_retained_payload_bytes,
                          takeover_timeout=s.takeover_timeout, max_unauthenticated=s.max_unauthenticated_connections,
-                         logins=TokenBucket(s.max_logins_per_second, s.logins_burst))
+                         logins=TokenBucket(s.max_logins_per_second, s.logins_burst),
+                         listen_backlog=s.listen_backlog)
         await self.gate.start(s.bind, s.mqtt_port, self._server_ssl)
 
     async def stop(self) -> None:

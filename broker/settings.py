@@ -48,6 +48,7 @@ class HubSettings:
     session_expiry_check_interval: float = 1.0  # s; how soon a session whose SAS token ran out is dropped
     max_logins_per_second: float = 500.0  # MQTT logins admitted per second (embedded broker); beyond it CONNACK 3 "server unavailable", and clients back off
     logins_burst: int = 1000              # MQTT logins admitted at once above that rate
+    listen_backlog: int = 4096            # TCP connections each listener (MQTT, gateway) queues before accepting them; the kernel caps it at net.core.somaxconn
     # Broker, after login (gate): bigger packets close the connection before their body is read.
     max_packet_bytes: int = 65536         # any MQTT packet a client sends after CONNECT
     max_retained_payload_bytes: int = 1024  # a retained PUBLISH (presence on a status topic)
@@ -144,7 +145,7 @@ def validate(s: HubSettings) -> HubSettings:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
                  "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst",
-                 "max_packet_bytes", "max_unauthenticated_connections", "logins_burst", "auth_hook_max_connections"):
+                 "max_packet_bytes", "max_unauthenticated_connections", "logins_burst", "listen_backlog", "auth_hook_max_connections"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     if s.max_stream_lifetime < 0:
@@ -195,7 +196,7 @@ def gateway_kwargs(s: HubSettings) -> dict:
                 close_timeout=s.gateway_close_timeout, max_lifetime=s.max_stream_lifetime,
                 max_streams=s.max_concurrent_streams, open_timeout=s.gateway_open_timeout,
                 max_message_bytes=s.gateway_max_message_bytes, max_queue=s.gateway_max_queue,
-                write_limit=s.gateway_write_limit)
+                write_limit=s.gateway_write_limit, listen_backlog=s.listen_backlog)
 
 
 def settings_dict(s: HubSettings) -> dict:

@@ -65,7 +65,8 @@ class Gateway:
                                    ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
                                    close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
                                    open_timeout=s.open_timeout,
-                                   server_header="devstreams-gateway", create_connection=LiveServerConnection)
+                                   server_header="devstreams-gateway", create_connection=LiveServerConnection,
+                                   backlog=s.listen_backlog)
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")

@@ -20,3 +20,4 @@ class GatewaySettings:
     max_streams: int = 1000             # streams open or waiting at once
     max_lifetime: float = 0.0           # seconds; 0 = unlimited
     open_timeout: float = 10.0          # TLS + HTTP upgrade must finish within this
+    listen_backlog: int = 4096          # connections queued before accept (asyncio's default, 100, drops SYNs in bursts)

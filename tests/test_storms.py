@@ -3,6 +3,7 @@
 import asyncio
 import random
 import statistics
+import subprocess
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -67,3 +68,21 @@ def test_logins_over_the_rate_are_told_server_unavailable_and_come_back(tmp_path
                 await asyncio.gather(*(a.stop() for a in agents))
         run(main(), timeout=60)
         assert hub.hub.controller is not None and hub.hub.controller.connected  # never refused its own
+
+
+def _listen_backlog(port: int) -> int:
+    """The accept-queue length of the socket listening on ``port``, as the kernel reports it (ss's Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    (line,) = out.splitlines()
+    return int(line.split()[2])
+
+
+def test_listeners_queue_a_reconnect_storm_instead_of_dropping_syns(tmp_path):
+    """asyncio listens with a backlog of 100: beyond it the kernel drops SYNs and each of those
+    devices waits a whole SYN retransmit (1 s, then 3 s ...) before the hub even sees it."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        want = min(4096, int(f.read()))
+    with hub_running(tmp_path) as hub:
+        gateway_port = int(hub.hub.gateway.public_url.rsplit(":", 1)[1])
+        assert _listen_backlog(hub.hub.mqtt_port) == want
+        assert _listen_backlog(gateway_port) == want
