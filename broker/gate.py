@@ -335,8 +335,8 @@ class Gate:
         raise_nofile_limit(self._max_connections)
         # asyncio's default listen backlog is 100: in a reconnect storm the kernel then drops the
         # SYNs beyond it, and each dropped client waits a whole SYN retransmit (1 s, 3 s, 7 s ...)
-        # before it is even seen -- while the hub idles.  Measured: 573,658 "SYNs to LISTEN
-        # sockets dropped" (netstat -s) over a day of fleet benchmarks (issue 10).
+        # before it is even seen -- while the hub idles.  This machine's counter stood at 573,658
+        # "SYNs to LISTEN sockets dropped" (netstat -s) after earlier fleet benchmarks (issue 10).
         self._server = await asyncio.start_server(self._on_client, host, port, ssl=ssl_context,
                                                   ssl_handshake_timeout=self._connect_packet_timeout,
                                                   reuse_address=True, limit=2 ** 16,
