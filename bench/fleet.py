@@ -120,8 +120,11 @@ class Fleet:
         self.lines = [str(ConnectionString(host="localhost", port=port, device_id=d.id, key=d.key)) for d in added]
         self.port = port
 
-    def grow(self, total: int) -> float:
-        """Start processes for devices ``self.devices .. total``; seconds until all of them are up."""
+    def grow(self, total: int, on_go=None) -> float:
+        """Start processes for devices ``self.devices .. total``; seconds until all of them are up.
+
+        ``on_go(new)`` is called with the new processes just before their devices are let go (when
+        the clock starts)."""
         new: list[SimProcess] = []
         for start in range(self.devices, total, self.sizes.per_process):
             chunk = self.lines[start:min(total, start + self.sizes.per_process)]
@@ -133,6 +136,8 @@ class Fleet:
         for sim in new:
             if not sim.ready.wait(60) or sim.ended:
                 raise RuntimeError(sim.why_ended() if sim.ended else "simulated devices did not start")
+        if on_go is not None:
+            on_go(new)
         started = time.perf_counter()
         for sim in new:  # all at once: the clock runs from here
             sim.proc.stdin.write("go\n")
@@ -205,11 +210,51 @@ def setup_times(cs: str, ca: str, count: int, budget: float = 120.0) -> dict:
     return asyncio.run(_setup(cs, ca, count, budget))
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
+
+
+class StageCpu:
+    """Who used the CPU while a stage connected: each watched process per connect, the simulated
+    devices, and the whole machine (is the rate the hub's, or the 2 shared cores'?)."""
+
+    def __init__(self, watched: dict[str, psutil.Process], fleet: "Fleet"):
+        self.watched, self.fleet = watched, fleet
+
+    def start(self, new: list["SimProcess"]) -> None:
+        self.procs0 = {n: cpu_seconds(p) for n, p in self.watched.items()}
+        self.sims0 = {s.proc.pid: cpu_seconds(psutil.Process(s.proc.pid)) for s in self.fleet.sims + new}
+        self.machine0 = psutil.cpu_times()
+
+    def result(self, added: int) -> dict:
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - machine.iowait - (sum(self.machine0) - self.machine0.idle
+                                                                - self.machine0.iowait)
+        total = sum(machine) - sum(self.machine0)
+        sims = sum(cpu_seconds(psutil.Process(s.proc.pid)) - self.sims0.get(s.proc.pid, 0.0)
+                   for s in self.fleet.sims if not s.ended)
+        out = {f"{n}_cpu_ms_per_connect": (cpu_seconds(p) - self.procs0[n]) / added * 1000
+               for n, p in self.watched.items()}
+        return out | {"sim_cpu_seconds": sims, "machine_busy_percent": 100 * busy / total if total else 0.0}
+
+
 def cpu_percent(procs: dict[str, psutil.Process], seconds: float) -> dict[str, float]:
     for p in procs.values():
         p.cpu_percent(None)
     time.sleep(seconds)
     return {name: p.cpu_percent(None) for name, p in procs.items()}
+
+
+def _cpu_text(stage: dict) -> str:
+    """Hub CPU ms per connect, and how busy the 2 shared cores were (the simulator's share in brackets)."""
+    if "hub_cpu_ms_per_connect" not in stage:
+        return "- | -"
+    return (f"{stage['hub_cpu_ms_per_connect']:.1f} ms | {stage['machine_busy_percent']:.0f}% "
+            f"(simulator {stage['sim_cpu_seconds'] / stage['connect_seconds'] * 100:.0f}% of a core)")
 
 
 def _setup_text(setup: dict) -> str:
@@ -255,7 +300,9 @@ def measure(rig, procs: Processes, sizes: FleetSizes, name: str, log) -> dict:
     for total in sizes.stages:
         added = total - fleet.devices
         log(f"[fleet {name}] {fleet.devices} -> {total} devices ...")
-        seconds = fleet.grow(total)
+        cpu_use = StageCpu(watched, fleet)
+        seconds = fleet.grow(total, on_go=cpu_use.start)
+        used = cpu_use.result(added)
         time.sleep(sizes.settle_seconds)
         rss = {n: p.memory_info().rss for n, p in watched.items()}
         cpu = cpu_percent(watched, sizes.cpu_seconds)
@@ -264,7 +311,7 @@ def measure(rig, procs: Processes, sizes: FleetSizes, name: str, log) -> dict:
         setup = setup_times(rig.service_cs, rig.ca, sizes.setup_samples)
         stage = {"devices": total, "added": added, "connect_seconds": seconds, "connect_rate": added / seconds,
                  "setup": setup, "sim_refused": sum(s.refused for s in fleet.sims),
-                 "sim_errors": sum(s.errors for s in fleet.sims)}
+                 "sim_errors": sum(s.errors for s in fleet.sims)} | used
         for n in watched:
             stage |= {f"{n}_rss_MiB": rss[n] / 2**20, f"{n}_KiB_per_device": (rss[n] - base[n]) / total / 1024,
                       f"{n}_idle_cpu_percent": cpu[n]}
@@ -357,15 +404,15 @@ def markdown(fleet: dict) -> list[str]:
         out += [f"### {title}", "",
                 "| devices | connect rate (this stage) | KiB per device" + (" (Mosquitto + hub)" if mosq else "")
                 + " | hub RSS | hub idle CPU" + (" | Mosquitto idle CPU" if mosq else "")
-                + " | setup p50 / p99 |",
-                "|---:|---:|---:|---:|---:|" + ("---:|" if mosq else "") + "---:|"]
+                + " | setup p50 / p99 | hub CPU per connect | machine busy while connecting |",
+                "|---:|---:|---:|---:|---:|" + ("---:|" if mosq else "") + "---:|---:|---:|"]
         for s in b["stages"]:
             kib = (f"{s['KiB_per_device']:.1f} ({s['broker_KiB_per_device']:.1f} + {s['hub_KiB_per_device']:.1f})"
                    if mosq else f"{s['KiB_per_device']:.1f}")
             out.append(f"| {s['devices']:,} | {s['connect_rate']:.0f}/s ({s['added']:,} in {s['connect_seconds']:.1f} s)"
                        f" | {kib} | {s['hub_rss_MiB']:.0f} MiB | {s['hub_idle_cpu_percent']:.1f}%"
                        + (f" | {s['broker_idle_cpu_percent']:.1f}%" if mosq else "")
-                       + f" | {_setup_text(s['setup'])} |")
+                       + f" | {_setup_text(s['setup'])} | {_cpu_text(s)} |")
         r = b["restart"]
         back = (f"{r['back_online_seconds']:.1f} s" if r["back_online_seconds"] is not None
                 else f"not within {r['timeout_s']:.0f} s ({r['connected_at_end']:,} connected, "

@@ -48,6 +48,7 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
         assert [s["devices"] for s in stages] == fleet["sizes"]["stages"]
         for stage in stages:
             assert stage["connect_rate"] > 0 and stage["hub_rss_MiB"] > 0 and stage["hub_idle_cpu_percent"] >= 0
+            assert stage["hub_cpu_ms_per_connect"] > 0 and 0 < stage["machine_busy_percent"] <= 100
             assert stage["setup"]["streams"] == fleet["sizes"]["setup_samples"]
         restart = fleet[backend]["restart"]
         # every device reconnected by itself and the registry shows each online again
