@@ -25,7 +25,7 @@ from . import datadir, pki
 from .auth import Authenticator
 from .backends import EmbeddedBroker, ExternalBroker
 from .controller import StreamController
-from .memory import TrimRule, release_free_memory
+from .memory import FreezeRule, TrimRule, release_free_memory
 from .registry import SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 
@@ -190,6 +190,7 @@ class Hub:
         version = self.registry.data_version()
         errors = EveryInterval(s.disk_error_log_interval)
         trim = TrimRule(s.memory_trim_interval)
+        freeze = FreezeRule(s.memory_full_collect_interval)
         if self.controller is not None:
             self.controller.events.subscribe(lambda event: trim.freed() if isinstance(event, StreamClosed) else None)
         next_expiry = next_publish = 0.0
@@ -212,7 +213,7 @@ class Hub:
                         trim.freed(gate.accepted - accepted)
                         accepted = gate.accepted
                     if trim.due(now):
-                        release_free_memory()
+                        release_free_memory(freeze)
                     if now >= next_publish:
                         next_publish = now + s.open_streams_refresh
                         rows = self.open_streams()

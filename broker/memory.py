@@ -7,7 +7,7 @@ Measured (2026-11-26): a hub at 49 MiB grew to 462 MiB during 200 parallel
 8 MiB streams and stayed there after they ended; with these trims it ended at
 200-350 MiB.  That rest was not fragmentation but closed WebSockets kept alive by
 reference cycles until a rare full GC (fixed in devstreams.transport.wslink):
-since then (2026-11-27) the hub peaks at about 190 MiB and ends at 56-83 MiB.  ``malloc_trim(0)`` returns every free page of every heap; it costs
+since then (2026-11-27) the hub peaks at about 150-200 MiB and ends at 54-57 MiB.  ``malloc_trim(0)`` returns every free page of every heap; it costs
 milliseconds, so the hub calls it only when streams ended since the last call, at
 most once per ``memory_trim_interval`` (:class:`TrimRule`).
 Logins count too (issue 10): every TLS handshake leaves ~15 KiB freed but kept
@@ -24,7 +24,7 @@ CPU per connect, each one stalling the event loop.  After a burst (the same mome
 the heap is trimmed) :func:`settle_objects` collects the young generations and moves
 the survivors to the permanent generation (``gc.freeze()``), out of every later
 collection.  Frozen objects are still freed by reference counting; only cycles among
-them would wait, so once every ``FULL_COLLECT_INTERVAL`` the next settle unfreezes
+them would wait, so once every ``memory_full_collect_interval`` the next settle unfreezes
 everything, runs one full collection and freezes again (:class:`FreezeRule`).
 """
 
@@ -71,7 +71,7 @@ class TrimRule:
         return False
 
 
-FULL_COLLECT_INTERVAL = 600.0  # s; frozen objects are looked at by one full collection at most this often
+FULL_COLLECT_INTERVAL = 600.0  # s; the default of HubSettings.memory_full_collect_interval
 
 
 @dataclass
@@ -139,10 +139,10 @@ except (ValueError, OSError, AttributeError):
     _PAGE = 4096
 
 
-def release_free_memory() -> bool:
+def release_free_memory(rule: FreezeRule = _FREEZE) -> bool:
     """Freeze the survivors of a burst (:func:`settle_objects`), then return free heap pages to the OS;
     False where the C library cannot trim."""
-    settle_objects()
+    settle_objects(rule=rule)
     if _TRIM is None:
         return False
     before = resident_bytes()

@@ -69,6 +69,7 @@ class HubSettings:
     open_streams_refresh: float = 1.0     # s; how often 'devstreams streams list' sees new byte counts
     disk_error_log_interval: float = 60.0  # s; a failing disk (full) is logged once per this, not per row
     memory_trim_interval: float = 10.0    # s; after streams ended, free memory goes back to the OS at most this often
+    memory_full_collect_interval: float = 600.0  # s; between the full GC collections of the objects frozen after bursts (cycles among them wait this long)
     # External broker (hub up --broker-url): the broker asks the hub's auth hook about every login and topic.
     auth_hook_bind: str = "127.0.0.1"     # address the auth hook (HTTP, token-protected) listens on
     auth_hook_port: int = 8884            # the auth hook's port (0 = the OS picks)
@@ -138,7 +139,7 @@ def validate(s: HubSettings) -> HubSettings:
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
-                 "open_streams_refresh", "disk_error_log_interval", "takeover_timeout", "max_logins_per_second",
+                 "open_streams_refresh", "memory_full_collect_interval", "disk_error_log_interval", "takeover_timeout", "max_logins_per_second",
                  "memory_trim_interval",
                  "auth_hook_request_timeout", "auth_hook_client_timeout"):
         if getattr(s, name) <= 0:

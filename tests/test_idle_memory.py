@@ -267,7 +267,7 @@ def test_the_hub_returns_handshake_memory_after_logins(tmp_path, monkeypatch):
 
     import broker.hub
     trims = []
-    monkeypatch.setattr(broker.hub, "release_free_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(broker.hub, "release_free_memory", lambda rule: trims.append(time.monotonic()))
     hub = HubThread(tmp_path / "hub", memory_trim_interval=0.1).start()
     fleet = None
     try:
