@@ -7,7 +7,8 @@ Measured (2026-11-26): a hub at 49 MiB grew to 462 MiB during 200 parallel
 8 MiB streams and stayed there after they ended; with these trims it ended at
 200-350 MiB.  That rest was not fragmentation but closed WebSockets kept alive by
 reference cycles until a rare full GC (fixed in devstreams.transport.wslink):
-since then (2026-11-27) the hub peaks at about 150-200 MiB and ends at 54-57 MiB.  ``malloc_trim(0)`` returns every free page of every heap; it costs
+since then (2026-11-27) the hub peaks at about 150-200 MiB and ends at 54-57 MiB.
+``malloc_trim(0)`` (devstreams.transport.glibc) returns every free page of every heap; it costs
 milliseconds, so the hub calls it only when streams ended since the last call, at
 most once per ``memory_trim_interval`` (:class:`TrimRule`).
 Logins count too (issue 10): every TLS handshake leaves ~15 KiB freed but kept
@@ -28,13 +29,13 @@ them would wait, so once every ``memory_full_collect_interval`` the next settle 
 everything, runs one full collection and freezes again (:class:`FreezeRule`).
 """
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
 import time
 from dataclasses import dataclass
+
+from devstreams.transport.glibc import malloc_trim
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +112,6 @@ def settle_objects(now: float | None = None, rule: FreezeRule = _FREEZE) -> str:
     return kind
 
 
-def _load_trim():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_TRIM = _load_trim()
-
-
 def resident_bytes() -> int | None:
     """This process's resident memory (Linux), or None."""
     try:
@@ -143,10 +131,9 @@ def release_free_memory(rule: FreezeRule = _FREEZE) -> bool:
     """Freeze the survivors of a burst (:func:`settle_objects`), then return free heap pages to the OS;
     False where the C library cannot trim."""
     settle_objects(rule=rule)
-    if _TRIM is None:
-        return False
     before = resident_bytes()
-    _TRIM(0)
+    if not malloc_trim():
+        return False
     after = resident_bytes()
     if before is not None and after is not None:
         log.debug("returned %.1f MiB to the OS (resident now %.1f MiB)", (before - after) / 2**20, after / 2**20)

@@ -7,8 +7,6 @@ its peer up to ``peer_timeout``; the second side's handler runs the relay.
 """
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import ssl
 import time
@@ -23,6 +21,7 @@ from devstreams.wire.events import EventSink, StreamClosed, StreamOpened
 from devstreams.wire.messages import GatewayControl
 from devstreams.wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
 from devstreams.wire.streamtoken import Side
+from devstreams.transport.glibc import heap_for_read_buffers
 from devstreams.transport.wslink import LiveServerConnection
 
 from .pairing import Pairing, Refusal, StreamEntry
@@ -232,35 +231,6 @@ class Gateway:
 
 
 _closing: set[asyncio.Future] = set()  # close handshakes under way (a task needs a reference)
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-READ_BUFFER_HEAP = 1 << 20      # allocations below this come from the heap, not from mmap
-HEAP_TOP_KEPT = 8 << 20         # free memory at the heap's top kept for reuse, not given back by brk
-
-
-def heap_for_read_buffers() -> bool:
-    """Serve the TLS transport's 256 KiB read buffers from the heap, not from mmap (glibc).
-
-    uvloop's TLS transport reads every incoming record with ``SSLObject.read(256 KiB)``
-    (``SSL_READ_MAX_SIZE``): CPython allocates the full size, then shrinks it to the
-    record.  256 KiB is above glibc's mmap threshold (128 KiB; its dynamic raise never
-    happens because the chunk is shrunk before it is freed), so every WebSocket message
-    the gateway received cost mmap + mremap + munmap.  Measured with ``py-spy --native``
-    on a hub relaying 1,000 streams at 1 message/s each (bench --streams 1000): those
-    three system calls were 13% of the hub's busy CPU; with these two settings, none.
-    The heap's top is kept (``HEAP_TOP_KEPT``) so the same buffer is not returned with
-    brk and taken back on the next read; ``broker.memory.release_free_memory``
-    (``malloc_trim``) still gives free memory back to the OS after bursts.
-    Process-wide, set once; elsewhere (musl, macOS) nothing happens.  False if not applied.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, READ_BUFFER_HEAP)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
-
 
 def _close_reason(text: str, limit: int = 123) -> str:
     """A WebSocket close reason is at most 123 bytes of UTF-8."""

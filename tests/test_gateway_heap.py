@@ -17,7 +17,7 @@ class Info(ctypes.Structure):
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "gateway":
-    from streamgw.server import heap_for_read_buffers
+    from devstreams.transport.glibc import heap_for_read_buffers
     assert heap_for_read_buffers()
 before = libc.mallinfo2().hblks
 buffer = bytes(256 * 1024)   # what uvloop's TLS transport allocates for every read
