@@ -62,8 +62,8 @@ class HubSettings:
     max_stream_lifetime: float = 0.0      # s; a stream is ended after this (0 = unlimited)
     gateway_open_timeout: float = 10.0    # s; TLS handshake + WebSocket upgrade must finish within this
     gateway_max_message_bytes: int = MAX_MESSAGE_BYTES  # largest WebSocket message a side may send
-    gateway_max_queue: int = 8            # messages buffered per direction before reading pauses
-    gateway_write_limit: int = 256 * 1024  # bytes buffered for sending before the relay waits
+    gateway_max_queue: int = 8            # messages a side may send before its peer arrives (then reading pauses)
+    gateway_write_limit: int = 256 * 1024  # bytes buffered for a slow reader before the relay stops reading its peer
     # Activity log.
     activity_retention_days: int = 30     # activity log entries older than this are pruned at start
     open_streams_refresh: float = 1.0     # s; how often 'devstreams streams list' sees new byte counts

@@ -1,22 +1,40 @@
-"""Pipe two WebSockets into each other until one ends, then end the other with a reason.
+"""Relay two WebSockets frame by frame until one ends, then end the other with a reason.
 
-A clean close (1000/1001) reaches the other side as ``CLOSE_PEER_CLOSED``; an
-abort keeps its code and reason; anything else (a lost or silent side) is
-``CLOSE_PEER_LOST``, so the other side's local proxy resets its TCP connection.
+Frames are relayed at the protocol level (websockets' sans-I/O ``Protocol`` inside
+its asyncio connection): once the two sides of a stream are linked, every data
+frame one side's parser yields in ``data_received`` is serialized onto the other
+side's protocol there and then, and all frames of one read go to the other
+side's transport in one write.  No message is reassembled, no coroutine runs per
+message; the per-message ``send()`` machinery (its lock, context and drain)
+was about half of the relay's CPU per message (docs/performance.md).  Frames
+pass unchanged: fragments stay fragments, text frames (the ``eof`` control) stay
+text, sizes are bounded by each side's ``max_size``.
 
-Backpressure comes from awaiting ``send``: a slow reader fills the writer's
-buffer (``write_limit``), the relay stops reading, the source's receive queue
-fills (``max_queue``), websockets stops reading the socket, and TCP flow control
-slows the sender.  Messages (data and the ``eof`` control) pass unchanged.
+Backpressure, as TCP would have it: when one side's transport buffers more than
+its ``write_limit`` (a slow reader), asyncio calls its ``pause_writing`` and the
+relay stops reading the other side's socket (``hold``), so TCP flow control
+slows the sender; ``resume_writing`` reads again.  Silence of a held side does
+not count against its liveness (it is us who do not read).  Frames that arrived
+before the peer did (the first side waits in websockets' receive queue) are
+relayed first, in order.  Frames for a side that is closing or closed are
+dropped, as TCP drops data for a closed socket.
+
+How a stream ends: a clean close (1000/1001) reaches the other side as
+``CLOSE_PEER_CLOSED``, behind every frame relayed before it; an abort keeps its
+code and reason; anything else (a lost or silent side) is ``CLOSE_PEER_LOST``,
+so the other side's local proxy resets its TCP connection.
 """
+
+from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass
 
-from websockets.asyncio.connection import Connection
-from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, Frame, Opcode
+from websockets.protocol import State
 
+from devstreams.transport.wslink import LiveServerConnection
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
@@ -34,25 +52,133 @@ class StreamRecord:
     close_reason: str = ""
 
 
-async def _pump(src: Connection, dst: Connection, record: StreamRecord, to_service: bool) -> None:
-    try:
-        async for message in src:
-            await dst.send(message)
-            if not isinstance(message, str):
-                if to_service:
-                    record.bytes_to_service += len(message)
-                else:
-                    record.bytes_to_device += len(message)
-    except ConnectionClosed:
-        pass
+class RelayConnection(LiveServerConnection):
+    """A gateway-side stream WebSocket that, once linked, hands its data frames to its peer.
+
+    Until ``link`` it is an ordinary websockets connection (the handshake, and a
+    first side waiting for its peer, queue frames as usual).
+    """
+
+    peer: RelayConnection | None = None
+    record: StreamRecord | None = None
+    to_service = False       # this side is the device: its frames travel to the service
+    held = False             # reading paused because the peer's transport is full
+    _binary = True           # the message under way is binary (its continuation frames count as bytes)
+
+    def link(self, peer: RelayConnection, record: StreamRecord, to_service: bool) -> None:
+        """From now on, relay this side's data frames to ``peer`` (frames queued so far first)."""
+        self.peer, self.record, self.to_service = peer, record, to_service
+        assembler = self.recv_messages
+        queued = assembler.frames.queue
+        while queued:
+            self._forward(queued.popleft())
+        peer.flush()
+        assembler.high = assembler.low = None  # the receive queue is not used any more
+        if assembler.paused:
+            assembler.paused = False
+            assembler.resume()
+        if peer.paused:
+            self.hold()
+
+    # -- frames in ----------------------------------------------------------------------------
+
+    def process_event(self, event) -> None:
+        if self.peer is None:
+            super().process_event(event)
+        elif event.opcode in DATA_OPCODES:
+            self._forward(event)
+        elif event.opcode is Opcode.PONG:
+            self.acknowledge_pings(bytes(event.data))
+
+    def _forward(self, frame: Frame) -> None:
+        peer = self.peer
+        if peer.protocol.state is not State.OPEN:
+            return  # the other side is closing or gone: dropped, as TCP drops data for a closed socket
+        if frame.opcode is not Opcode.CONT:
+            self._binary = frame.opcode is Opcode.BINARY
+        if self._binary:
+            if self.to_service:
+                self.record.bytes_to_service += len(frame.data)
+            else:
+                self.record.bytes_to_device += len(frame.data)
+        # The source's parser has checked the frame sequence (a continuation follows a
+        # fragment, sizes within max_size); the frame goes on as it came.
+        peer.protocol.send_frame(frame)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # parses, answers pings and closes, forwards via process_event
+        peer = self.peer
+        if peer is not None and peer.protocol.writes:
+            peer.flush()
+
+    # -- frames out ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what the protocol has queued; a transport that fails is cut (its relay ends)."""
+        try:
+            self.send_data()
+        except (OSError, RuntimeError):
+            self.transport.abort()
+
+    def send_data(self) -> None:
+        writes = self.protocol.writes
+        if len(writes) > 1 and all(writes):  # several frames, no end-of-stream marker: one write
+            if self.liveness is not None:
+                self.liveness.sent(self.loop.time())
+            self.protocol.writes = []
+            self.transport.writelines(writes)
+        else:
+            super().send_data()
+
+    # -- flow control ---------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.peer is not None:
+            self.peer.hold()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.peer is not None:
+            self.peer.release()
+
+    def hold(self) -> None:
+        """Stop reading: the peer cannot take more.  Silence does not count meanwhile."""
+        if self.held or self.protocol.state is State.CLOSED:
+            return
+        self.held = True
+        self.transport.pause_reading()
+        if self.liveness is not None:
+            self.liveness.pause(self.loop.time())
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.protocol.state is not State.CLOSED:
+            self.transport.resume_reading()
+        if self.liveness is not None:
+            self.liveness.resume(self.loop.time())
+
+    def _stop_receiving(self) -> None:
+        # Whoever closes reads no more (devstreams.transport.wslink): read on, so that the
+        # peer's close frame, behind its data, is read; that data is dropped.
+        super()._stop_receiving()
+        self.release()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        peer, self.peer = self.peer, None  # no cycle between the two sides outlives the stream
+        if peer is not None:
+            peer.release()  # nothing goes to this side any more: the peer reads (and drops) again
 
 
-def _ended_normally(ws: Connection) -> bool:
+def _ended_normally(ws: RelayConnection) -> bool:
     rcvd = ws.protocol.close_rcvd
     return rcvd is not None and rcvd.code in NORMAL_CLOSES
 
 
-async def close_within(ws: Connection, code: int, reason: str, timeout: float) -> None:
+async def close_within(ws, code: int, reason: str, timeout: float) -> None:
     """An abnormal close: the receiver resets anyway, so nothing in flight is worth waiting for."""
     try:
         await asyncio.wait_for(ws.close(code, reason), timeout)
@@ -60,27 +186,27 @@ async def close_within(ws: Connection, code: int, reason: str, timeout: float) -
         ws.transport.abort()
 
 
-async def relay(device: Connection, service: Connection, record: StreamRecord, max_lifetime: float = 0,
-                close_timeout: float = 2.0) -> None:
+async def relay(device: RelayConnection, service: RelayConnection, record: StreamRecord,
+                max_lifetime: float = 0, close_timeout: float = 2.0) -> None:
     """Relay until one side ends; close the other; fill in ``record``.
 
     A clean end closes the other side without a time limit: the close frame waits
     behind every byte still on its way to a slow reader (liveness cuts a dead one).
     """
     start = time.monotonic()
-    pumps = {asyncio.create_task(_pump(device, service, record, True)): (device, service, "device"),
-             asyncio.create_task(_pump(service, device, record, False)): (service, device, "service")}
+    ends = {device.connection_lost_waiter: (device, service, "device"),
+            service.connection_lost_waiter: (service, device, "service")}
     try:
-        done, _ = await asyncio.wait(pumps, timeout=max_lifetime or None, return_when=asyncio.FIRST_COMPLETED)
+        device.link(service, record, to_service=True)
+        service.link(device, record, to_service=False)
+        done, _ = await asyncio.wait(ends, timeout=max_lifetime or None, return_when=asyncio.FIRST_COMPLETED)
         if not done:
             record.close_reason = CLOSE_REASONS[CLOSE_LIFETIME]
             await asyncio.gather(close_within(device, CLOSE_LIFETIME, record.close_reason, close_timeout),
                                  close_within(service, CLOSE_LIFETIME, record.close_reason, close_timeout))
             return
-        src, dst, name = pumps[done.pop()]
-        # The pump stops when its source ended or its destination refused a send.
-        ended, other, who = (src, dst, name) if src.close_code is not None or dst.close_code is None \
-            else (dst, src, "service" if name == "device" else "device")
+        # Both may be gone at once (a side's close and the other's loss): the one that closed ends it.
+        ended, other, who = min((ends[w] for w in done), key=lambda e: not _ended_normally(e[0]))
         rcvd = ended.protocol.close_rcvd
         if _ended_normally(ended):
             code, record.close_reason = CLOSE_PEER_CLOSED, f"{who} closed the stream"
@@ -96,7 +222,4 @@ async def relay(device: Connection, service: Connection, record: StreamRecord, m
         else:
             await close_within(other, code, reason, close_timeout)
     finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
         record.duration = time.monotonic() - start

@@ -22,10 +22,9 @@ from devstreams.wire.messages import GatewayControl
 from devstreams.wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
 from devstreams.wire.streamtoken import Side
 from devstreams.transport.glibc import heap_for_read_buffers
-from devstreams.transport.wslink import LiveServerConnection
 
 from .pairing import Pairing, Refusal, StreamEntry
-from .relay import StreamRecord, close_within, relay
+from .relay import RelayConnection, StreamRecord, close_within, relay
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ class _Meeting:
     """Per stream: the sockets, the moment both are there, and the end of the relay."""
 
     def __init__(self) -> None:
-        self.sockets: dict[Side, ServerConnection] = {}
+        self.sockets: dict[Side, RelayConnection] = {}
         self.paired = asyncio.Event()
         self.done = asyncio.Event()
 
@@ -64,7 +63,7 @@ class Gateway:
                                    ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
                                    close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
                                    open_timeout=s.open_timeout,
-                                   server_header="devstreams-gateway", create_connection=LiveServerConnection,
+                                   server_header="devstreams-gateway", create_connection=RelayConnection,
                                    backlog=s.listen_backlog)
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
@@ -117,7 +116,7 @@ class Gateway:
 
     # -- streams ---------------------------------------------------------------------------------
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def _handler(self, ws: RelayConnection) -> None:
         found = self._pairing.find(ws)
         if found is None:  # reserved too long ago; should not happen
             await close_within(ws, CLOSE_PEER_TIMEOUT, "stream reservation expired", self.settings.close_timeout)
@@ -134,7 +133,7 @@ class Gateway:
             meeting.paired.set()
             await self._run(entry, meeting)
 
-    async def _wait_for_peer(self, entry: StreamEntry, side: Side, ws: ServerConnection,
+    async def _wait_for_peer(self, entry: StreamEntry, side: Side, ws: RelayConnection,
                              meeting: _Meeting) -> None:
         """Hold the first side until its peer comes.
 

@@ -15,8 +15,8 @@ class GatewaySettings:
     ping_timeout: float = 10.0
     close_timeout: float = 2.0          # how long a closing handshake may take before the socket is cut
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_queue: int = 8                  # messages buffered per direction before reading pauses
-    write_limit: int = 256 * 1024       # bytes buffered for sending before the relay waits
+    max_queue: int = 8                  # messages a side may send before its peer arrives (then reading pauses)
+    write_limit: int = 256 * 1024       # bytes buffered for a slow reader before the relay stops reading its peer
     max_streams: int = 1000             # streams open or waiting at once
     max_lifetime: float = 0.0           # seconds; 0 = unlimited
     open_timeout: float = 10.0          # TLS + HTTP upgrade must finish within this
