@@ -25,8 +25,9 @@ from . import datadir, pki
 from .auth import Authenticator
 from .backends import EmbeddedBroker, ExternalBroker
 from .controller import StreamController
+from .limits import refresh_after
 from .memory import FreezeRule, TrimRule, release_free_memory
-from .registry import SERVICE_POLICY, Registry, open_registry
+from .registry import OPEN_STREAMS_STALE_AFTER, SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ class Hub:
           the streams of those identities (``StreamController.check_revocations``);
         - ``streams close``: end the streams an operator named;
         - every ``session_expiry_check_interval``: drop sessions whose SAS token ran out;
-        - every ``open_streams_refresh``: write the open streams for ``streams list``.
+        - every ``open_streams_refresh`` (less often when writing them would take more than
+          ``open_streams_cpu_share`` of a core): write the open streams for ``streams list``.
         """
         s = self.settings
         if self.gateway is not None and self.controller is not None:
@@ -215,11 +217,14 @@ class Hub:
                     if trim.due(now):
                         release_free_memory(freeze)
                     if now >= next_publish:
-                        next_publish = now + s.open_streams_refresh
+                        spent = time.thread_time()
                         rows = self.open_streams()
                         if rows or published:  # an empty list is written once, then left alone
                             ok = self.registry.replace_open_streams(rows, hub=self._hub_name)
                             published = bool(rows) or not ok
+                        # 5,000 open streams take ~40 ms to write: not every second (issue 10)
+                        next_publish = refresh_after(now, s.open_streams_refresh, time.thread_time() - spent,
+                                                     s.open_streams_cpu_share, OPEN_STREAMS_STALE_AFTER / 3)
                 except Exception:
                     ready, suppressed = errors.ready(now)
                     if ready:

@@ -122,3 +122,12 @@ class KeyedBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def refresh_after(now: float, interval: float, cost: float, share: float, longest: float) -> float:
+    """When to rewrite a list whose last write took ``cost`` CPU-seconds.
+
+    Every ``interval`` while that is cheap; with a long list, rarer, so that keeping
+    it fresh takes at most ``share`` of a core; never later than ``longest``.
+    """
+    return now + min(longest, max(interval, cost / share))

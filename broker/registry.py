@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS stream_close_requests (
 
 OPEN_STREAM_FIELDS = ("stream_id", "device", "name", "state", "created", "gateway", "service",
                       "bytes_to_device", "bytes_to_service", "updated")
+OPEN_STREAMS_STALE_AFTER = 30.0  # s; open-stream rows a hub has not refreshed for this long are a gone hub's
 
 
 class DiskFullError(ConfigError):
@@ -393,7 +394,7 @@ class Registry:
 
     # -- open streams (hub -> 'streams list') and close requests ('streams close' -> hub) ------
 
-    def replace_open_streams(self, rows: list[dict], hub: str = "", stale_after: float = 30.0) -> bool:
+    def replace_open_streams(self, rows: list[dict], hub: str = "", stale_after: float = OPEN_STREAMS_STALE_AFTER) -> bool:
         """One hub's whole current list, in one transaction; best effort.
 
         ``hub``: which hub's rows these replace (several hubs on an external broker share

@@ -67,6 +67,7 @@ class HubSettings:
     # Activity log.
     activity_retention_days: int = 30     # activity log entries older than this are pruned at start
     open_streams_refresh: float = 1.0     # s; how often 'devstreams streams list' sees new byte counts
+    open_streams_cpu_share: float = 0.02  # most of a core writing that list may take (with thousands of streams it is written less often)
     disk_error_log_interval: float = 60.0  # s; a failing disk (full) is logged once per this, not per row
     memory_trim_interval: float = 10.0    # s; after streams ended, free memory goes back to the OS at most this often
     memory_full_collect_interval: float = 600.0  # s; between the full GC collections of the objects frozen after bursts (cycles among them wait this long)
@@ -139,7 +140,7 @@ def validate(s: HubSettings) -> HubSettings:
                  "registry_poll_interval", "gateway_peer_timeout", "gateway_ping_interval",
                  "gateway_ping_timeout", "gateway_close_timeout", "connect_packet_timeout",
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
-                 "open_streams_refresh", "memory_full_collect_interval", "disk_error_log_interval", "takeover_timeout", "max_logins_per_second",
+                 "open_streams_refresh", "open_streams_cpu_share", "memory_full_collect_interval", "disk_error_log_interval", "takeover_timeout", "max_logins_per_second",
                  "memory_trim_interval",
                  "auth_hook_request_timeout", "auth_hook_client_timeout"):
         if getattr(s, name) <= 0:
@@ -149,6 +150,8 @@ def validate(s: HubSettings) -> HubSettings:
                  "max_packet_bytes", "max_unauthenticated_connections", "logins_burst", "listen_backlog", "auth_hook_max_connections"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
+    if s.open_streams_cpu_share > 1:
+        raise ConfigError("setting open_streams_cpu_share is a share of one core: at most 1")
     if s.max_stream_lifetime < 0:
         raise ConfigError("setting max_stream_lifetime must be 0 (unlimited) or more")
     if s.max_connect_packet_bytes < 256:  # a CONNECT with a device ID and a SAS token needs ~300 bytes

@@ -122,6 +122,8 @@ class RelayConnection(LiveServerConnection):
 
     def send_data(self) -> None:
         writes = self.protocol.writes
+        if not writes:   # most reads only bring frames for the peer
+            return
         if len(writes) > 1 and all(writes):  # several frames, no end-of-stream marker: one write
             if self.liveness is not None:
                 self.liveness.sent(self.loop.time())
