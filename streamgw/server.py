@@ -12,7 +12,8 @@ import ssl
 import time
 from http import HTTPStatus
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.server import ServerProtocol
 from websockets.http11 import Request, Response
 
 from devstreams.wire import streamtoken
@@ -54,21 +55,37 @@ class Gateway:
         self.port = 0
         self.public_url = settings.public_url or ""
 
-    async def start(self) -> None:
+    async def start(self, listener: asyncio.Server | None = None) -> None:
+        """Listen on the settings' host and port, or serve what ``listener`` hands over.
+
+        ``listener``: the hub's single TLS port (``broker/frontdoor.py``), which routes
+        stream upgrades here through ``protocol_factory``; the gateway then has no
+        socket of its own and its public URL names that port.
+        """
         s = self.settings
         heap_for_read_buffers()
-        self._server = await serve(self._handler, s.host, s.port, ssl=self._ssl, compression=None,
-                                   process_request=self._check, max_size=s.max_message_bytes,
-                                   max_queue=s.max_queue, write_limit=s.write_limit,
-                                   ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
-                                   close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
-                                   open_timeout=s.open_timeout,
-                                   server_header="devstreams-gateway", create_connection=RelayConnection,
-                                   backlog=s.listen_backlog)
-        self.port = self._server.sockets[0].getsockname()[1]
+        # websockets' documented way to serve connections it did not accept itself: our own
+        # Server, a factory that names it, the asyncio server attached with wrap().
+        self._server = Server(self._handler, process_request=self._check, server_header="devstreams-gateway",
+                              open_timeout=s.open_timeout)
+        if listener is None:
+            tls = {"ssl": self._ssl, "ssl_handshake_timeout": s.open_timeout} if self._ssl else {}
+            listener = await asyncio.get_running_loop().create_server(self.protocol_factory, s.host, s.port,
+                                                                      backlog=s.listen_backlog, **tls)
+        self._server.wrap(listener)
+        self.port = listener.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")
         log.info("gateway listening on %s:%s as %s", s.host, self.port, self.public_url)
+
+    def protocol_factory(self) -> RelayConnection:
+        """The protocol of one stream WebSocket (what websockets' ``serve`` would build)."""
+        s = self.settings
+        assert self._server is not None, "start() first"
+        return RelayConnection(ServerProtocol(max_size=s.max_message_bytes), self._server,
+                               ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
+                               close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
+                               max_queue=s.max_queue, write_limit=s.write_limit)
 
     async def stop(self) -> None:
         if self._server is None:

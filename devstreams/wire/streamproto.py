@@ -5,7 +5,7 @@ Over each side's WebSocket to the gateway:
 - a text message is a control message; the only one today is ``EOF``: the
   sender will send no more data but keeps reading (TCP half-close);
 - the WebSocket close code and reason say how the stream ended (codes below).
-The gateway relays messages unchanged, so both kinds pass end to end.
+The gateway relays frames unchanged, so both kinds pass end to end.
 
 A stream ends *cleanly* only when a side closes with ``CLOSE_NORMAL`` (the
 other side then gets ``CLOSE_PEER_CLOSED``): the data that arrived is all there
