@@ -4,9 +4,13 @@
     Simulated devices (one connection string per line), logged in over real MQTT/TLS as
     bench/simdevices.py does.  Each answers every stream request like the real agent's
     ``--echo`` (device_agent/targets.py ``echo``): accept (200 on the response topic), open
-    the device side at the gateway with the request's URL and token
-    (devstreams.transport.stream.open_stream, as ``StreamRequest.accept`` does), echo every
-    data message back unchanged, answer the service's ``eof`` with its own, then close.
+    the device side at the gateway with the request's URL and token (a WebSocket like
+    devstreams.transport.stream.open_stream's, with the same liveness), echo every data
+    message back unchanged, answer the service's ``eof`` with its own, then close cleanly.
+    The echo works frame by frame as each frame is parsed (``FrameEcho``), not through the
+    SDK's per-message ``recv``/``send``: the simulated ends share the hub's 2 cores, and at
+    10,000 messages a second the SDK's echo alone took half a core, starving the load
+    generator (the services, which keep the real SDK, could then not offer the full rate).
 
 ``python -m bench.simstreams services CONNSTR CA_FILE PLAN_FILE``
     One service connection (the real SDK, ``service_client.ServiceClient``) that opens the
@@ -37,7 +41,13 @@ import threading
 import time
 from collections import deque
 
-from devstreams.transport.stream import Stream, open_stream
+from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+
+from devstreams.transport.stream import Stream
+from devstreams.transport.wslink import LiveClientConnection
+from devstreams.wire.streamproto import CLOSE_NORMAL, CLOSE_PEER_CLOSED, EOF, MAX_MESSAGE_BYTES
 from devstreams.transport.tls import client_context
 from devstreams.wire import connstr, topics
 from devstreams.wire import messages as msg
@@ -101,6 +111,48 @@ def parse_publish(first: int, body: bytes) -> tuple[str, bytes, int | None]:
     if (first >> 1) & 3:
         pid, pos = struct.unpack("!H", body[pos:pos + 2])[0], pos + 2
     return topic, body[pos:], pid
+
+
+class FrameEcho(LiveClientConnection):
+    """A device side that echoes each data frame the moment it is parsed (see the module doc).
+
+    ``finished`` is set when the service's ``eof`` arrived (answered with ours) or the
+    stream ended; ``eof_seen`` tells which.
+    """
+
+    counters: dict | None = None
+    eof_seen = False
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.finished = asyncio.Event()
+
+    def process_event(self, event) -> None:
+        opcode = getattr(event, "opcode", None)   # the first event is the handshake's response
+        if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+            if self.protocol.state is State.OPEN:
+                self.protocol.send_frame(Frame(opcode, event.data, event.fin))
+                self.counters["messages_echoed"] += event.fin
+                self.counters["bytes_echoed"] += len(event.data)
+        elif opcode is Opcode.TEXT and bytes(event.data) == EOF.encode():
+            if self.protocol.state is State.OPEN:
+                self.protocol.send_text(EOF.encode())
+            self.eof_seen = True
+            self.finished.set()
+        else:
+            super().process_event(event)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.protocol.writes:
+            try:
+                self.send_data()
+            except OSError:
+                self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.finished.set()
 
 
 class Devices:
@@ -168,28 +220,30 @@ class Devices:
         writer.write(_packet(0x30, _str(topics.device_responses(device)) + answer))  # QoS 0, not retained
         self.c["accepted"] += 1
         try:
-            stream = await open_stream(request.url, request.token, ssl_context=self.ws_ctx,
-                                       open_timeout=OPEN_TIMEOUT)
+            ws = await connect(request.url, additional_headers={"Authorization": f"Bearer {request.token}"},
+                               ssl=self.ws_ctx, compression=None, max_size=MAX_MESSAGE_BYTES, open_timeout=OPEN_TIMEOUT,
+                               ping_interval=None, ping_timeout=None, close_timeout=None,
+                               user_agent_header="devstreams", create_connection=FrameEcho)
         except Exception as exc:  # noqa: BLE001 -- counted and reported
             self.c["open_failed"] += 1
             self.errors.append(f"{request.stream_id[:8]}: device side did not open: {exc}"[:200])
             return
+        ws.counters = self.c
+        ws.start_liveness(10.0, 10.0)
         self.c["streams_open"] += 1
         try:
-            async with stream:
-                async for chunk in stream:
-                    await stream.send(chunk)
-                    self.c["messages_echoed"] += 1
-                    self.c["bytes_echoed"] += len(chunk)
-                if stream.close_code is None:  # the service half-closed and still reads
-                    await stream.send_eof()
-            self.c["ended_clean"] += 1
+            await ws.finished.wait()   # the service is done: eof back, then a clean close
+            await ws.close(CLOSE_NORMAL)
+            if ws.eof_seen or ws.close_code in (CLOSE_NORMAL, CLOSE_PEER_CLOSED):
+                self.c["ended_clean"] += 1
+            else:
+                raise RuntimeError(f"closed with {ws.close_code} {ws.close_reason}")
         except Exception as exc:  # noqa: BLE001 -- an abnormal end, counted and reported
             self.c["ended_abnormal"] += 1
             self.errors.append(f"{request.stream_id[:8]}: device side ended: {exc}"[:200])
         finally:
             self.c["streams_open"] -= 1
-            self.close_codes[str(stream.close_code)] = self.close_codes.get(str(stream.close_code), 0) + 1
+            self.close_codes[str(ws.close_code)] = self.close_codes.get(str(ws.close_code), 0) + 1
 
     def stats(self) -> dict:
         return self.c | {"devices_up": self.up, "close_codes": self.close_codes, "errors": self.errors[:5],
