@@ -64,6 +64,10 @@ def test_parse_proxy_url_credentials_defaults_and_refusals():
     with pytest.raises(ConfigError) as info:
         parse_proxy_url("ftp://user:topsecret@proxy:21")
     assert "topsecret" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        select_proxy("hub", 8883, None, {"HTTPS_PROXY": "https://user:topsecret@proxy:443"})
+    assert str(info.value).startswith("$HTTPS_PROXY: ") and "topsecret" not in str(info.value)
+    assert select_proxy("hub", 8883, "", {"HTTPS_PROXY": "https://proxy:443"}) is None  # --no-proxy
 
 
 # -- a real proxy ------------------------------------------------------------------------------------

@@ -113,11 +113,28 @@ def _safe(url: str) -> str:
 
 
 def _env(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    return _env_named(environ, names)[1]
+
+
+def _env_named(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str | None]:
     for name in names:
         value = environ.get(name)
         if value is not None:
-            return value  # set but empty (lower case) still wins: "https_proxy=" turns it off
-    return None
+            return name, value  # set but empty (lower case) still wins: "https_proxy=" turns it off
+    return "", None
+
+
+def _chosen(override: str | None, environ: Mapping[str, str]) -> Proxy | None:
+    """The proxy URL in force before NO_PROXY, parsed; a bad one in the environment says which variable."""
+    if override is not None:
+        return parse_proxy_url(override) if override.strip() else None
+    name, value = _env_named(environ, ENV_PROXY)
+    if not value or not value.strip():
+        return None
+    try:
+        return parse_proxy_url(value)
+    except ConfigError as exc:
+        raise ConfigError(f"${name}: {exc} (or pass --no-proxy / proxy=\"\" to ignore it)") from None
 
 
 def select_proxy(host: str, port: int, override: str | None, environ: Mapping[str, str]) -> Proxy | None:
@@ -126,10 +143,9 @@ def select_proxy(host: str, port: int, override: str | None, environ: Mapping[st
     ``override``: None = take ``https_proxy``/``HTTPS_PROXY`` from ``environ``; "" = no
     proxy; else a proxy URL.  ``no_proxy``/``NO_PROXY`` applies either way (as in curl).
     """
-    chosen = _env(environ, ENV_PROXY) if override is None else override
-    if not chosen or not chosen.strip():
+    proxy = _chosen(override, environ)
+    if proxy is None:
         return None
-    proxy = parse_proxy_url(chosen)
     no_proxy = _env(environ, ENV_NO_PROXY)
     if no_proxy and proxy_bypass_environment(f"{host}:{port}", {"no": no_proxy}):
         return None
@@ -148,9 +164,7 @@ class ProxyChoice:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        chosen = _env(self.environ, ENV_PROXY) if self.override is None else self.override
-        if chosen and chosen.strip():
-            parse_proxy_url(chosen)
+        _chosen(self.override, self.environ)
 
     def for_target(self, host: str, port: int) -> Proxy | None:
         return select_proxy(host, port, self.override, self.environ)
