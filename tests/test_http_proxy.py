@@ -313,3 +313,19 @@ def test_bad_proxy_url_is_one_line(hub, proxy_env):
                      "--stream", "ssh")
     line = one_line(result.stderr)
     assert result.returncode == 1 and "only http:// proxies" in line and "topsecret" not in line
+
+
+@pytest.mark.timeout(60)
+def test_a_standalone_gateways_reporter_goes_through_the_proxy(hub, tinyproxy, tmp_path):
+    proxy = tinyproxy()
+    target = f"localhost:{hub.hub.mqtt_port}"
+    gateway = Devstreams(tmp_path / "gateway.log", "gateway", "up", "--data-dir", str(hub.data_dir),
+                         "--hub", target, "--proxy", proxy.url(), "--bind", "127.0.0.1", "--port", "0",
+                         "--name", "far", "--log-level", "info")
+    try:
+        assert "gateway listening" in gateway.first_line()
+        run(wait_for(lambda: f"connected to {target} as gw:far through proxy {proxy.url()}" in gateway.log(), timeout=20,
+                     what="the reporter logged in through the proxy"), timeout=25)
+    finally:
+        gateway.stop()
+    assert proxy.connects() == [target]
