@@ -20,6 +20,12 @@ both.  One library for both tunnels keeps the decision, the credentials and the
 error lines identical.  Only ``http://`` proxies are accepted (TLS to the proxy
 is not supported by python-socks' sync API).
 
+Known limit of python-socks 2.x/3.x: it reads the proxy's answer with one ``recv``
+and parses only its status line.  Proxies write the whole answer at once (squid,
+tinyproxy, the usual corporate ones), but one that wrote the status line and its
+headers in separate packets would leave header bytes in the tunnel, and the TLS
+handshake with the hub would fail ("TLS: the handshake ... failed").
+
 Credentials in the proxy URL are sent as ``Proxy-Authorization: Basic``; they are
 never shown: :attr:`Proxy.display` is the URL without them, and every message
 here uses it.
