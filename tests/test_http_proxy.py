@@ -329,3 +329,16 @@ def test_a_standalone_gateways_reporter_goes_through_the_proxy(hub, tinyproxy, t
     finally:
         gateway.stop()
     assert proxy.connects() == [target]
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_that_allows_mqtt_but_not_the_gateway_names_the_gateway_port(hub, tinyproxy, tmp_path):
+    proxy = tinyproxy(ports=(hub.hub.mqtt_port,))
+    with agent(hub, tmp_path, "pump-g", "--echo"):  # the device goes direct
+        result = echo(hub, "pump-g", "--proxy", proxy.url())
+    line = one_line(result.stderr)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    gw = gateway_target(hub)
+    assert line.endswith(f"proxy {proxy.url()} refused CONNECT to {gw}: 403 Access violation"), line
+    assert line.startswith("devstreams: error: stream gateway wss://"), line
+    assert proxy.connects() == [f"{hub_host(hub)}:{hub.hub.mqtt_port}", gw]
