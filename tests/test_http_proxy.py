@@ -342,3 +342,17 @@ def test_a_proxy_that_allows_mqtt_but_not_the_gateway_names_the_gateway_port(hub
     assert line.endswith(f"proxy {proxy.url()} refused CONNECT to {gw}: 403 Access violation"), line
     assert line.startswith("devstreams: error: stream gateway wss://"), line
     assert proxy.connects() == [f"{hub_host(hub)}:{hub.hub.mqtt_port}", gw]
+
+
+def test_proxy_from_the_config_file_and_no_proxy_flag(hub, proxy_env, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = tmp_path / "config.toml"
+    config.write_text(f'proxy = "{dead}"\n')
+    result = cli("connect", *service_flags(hub), "--config", str(config), "--device", "d", "--stream", "ssh",
+                 env=clean_env())
+    assert result.returncode == 1 and one_line(result.stderr) == f"devstreams: error: cannot reach proxy {dead}: " \
+                                                                  "connection refused"
+    # --no-proxy beats the config file and the environment: the hub answers (no such device)
+    result = cli("connect", *service_flags(hub), "--config", str(config), "--no-proxy", "--device", "d",
+                 "--stream", "ssh", env=clean_env({"HTTPS_PROXY": dead}))
+    assert result.returncode == 1 and "proxy" not in result.stderr and "d" in one_line(result.stderr)
