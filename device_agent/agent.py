@@ -16,6 +16,7 @@ without answering is rejected too, so the service never waits for nothing.
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,6 +24,7 @@ from devstreams.wire import connstr, sas, topics
 from devstreams.wire import messages as msg
 from devstreams.wire.errors import ConfigError, DevstreamsError, StreamError
 from devstreams.transport.mqtt import CONTROL_QOS, MqttSession, Will
+from devstreams.transport.proxy import choice as proxy_choice
 from devstreams.transport.stream import Stream, open_stream
 from devstreams.transport.tls import client_context
 
@@ -69,6 +71,7 @@ class StreamRequest:
         """Tell the hub yes, then open this side of the stream at the gateway."""
         self._answer(200, "")
         return await open_stream(self._wire.url, self._wire.token, ssl_context=self._agent.ssl_context,
+                                 proxy=self._agent.proxy,
                                  open_timeout=self._agent.settings.gateway_open_timeout)
 
     async def reject(self, reason: str = "") -> None:
@@ -83,7 +86,10 @@ class StreamRequest:
 
 class DeviceAgent:
     def __init__(self, connection_string: str | connstr.ConnectionString, handler: Handler, *,
-                 ca_file: str | None = None, settings: AgentSettings | None = None):
+                 ca_file: str | None = None, settings: AgentSettings | None = None,
+                 proxy: str | bool | None = None):
+        """``proxy``: an HTTP proxy URL (``http://user:pass@proxy:3128``) for the hub and the
+        gateway; None = ``$HTTPS_PROXY``/``$https_proxy`` (``$NO_PROXY`` honoured); "" = none."""
         self.cs = connection_string if isinstance(connection_string, connstr.ConnectionString) \
             else connstr.parse(connection_string)
         if not self.cs.is_device:
@@ -92,6 +98,7 @@ class DeviceAgent:
         self.device_id = self.cs.device_id
         self.settings = settings or AgentSettings()
         self.ssl_context = client_context(ca_file)
+        self.proxy = proxy_choice(proxy, os.environ)
         self._handler = handler
         self._tasks: set[asyncio.Task] = set()
         self._closed: asyncio.Event | None = None
@@ -103,7 +110,8 @@ class DeviceAgent:
         return MqttSession(
             client_id=cs.device_id, host=cs.host, port=cs.port, username=cs.device_id,
             password=lambda: sas.make_token(cs.key, sas.device_resource(cs.device_id), s.token_ttl),
-            ssl_context=self.ssl_context, subscriptions=(topics.device_requests(cs.device_id),),
+            ssl_context=self.ssl_context, proxy=self.proxy.for_target(cs.host, cs.port),
+            subscriptions=(topics.device_requests(cs.device_id),),
             on_message=self._on_message, on_connected=self._on_connected,
             will=Will(status, lambda conn: msg.encode(msg.Presence(online=False, conn=conn))),
             keepalive=s.keepalive, reconnect_min=s.reconnect_min, reconnect_max=s.reconnect_max,

@@ -5,6 +5,8 @@ import logging
 import os
 import tomllib
 
+from devstreams.transport.proxy import add_arguments as add_proxy_arguments
+from devstreams.transport.proxy import from_arguments as proxy_from_arguments
 from devstreams.wire.errors import ConfigError
 
 from .signals import until_stopped
@@ -26,8 +28,9 @@ def register(groups, common) -> None:
     p.add_argument("--echo", action="store_true", help="serve stream 'echo' by echoing bytes back")
     p.add_argument("--max-streams", type=int, default=None,
                    help="streams served at once; more are rejected as busy (default 256)")
-    p.add_argument("--config", default=None, help="a TOML file with connection_string, ca_file, echo, "
+    p.add_argument("--config", default=None, help="a TOML file with connection_string, ca_file, proxy, echo, "
                                                   "[allow] name = \"host:port\"")
+    add_proxy_arguments(p)
     p.set_defaults(run=run_agent, default_log_level="info")
 
 
@@ -60,7 +63,8 @@ async def run_agent(args) -> int:
         raise ConfigError("max_streams must be a whole number of at least 1")
     agent = DeviceAgent(cs, make_handler(echo_enabled=echo_enabled, allow=allow),
                         ca_file=args.ca_file or config.get("ca_file"),
-                        settings=AgentSettings(max_streams=max_streams))
+                        settings=AgentSettings(max_streams=max_streams),
+                        proxy=proxy_from_arguments(args, config))
     # The hub may be unreachable for a long time at boot: a signal must still stop us.
     stopping = asyncio.create_task(until_stopped())
     starting = asyncio.create_task(agent.start(timeout=None))

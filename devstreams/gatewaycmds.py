@@ -8,11 +8,15 @@ limits are the hub's ``gateway_*`` settings (and ``max_concurrent_streams``) fro
 """
 
 import logging
+import os
 import re
 import socket
 from pathlib import Path
 
 from broker import datadir
+from devstreams.transport.proxy import add_arguments as add_proxy_arguments
+from devstreams.transport.proxy import from_arguments as proxy_from_arguments
+from devstreams.transport.proxy import parse_proxy_url, select_proxy
 from devstreams.wire.errors import ConfigError
 
 from .signals import until_stopped
@@ -46,6 +50,7 @@ def register(groups, common) -> None:
                     help="the hub's MQTT endpoint, to report streams (activity log, stream limits) from "
                          "another machine; default: the hub running on --data-dir, if any")
     up.add_argument("--ca-file", default=None, help="the hub's CA, for --hub (default: <data-dir>/tls/ca.pem)")
+    add_proxy_arguments(up)  # for the MQTT reporter's connection to the hub
     up.add_argument("--name", default=None, help="this gateway's name in reports (default: from its port)")
     up.set_defaults(run=gateway_up, default_log_level="info")
 
@@ -103,7 +108,13 @@ def _mqtt_reporter(args, data: Path, key: bytes, port: int, local: tuple[str, in
         host, hub_port = _hub_address(args.hub)
         ca = args.ca_file or (str(data / "tls" / "ca.pem") if (data / "tls" / "ca.pem").exists() else None)
     name = args.name or re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{port}")[:60]
-    return MqttReporter(host=host, port=hub_port, ssl_context=client_context(ca), signing_key=key, name=name)
+    # A reporter on this machine (local hub) goes direct unless --proxy says otherwise; NO_PROXY applies.
+    override = proxy_from_arguments(args)
+    if local is not None and override is None:
+        override = ""
+    proxy = select_proxy(host, hub_port, override, os.environ)
+    return MqttReporter(host=host, port=hub_port, ssl_context=client_context(ca), signing_key=key, name=name,
+                        proxy=proxy)
 
 
 def _limits(args, data: Path) -> dict:
@@ -133,6 +144,8 @@ async def gateway_up(args) -> int:
     settings = GatewaySettings(**_limits(args, data), host=args.bind, port=args.port, public_url=args.public_url)
     if args.hub:
         _hub_address(args.hub)  # refuse a bad address before listening
+    if args.proxy:
+        parse_proxy_url(args.proxy)  # and a bad proxy URL
     # Stream events go to the gateway's sink; the MQTT reporter subscribes to it: to --hub, else to
     # a hub running on the data dir (this machine).  With neither, nothing reports: say so once.
     local = None if args.hub else _local_hub(data)

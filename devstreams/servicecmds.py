@@ -9,6 +9,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from devstreams.transport.proxy import add_arguments as add_proxy_arguments
+from devstreams.transport.proxy import from_arguments as proxy_from_arguments
 from devstreams.wire.errors import ConfigError, DevstreamsError, StreamError
 
 from .signals import until_stopped
@@ -26,8 +28,9 @@ def register(groups, common) -> None:
                        help=f"the service connection string (or ${SERVICE_CS_ENV}, or the config file)")
         p.add_argument("--ca-file", default=None, help="the hub's CA certificate (or $DEVSTREAMS_CA_FILE)")
         p.add_argument("--config", default=None,
-                       help=f"TOML with connection_string and ca_file (default ${CONFIG_ENV} or "
+                       help=f"TOML with connection_string, ca_file and proxy (default ${CONFIG_ENV} or "
                             "~/.config/devstreams/config.toml)")
+        add_proxy_arguments(p)
         p.add_argument("--device", required=True, help="the device ID")
         p.add_argument("--response-timeout", type=float, default=60.0, help="seconds to wait for the device")
         return p
@@ -68,7 +71,8 @@ def _client(args):
     if not cs:
         raise ConfigError(f"no service connection string: pass --connection-string, set {SERVICE_CS_ENV}, "
                           "or put connection_string in the config file")
-    return ServiceClient(cs, ca_file=args.ca_file or config.get("ca_file"))
+    return ServiceClient(cs, ca_file=args.ca_file or config.get("ca_file"),
+                         proxy=proxy_from_arguments(args, config))
 
 
 async def run_echo(args) -> int:

@@ -13,6 +13,7 @@ HubUnavailableError.
 
 import asyncio
 import logging
+import os
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from devstreams.wire.errors import (ConfigError, DeviceDisabledError, DeviceNotF
 from devstreams.wire.messages import Outcome
 from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
 from devstreams.wire.names import check_device_id, check_stream_name
+from devstreams.transport.proxy import choice as proxy_choice
 from devstreams.transport.stream import Stream, open_stream
 from devstreams.transport.tls import client_context
 
@@ -55,22 +57,29 @@ class StreamInfo:
     token: str = field(repr=False)
     ssl_context: object = field(repr=False, compare=False, default=None)
     accepted: bool = True
+    proxy: object = field(repr=False, compare=False, default=None)  # the client's ProxyChoice
 
     async def open(self, open_timeout: float = 30.0) -> Stream:
         """Connect the service side of the stream at the gateway."""
-        return await open_stream(self.url, self.token, ssl_context=self.ssl_context, open_timeout=open_timeout)
+        return await open_stream(self.url, self.token, ssl_context=self.ssl_context, open_timeout=open_timeout,
+                                 proxy=self.proxy)
 
 
 class ServiceClient:
     def __init__(self, connection_string: str | connstr.ConnectionString, *, ca_file: str | None = None,
-                 login_timeout: float = 60.0):
-        """``login_timeout``: how long ``connect()`` waits for the hub to accept the MQTT login."""
+                 login_timeout: float = 60.0, proxy: str | bool | None = None):
+        """``login_timeout``: how long ``connect()`` waits for the hub to accept the MQTT login.
+
+        ``proxy``: an HTTP proxy URL (``http://user:pass@proxy:3128``) for the hub and the
+        gateway; None = ``$HTTPS_PROXY``/``$https_proxy`` (``$NO_PROXY`` honoured); "" = none.
+        """
         self.cs = connection_string if isinstance(connection_string, connstr.ConnectionString) \
             else connstr.parse(connection_string)
         if self.cs.is_device:
             raise ConfigError("this is a device connection string; services need the hub's service "
                               "connection string ('devstreams hub connection-string' prints it)")
         self.ssl_context = client_context(ca_file)
+        self.proxy = proxy_choice(proxy, os.environ)
         self.client_id = topics.new_service_client_id(uuid.uuid4().hex[:20])
         self.service = topics.Service(self.cs.policy, self.client_id)
         self._pending: dict[str, asyncio.Future] = {}
@@ -79,7 +88,8 @@ class ServiceClient:
         self._mqtt = MqttSession(
             client_id=self.client_id, host=cs.host, port=cs.port, username=topics.service_username(cs.policy),
             password=lambda: sas.make_token(cs.key, sas.service_resource(cs.policy), TOKEN_TTL),
-            ssl_context=self.ssl_context, subscriptions=(topics.service_responses(self.service),),
+            ssl_context=self.ssl_context, proxy=self.proxy.for_target(cs.host, cs.port),
+            subscriptions=(topics.service_responses(self.service),),
             on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30,
             retry_first_connect=False)
         self._started = False
@@ -145,7 +155,8 @@ class ServiceClient:
     def _result(self, device_id: str, stream_name: str, response: msg.ServiceResponse) -> StreamInfo:
         if response.outcome is Outcome.ACCEPTED:
             return StreamInfo(device_id=device_id, stream_name=stream_name, stream_id=response.stream_id,
-                              url=response.url, token=response.token, ssl_context=self.ssl_context)
+                              url=response.url, token=response.token, ssl_context=self.ssl_context,
+                              proxy=self.proxy)
         if response.outcome is Outcome.REJECTED:
             raise StreamRejectedError(f"device {device_id} rejected stream {stream_name!r}: {response.reason}",
                                       reason=response.reason)

@@ -30,13 +30,15 @@ HEARTBEAT = 30.0      # seconds between reports while no stream is open (the hub
 
 
 class MqttReporter:
-    def __init__(self, *, host: str, port: int, ssl_context: ssl.SSLContext, signing_key: bytes, name: str):
+    def __init__(self, *, host: str, port: int, ssl_context: ssl.SSLContext, signing_key: bytes, name: str,
+                 proxy=None):
+        """``proxy``: a ``devstreams.transport.proxy.Proxy`` to reach the hub through, None = direct."""
         self.client_id = f"{topics.GATEWAY_CLIENT_PREFIX}{name}"
         self._topic = topics.gateway_events(self.client_id)
         self._mqtt = MqttSession(
             client_id=self.client_id, host=host, port=port, username=topics.GATEWAY_USER,
             password=lambda: sas.make_token(signing_key, sas.GATEWAY_RESOURCE, TOKEN_TTL),
-            ssl_context=ssl_context, keepalive=30, subscriptions=(topics.gateway_control(),),
+            ssl_context=ssl_context, proxy=proxy, keepalive=30, subscriptions=(topics.gateway_control(),),
             on_message=self._on_message, on_connected=self._on_connected)
         self._stats_topic = topics.gateway_stats(self.client_id)
         self._starting: asyncio.Task | None = None

@@ -24,6 +24,14 @@ ones back off exponentially from ``reconnect_min`` to ``reconnect_max`` with
 jitter.  A hub admitting logins at a bounded rate answers the rest "server
 unavailable" (CONNACK 3), and they back off the same way.
 
+Through an HTTP proxy: paho 2.2 has no documented way to hand it a socket
+(``proxy_set`` needs the unmaintained PySocks and paho itself reads only
+``mqtt_proxy``), so ``_Client`` overrides ``_create_socket_connection`` -- the one
+method that makes paho's TCP connection -- to return a ``CONNECT`` tunnel from
+``devstreams.transport.proxy``; paho's TLS handshake and everything after it run
+inside the tunnel unchanged.  A refused or unreachable proxy is a failed connect
+like any other (retried with the same backoff), and its sentence names the proxy.
+
 Takeover: when another connection logs in with the same client id, the hub
 writes one PUBLISH on ``devstreams/devices/<id>/notice`` and closes this one.
 The session logs that once and waits a growing, jittered delay before
@@ -45,7 +53,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from devstreams.wire.errors import HubUnavailableError, UnauthorizedError
+from devstreams.transport.proxy import Proxy, ProxyTunnelError, open_tunnel
+from devstreams.wire.errors import HubUnavailableError, ProxyError, UnauthorizedError
 from devstreams.wire.throttle import LogLimiter
 from devstreams.wire.topics import device_notice
 
@@ -68,6 +77,8 @@ _NAME_MISMATCH = {62, 64}  # host name, IP address
 def describe_connect_error(exc: BaseException | None, host: str, port: int, peer: str = "hub") -> tuple[str, str]:
     """(cause key, one sentence) for why a connection to the hub (or ``peer``) failed."""
     where = f"{host}:{port}"
+    if isinstance(exc, ProxyTunnelError):  # first: it is an OSError too
+        return f"proxy-{exc.kind}", exc.message
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = getattr(exc, "verify_code", None)
         if code in _NAME_MISMATCH:
@@ -114,6 +125,13 @@ class _Client(paho.Client):
     delay_for: Callable[[int], float] | None = None   # attempt -> seconds
     next_delay: float | None = None                   # one wait chosen by the session (a takeover)
     attempt = 0                                       # reset by the session after a successful CONNACK
+    proxy: Proxy | None = None                        # an HTTP proxy to tunnel through, else direct
+
+    def _create_socket_connection(self) -> socket.socket:
+        """Replaces paho 2's TCP connect when a proxy is set (see the module docstring)."""
+        if self.proxy is None:
+            return super()._create_socket_connection()
+        return open_tunnel(self.proxy, self._host, self._port, self._connect_timeout)
 
     def _reconnect_wait(self) -> None:
         """Replaces paho 2's ``_reconnect_wait`` (it reads paho's private connection state to stop early)."""
@@ -159,8 +177,9 @@ class MqttSession:
                  reconnect_min: float = 1.0, reconnect_max: float = 30.0, reconnect_window: float = 1.0,
                  retry_first_connect: bool = True,
                  takeover_min: float = 2.0, takeover_max: float = 60.0, stop_when_refused: bool = False,
-                 peer: str = "hub"):
+                 peer: str = "hub", proxy: Proxy | None = None):
         self.client_id = client_id
+        self.proxy = proxy  # HTTP proxy (already chosen for host:port by the caller), None = direct
         self.peer = peer  # who we connect to, in log lines and errors: the hub, or the MQTT broker
         self.host, self.port = host, port
         self._username = username
@@ -191,6 +210,7 @@ class MqttSession:
         self._client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                clean_session=True, protocol=paho.MQTTv311)
         self._client.tls_set_context(ssl_context)
+        self._client.proxy = proxy
         self._client.delay_for = lambda attempt: reconnect_delay(attempt, reconnect_min, reconnect_max,
                                                                  reconnect_window, random.random())
         self._client.suppress_exceptions = True
@@ -211,7 +231,8 @@ class MqttSession:
         except asyncio.TimeoutError:
             await self.stop()
             raise HubUnavailableError(
-                f"no answer from the hub at {self.host}:{self.port} within {timeout:g} s: "
+                f"no answer from the hub at {self.host}:{self.port}"
+                f"{f' through proxy {self.proxy}' if self.proxy is not None else ''} within {timeout:g} s: "
                 "check the host, port and that 'devstreams hub up' is running") from None
         except BaseException:
             await self.stop()
@@ -301,7 +322,8 @@ class MqttSession:
             self._connected_at = time.monotonic()
             self._displaced = False
             client.attempt = 0   # the next lost connection starts with a spread first retry again
-            log.info("connected to %s:%s as %s", self.host, self.port, self.client_id)
+            log.info("connected to %s:%s as %s%s", self.host, self.port, self.client_id,
+                     f" through proxy {self.proxy}" if self.proxy is not None else "")
             self._pending_subs.clear()
             for topic in self._subscriptions:
                 rc, mid = client.subscribe(topic, qos=CONTROL_QOS)
@@ -381,6 +403,11 @@ class MqttSession:
             key, cause = describe_connect_error(getattr(client, "last_connect_error", None), self.host, self.port,
                                                 self.peer)
             if not self.ever_connected and not self._retry_first:
+                exc = getattr(client, "last_connect_error", None)
+                if isinstance(exc, ProxyTunnelError):
+                    self._post(self._settle, ProxyError(cause, str(exc.proxy), exc.status))
+                    client.disconnect()
+                    return
                 if key.startswith("tls"):
                     text = cause
                 else:

@@ -18,8 +18,10 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from devstreams.wire.errors import (HubUnavailableError, LimitExceededError, StreamClosedError, StreamError, TokenError)
+from devstreams.wire.errors import (HubUnavailableError, LimitExceededError, ProxyError, StreamClosedError,
+                                    StreamError, TokenError)
 from devstreams.transport.mqtt import describe_connect_error
+from devstreams.transport.proxy import Proxy, ProxyChoice, ProxyTunnelError, open_tunnel_async
 from devstreams.wire.streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
                           CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
 from devstreams.transport.wslink import LiveClientConnection
@@ -142,18 +144,35 @@ class Stream:
 
 async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | None, open_timeout: float = 30.0,
                       ping_interval: float | None = 10.0, ping_timeout: float | None = 10.0,
-                      max_queue: int = 8, write_limit: int = 256 * 1024) -> Stream:
+                      max_queue: int = 8, write_limit: int = 256 * 1024,
+                      proxy: ProxyChoice | Proxy | None = None) -> Stream:
     """Open one side of a stream at the gateway; map refusals to our errors with the gateway's reason.
 
     Liveness is ``devstreams.transport.wslink``'s (a slow peer is never cut), not websockets' keepalive.
+    ``proxy``: a client's ProxyChoice (resolved here for the gateway's host and port, NO_PROXY
+    included), a Proxy, or None to connect directly.  websockets' own proxy lookup is always off
+    (``proxy=None``): the choice is ours, the same as for MQTT (devstreams.transport.proxy).
     """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 443
+    chosen = proxy.for_target(host, port) if isinstance(proxy, ProxyChoice) else proxy
+    sock = None
     try:
+        if chosen is not None:
+            # The tunnel first (bounded by open_timeout), then TLS and the upgrade inside it.
+            sock = await open_tunnel_async(chosen, host, port, open_timeout)
+            where = {"sock": sock, "server_hostname": host}
+        else:
+            where = {"proxy": None}
         ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, ssl=ssl_context,
                            compression=None, max_size=MAX_MESSAGE_BYTES, max_queue=max_queue,
                            write_limit=write_limit, open_timeout=open_timeout, ping_interval=None,
                            ping_timeout=None, close_timeout=None, user_agent_header="devstreams",
-                           create_connection=LiveClientConnection)
+                           create_connection=LiveClientConnection, **where)
+    except ProxyTunnelError as exc:
+        raise ProxyError(f"stream gateway {url.split('/streams/')[0]}: {exc}", str(exc.proxy), exc.status) from None
     except InvalidStatus as exc:
+        _close_quietly(sock)
         status = exc.response.status_code
         reason = exc.response.body.decode(errors="replace").strip() if exc.response.body else f"HTTP {status}"
         if status in (401, 403):
@@ -162,13 +181,25 @@ async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | Non
             raise LimitExceededError(f"the gateway is at capacity: {reason}") from None
         raise StreamError(f"the gateway refused the stream (HTTP {status}): {reason}") from None
     except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
-        parts = urlsplit(url)
-        cause, why = describe_connect_error(exc, parts.hostname or "", parts.port or 443)
+        _close_quietly(sock)
+        cause, why = describe_connect_error(exc, host, port)
         if cause == "unknown":
             why = f"cannot reach the gateway at {url.split('/streams/')[0]}: {exc or type(exc).__name__}"
+        if chosen is not None:
+            why += f" (through proxy {chosen})"
         raise HubUnavailableError(f"stream gateway {url.split('/streams/')[0]}: {why}") from None
+    except BaseException:
+        _close_quietly(sock)
+        raise
     ws.start_liveness(ping_interval, ping_timeout)
     return Stream(ws)
+
+
+def _close_quietly(sock: socket.socket | None) -> None:
+    """A tunnel socket websockets did not take over (a failed handshake) is ours to close."""
+    if sock is not None and sock.fileno() != -1:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

@@ -80,3 +80,16 @@ class StreamClosedError(StreamError):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class ProxyError(HubUnavailableError):
+    """The HTTP proxy between us and the hub refused the tunnel or could not be reached.
+
+    ``proxy`` is the proxy's URL without credentials; ``status`` the HTTP status of a
+    refused ``CONNECT`` (403, 407 ...), else None.
+    """
+
+    def __init__(self, message: str, proxy: str = "", status: int | None = None):
+        super().__init__(message)
+        self.proxy = proxy
+        self.status = status
