@@ -45,10 +45,11 @@ class EmbeddedBroker:
     shared = False
     peer = "hub"
 
-    def __init__(self, settings: HubSettings, authenticator: Authenticator, server_ssl):
+    def __init__(self, settings: HubSettings, authenticator: Authenticator, server_ssl, listener=None):
         self._settings = settings
         self._authenticator = authenticator
         self._server_ssl = server_ssl
+        self._listener = listener   # the single port's (broker/frontdoor.py): the gate then listens on none of its own
         self._broker: HubBroker | None = None
         self.gate: Gate | None = None
 
@@ -68,7 +69,7 @@ class EmbeddedBroker:
                          takeover_timeout=s.takeover_timeout, max_unauthenticated=s.max_unauthenticated_connections,
                          logins=TokenBucket(s.max_logins_per_second, s.logins_burst),
                          listen_backlog=s.listen_backlog)
-        await self.gate.start(s.bind, s.mqtt_port, self._server_ssl)
+        await self.gate.start(s.bind, s.mqtt_port, self._server_ssl, listener=self._listener)
 
     async def stop(self) -> None:
         if self.gate is not None:

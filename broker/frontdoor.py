@@ -105,8 +105,11 @@ class FrontDoor(asyncio.Protocol):
 
 
 async def serve_front_door(host: str, port: int, context: ssl.SSLContext, routes: dict[Route, ProtocolFactory], *,
-                           decide_timeout: float, handshake_timeout: float, backlog: int) -> asyncio.Server:
-    """Listen on the single port; ``routes`` may gain entries after this returns (before serving matters)."""
+                           decide_timeout: float, backlog: int) -> asyncio.AbstractServer:
+    """Bind the single port, not serving yet: ``routes`` is filled in, then ``start_serving()``.
+
+    ``decide_timeout`` bounds the TLS handshake and, separately, the wait for the first bytes.
+    """
     return await asyncio.get_running_loop().create_server(
         lambda: FrontDoor(routes, decide_timeout), host, port, ssl=front_door_context(context),
-        ssl_handshake_timeout=handshake_timeout, backlog=backlog)
+        ssl_handshake_timeout=decide_timeout, backlog=backlog, start_serving=False)

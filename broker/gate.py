@@ -331,8 +331,16 @@ class Gate:
         # the heap after logins (broker/memory.py), which takes an idle device from 62 to 48 KiB.
         self.accepted = 0
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
+    def app_protocol(self) -> asyncio.StreamReaderProtocol:
+        """The protocol of one MQTT connection once TLS is up: what the single port hands over."""
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=2 ** 16), self._on_client)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext, listener=None) -> None:
+        """Listen for MQTT over TLS, or (``listener``: the hub's single port) take what it hands over."""
         raise_nofile_limit(self._max_connections)
+        if listener is not None:  # broker/frontdoor.py routes MQTT here through app_protocol
+            self.port = listener.sockets[0].getsockname()[1]
+            return
         # asyncio's default listen backlog is 100: in a reconnect storm the kernel then drops the
         # SYNs beyond it, and each dropped client waits a whole SYN retransmit (1 s, 3 s, 7 s ...)
         # before it is even seen -- while the hub idles.  This machine's counter stood at 573,658

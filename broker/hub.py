@@ -14,9 +14,12 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from devstreams.transport.tls import client_context
+from devstreams.wire.frontdoor import ALPN_MQTT, MQTT_WS_PATH, MQTT_WS_SUBPROTOCOL, Route
+from devstreams.wire.streamproto import STREAM_PATH_PREFIX
 from devstreams.wire.connstr import ConnectionString
 from devstreams.wire.events import StreamClosed
 from devstreams.wire.throttle import EveryInterval
@@ -25,10 +28,12 @@ from . import datadir, pki
 from .auth import Authenticator
 from .backends import EmbeddedBroker, ExternalBroker
 from .controller import StreamController
+from .frontdoor import serve_front_door
 from .limits import refresh_after
 from .memory import FreezeRule, TrimRule, release_free_memory
 from .registry import OPEN_STREAMS_STALE_AFTER, SERVICE_POLICY, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
+from .wsmqtt import MqttWebSocketEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,10 @@ class Hub:
         self._watcher: asyncio.Task | None = None
         self.tls: pki.TlsFiles | None = None
         self._lock: datadir.HubLock | None = None
+        # The single port (settings.port): its listener, the endpoints it routes to, MQTT over WebSocket.
+        self.front_door: asyncio.AbstractServer | None = None
+        self._routes: dict[Route, Callable] = {}
+        self._mqtt_ws: MqttWebSocketEndpoint | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -62,11 +71,23 @@ class Hub:
             controller_key = datadir.secret_key(self.data_dir, "controller.key")
             server_ssl = pki.server_context(self.tls)
             authenticator = Authenticator(self.registry, controller_key, gateway_key=signing_key)
+            if s.port >= 0:  # one TLS port for everything (validate() refused it with an external broker)
+                self.front_door = await serve_front_door(
+                    s.bind, s.port, pki.server_context(self.tls), self._routes,
+                    decide_timeout=s.connect_packet_timeout, backlog=s.listen_backlog)
             self.broker = (ExternalBroker(s, authenticator, self.data_dir) if self.external
-                           else EmbeddedBroker(s, authenticator, server_ssl))
+                           else EmbeddedBroker(s, authenticator, server_ssl, listener=self.front_door))
             await self.broker.start()
+            if self.front_door is not None:
+                gate = self.broker.gate
+                self._mqtt_ws = MqttWebSocketEndpoint(gate.app_protocol, max_message_bytes=s.max_packet_bytes,
+                                                      open_timeout=s.connect_packet_timeout)
+                self._mqtt_ws.attach(self.front_door)
+                self._routes.update({Route.MQTT: gate.app_protocol, Route.MQTT_WS: self._mqtt_ws.protocol_factory})
             if not s.gateway_urls:
                 await self._start_gateway(signing_key, server_ssl)
+            if self.front_door is not None:
+                await self.front_door.start_serving()
             host, port = self.broker.controller_address
             self.controller = StreamController(
                 s, self.registry, controller_key=controller_key, signing_key=signing_key,
@@ -109,7 +130,9 @@ class Hub:
                                    public_url=f"wss://{s.advertised_host()}:{{port}}")  # port filled in at bind
         self.gateway = Gateway(settings, signing_key, server_ssl)
         self.gateway.events.subscribe(self._on_gateway_event)
-        await self.gateway.start()
+        await self.gateway.start(listener=self.front_door)
+        if self.front_door is not None:
+            self._routes[Route.STREAMS] = self.gateway.protocol_factory
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -121,6 +144,10 @@ class Hub:
             await self.gateway.stop()
         if self.broker is not None:
             await self.broker.stop()
+        if self._mqtt_ws is not None:
+            await self._mqtt_ws.stop()
+        if self.front_door is not None:
+            self.front_door.close()
         if self.registry is not None:
             if not self.external:  # another hub may still serve these devices through the broker
                 self.registry.mark_all_offline()
@@ -157,7 +184,17 @@ class Hub:
         return {"hostName": self.settings.advertised_host(), "mqttEndpoint": self.mqtt_url,
                 "mqttPort": self.mqtt_port, "streamingEndpoints": self.gateway_urls(),
                 "caFile": str(self.tls.ca_cert) if self.tls else None, "dataDir": str(self.data_dir),
-                "broker": self.settings.broker_url or "embedded", "authHook": self._hook_url()}
+                "broker": self.settings.broker_url or "embedded", "authHook": self._hook_url(),
+                "singlePort": self._single_port()}
+
+    def _single_port(self) -> dict | None:
+        """With ``--port``: the one endpoint and what it serves (docs/protocol.md, 'One port')."""
+        if self.front_door is None:
+            return None
+        host, port = self.settings.advertised_host(), self.front_door.sockets[0].getsockname()[1]
+        return {"endpoint": f"{host}:{port}", "mqtt": f"mqtts://{host}:{port} (ALPN {ALPN_MQTT})",
+                "mqttOverWebSocket": f"wss://{host}:{port}{MQTT_WS_PATH} (subprotocol {MQTT_WS_SUBPROTOCOL})",
+                "streams": f"wss://{host}:{port}{STREAM_PATH_PREFIX}<id>"}
 
     def _hook_url(self) -> str | None:
         hook = getattr(self.broker, "hook", None)

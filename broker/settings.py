@@ -26,6 +26,7 @@ class HubSettings:
     hosts: tuple[str, ...] = ()           # extra names for the certificate; the first is advertised
     mqtt_port: int = 8883                 # MQTT over TLS (0 = the OS picks)
     gateway_port: int = 8443              # the built-in gateway's WebSocket over TLS (0 = the OS picks)
+    port: int = -1                        # one TLS port for MQTT, MQTT over WebSocket and streams (-1: mqtt_port and gateway_port)
     gateway_urls: tuple[str, ...] = ()    # external gateways (wss://…); empty = the built-in one
     broker_url: str = ""                  # an external MQTT broker (mqtts://host:port); empty = the embedded one
     broker_ca_file: str = ""              # CA that signed the external broker's certificate; empty = the hub's CA
@@ -176,6 +177,11 @@ def validate(s: HubSettings) -> HubSettings:
     for name in ("mqtt_port", "gateway_port", "advertised_mqtt_port", "auth_hook_port"):
         if not 0 <= getattr(s, name) < 65536:
             raise ConfigError(f"setting {name} must be a port number (0 lets the OS pick)")
+    if not -1 <= s.port < 65536:
+        raise ConfigError("setting port must be a port number (0 lets the OS pick; -1: separate MQTT and gateway ports)")
+    if s.port >= 0 and s.broker_url:
+        raise ConfigError("one port (--port) serves the embedded broker's MQTT; with an external broker MQTT is the "
+                          "broker's own port: use --gateway-port for the streams")
     return s
 
 

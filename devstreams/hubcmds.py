@@ -33,6 +33,9 @@ def register(groups, common) -> None:
     up.add_argument("--bind", default=None, help="address to listen on (default 0.0.0.0)")
     up.add_argument("--mqtt-port", type=int, default=None, help="MQTT over TLS port (default 8883; 0 = any)")
     up.add_argument("--gateway-port", type=int, default=None, help="streaming gateway port (default 8443)")
+    up.add_argument("--port", type=int, default=None,
+                    help="serve MQTT, MQTT over WebSocket and the streams on this one TLS port instead of "
+                         "--mqtt-port and --gateway-port (e.g. 443 for devices that may only reach 443)")
     up.add_argument("--gateway-url", action="append", default=None,
                     help="use external gateways (wss://…) instead of the built-in one (repeatable)")
     up.add_argument("--response-timeout", type=float, default=None,
@@ -156,7 +159,7 @@ def _hub_down_note(args) -> str:
 async def hub_up(args) -> int:
     from broker.hub import Hub
     path = datadir.ensure(datadir.resolve(args.data_dir))
-    overrides = {k: getattr(args, k) for k in ("bind", "mqtt_port", "gateway_port", "response_timeout",
+    overrides = {k: getattr(args, k) for k in ("bind", "mqtt_port", "gateway_port", "port", "response_timeout",
                                                "max_concurrent_streams", "max_new_streams_per_second",
                                                "broker_url", "broker_ca_file", "auth_hook_port",
                                                "advertised_mqtt_port")}
@@ -168,7 +171,7 @@ async def hub_up(args) -> int:
         await hub.start()
     except OSError as exc:
         raise ConfigError(f"cannot start the hub: {exc.strerror or exc} (is another hub using the port? "
-                          "use --mqtt-port/--gateway-port or another --data-dir)") from None
+                          "use --port, --mqtt-port/--gateway-port or another --data-dir)") from None
     ep = hub.endpoints
     print("devstreams hub is up", flush=True)
     print(f"  MQTT endpoint:       {ep['mqttEndpoint']}")

@@ -8,8 +8,9 @@ from helpers import BACKENDS, HubThread
 
 
 @pytest.fixture
-def hub(tmp_path):
-    h = HubThread(tmp_path / "hub").start()
+def hub(request, tmp_path):
+    """An embedded hub; ``@pytest.mark.parametrize("hub", [...], indirect=True)`` picks other layouts."""
+    h = HubThread(tmp_path / "hub", backend=getattr(request, "param", "embedded")).start()
     try:
         yield h
     finally:

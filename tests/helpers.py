@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 class RawClient:
     """A blocking paho client over TLS that records what it receives (topic, payload, retain flag)."""
 
-    def __init__(self, port: int, ca_file: str, client_id, username, password, will=None):
+    def __init__(self, port: int, ca_file: str, client_id, username, password, will=None, websocket=False):
         import queue
         import ssl
         import paho.mqtt.client as paho
@@ -34,7 +34,10 @@ class RawClient:
         self.connack: queue.Queue = queue.Queue()
         self.subacks: queue.Queue = queue.Queue()
         self.dropped = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                        transport="websockets" if websocket else "tcp")
+        if websocket:  # MQTT over WebSocket on the hub's single port (paho offers the subprotocol mqtt)
+            c.ws_set_options(path="/mqtt")
         c.tls_set_context(ssl.create_default_context(cafile=ca_file))
         c.username_pw_set(username, password)
         if will:
@@ -126,6 +129,7 @@ class HubThread:
 
     ``backend="mosquitto"``: a real Mosquitto (with our plugin, asking this hub's auth
     hook) carries the MQTT side; the hub runs with ``broker_url`` pointing at it.
+    ``backend="single-port"``: the embedded broker, everything on one TLS port (``port=0``).
     """
 
     def __init__(self, data_dir: Path, backend: str = "embedded", **settings):
@@ -142,6 +146,8 @@ class HubThread:
             self.settings = HubSettings(**(base | settings))
             self.mosquitto = Mosquitto(self.data_dir, self.settings, port=port).start()
         else:
+            if backend == "single-port":
+                base |= dict(port=0)
             self.settings = HubSettings(**(base | settings))
         self.hub: Hub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,7 +188,9 @@ class HubThread:
                     raise RuntimeError(f"the controller did not reach Mosquitto: {self.mosquitto.log.read_text()[-2000:]}")
                 time.sleep(0.05)
         # keep the ports for a restart
-        if self.mosquitto is None:
+        if self.settings.port >= 0:
+            self.settings = self.settings.replace(port=self.hub.mqtt_port)
+        elif self.mosquitto is None:
             self.settings = self.settings.replace(mqtt_port=self.hub.mqtt_port, gateway_port=self.gateway_port or None)
         else:
             self.settings = self.settings.replace(gateway_port=self.gateway_port or None)

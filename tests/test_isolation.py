@@ -13,14 +13,21 @@ from devstreams.wire.connstr import parse
 
 
 def RawClient(hub, client_id, username, password):
-    """A raw paho client of this hub's MQTT endpoint (embedded or Mosquitto)."""
-    return helpers.RawClient(hub.hub.mqtt_port, hub.ca_file, client_id, username, password)
+    """A raw paho client of this hub's MQTT endpoint (embedded or Mosquitto; on the single port over WebSocket)."""
+    return helpers.RawClient(hub.hub.mqtt_port, hub.ca_file, client_id, username, password,
+                             websocket=hub.backend == "single-port")
 
 
-@pytest.fixture
-def hub(any_hub):
-    """Every check here runs on both broker backends: embedded, and Mosquitto with our plugin."""
-    return any_hub
+@pytest.fixture(params=(*helpers.BACKENDS, "single-port"))
+def hub(request, tmp_path):
+    """Every check here runs on both broker backends (embedded, Mosquitto with our plugin), and with
+    the attacker on MQTT over WebSocket on the hub's single port (issue 11: the same gate)."""
+    h = helpers.HubThread(tmp_path / "hub", backend=request.param)
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
 
 
 def device_password(cs_text):
