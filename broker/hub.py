@@ -20,7 +20,7 @@ from pathlib import Path
 from devstreams.transport.tls import client_context
 from devstreams.wire.frontdoor import ALPN_MQTT, MQTT_WS_PATH, MQTT_WS_SUBPROTOCOL, Route
 from devstreams.wire.streamproto import STREAM_PATH_PREFIX
-from devstreams.wire.connstr import ConnectionString
+from devstreams.wire import connstr
 from devstreams.wire.events import StreamClosed
 from devstreams.wire.throttle import EveryInterval
 
@@ -201,13 +201,13 @@ class Hub:
         return f"http://{self.settings.auth_hook_bind}:{hook.port}" if hook is not None else None
 
     def service_connection_string(self) -> str:
-        return str(ConnectionString(host=self.settings.advertised_host(), port=self.mqtt_port,
-                                    policy=SERVICE_POLICY, key=self.registry.policy_key()))
+        return str(connstr.for_hub(self.settings.advertised_host(), self.mqtt_port, self.registry.policy_key(),
+                                   single_port=self.front_door is not None, policy=SERVICE_POLICY))
 
     def device_connection_string(self, device_id: str) -> str:
         device = self.registry.require(device_id)
-        return str(ConnectionString(host=self.settings.advertised_host(), port=self.mqtt_port,
-                                    device_id=device.id, key=device.key))
+        return str(connstr.for_hub(self.settings.advertised_host(), self.mqtt_port, device.key,
+                                   single_port=self.front_door is not None, device_id=device.id))
 
     # -- background ------------------------------------------------------------------------------
 

@@ -88,6 +88,8 @@ class HubSettings:
         """The MQTT port for connection strings when no hub runs to say which port it bound."""
         if self.advertised_mqtt_port:
             return self.advertised_mqtt_port
+        if self.port >= 0:
+            return self.port
         return broker_address(self)[1] if self.broker_url else self.mqtt_port
 
     def replace(self, **changes) -> "HubSettings":

@@ -110,7 +110,7 @@ class DeviceAgent:
         return MqttSession(
             client_id=cs.device_id, host=cs.host, port=cs.port, username=cs.device_id,
             password=lambda: sas.make_token(cs.key, sas.device_resource(cs.device_id), s.token_ttl),
-            ssl_context=self.ssl_context, proxy=self.proxy.for_target(cs.host, cs.port),
+            ssl_context=self.ssl_context, proxy=self.proxy.for_target(cs.host, cs.port), transport=cs.transport,
             subscriptions=(topics.device_requests(cs.device_id),),
             on_message=self._on_message, on_connected=self._on_connected,
             will=Will(status, lambda conn: msg.encode(msg.Presence(online=False, conn=conn))),

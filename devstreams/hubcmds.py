@@ -11,7 +11,7 @@ import sys
 from broker import datadir
 from broker.registry import SERVICE_POLICY, DevicesExistError, open_registry
 from broker.settings import HubSettings, broker_address, load, settings_dict, validate
-from devstreams.wire.connstr import ConnectionString
+from devstreams.wire import connstr
 from devstreams.wire.errors import ConfigError
 
 from .signals import until_stopped
@@ -118,19 +118,20 @@ def _registry(args):
     return open_registry(datadir.require(datadir.resolve(args.data_dir)))
 
 
-def _address(args) -> tuple[str, int]:
-    """Host and MQTT port clients should use: the running hub's, else the configured ones."""
+def _address(args) -> tuple[str, int, bool]:
+    """Host and MQTT port clients should use, and whether that is the hub's single port:
+    the running hub's, else the configured ones."""
     path = datadir.resolve(args.data_dir)
     running = datadir.running_endpoints(path)
     if running:
-        return running["hostName"], running["mqttPort"]
+        return running["hostName"], running["mqttPort"], bool(running.get("singlePort"))
     settings = _settings(args)
-    return settings.advertised_host(), settings.advertised_port()
+    return settings.advertised_host(), settings.advertised_port(), settings.port >= 0
 
 
-def _device_cs(args, device, address: tuple[str, int] | None = None) -> str:
-    host, port = address or _address(args)
-    return str(ConnectionString(host=host, port=port, device_id=device.id, key=device.key))
+def _device_cs(args, device, address: tuple[str, int, bool] | None = None) -> str:
+    host, port, single = address or _address(args)
+    return str(connstr.for_hub(host, port, device.key, single_port=single, device_id=device.id))
 
 
 def _when(ts: float | None) -> str:
@@ -235,8 +236,8 @@ def hub_show(args) -> int:
 def hub_connection_string(args) -> int:
     registry = _registry(args)
     key = registry.rotate_policy_key() if args.rotate else registry.policy_key(create=True)
-    host, port = _address(args)
-    print(ConnectionString(host=host, port=port, policy=SERVICE_POLICY, key=key))
+    host, port, single = _address(args)
+    print(connstr.for_hub(host, port, key, single_port=single, policy=SERVICE_POLICY))
     return 0
 
 

@@ -88,7 +88,7 @@ class ServiceClient:
         self._mqtt = MqttSession(
             client_id=self.client_id, host=cs.host, port=cs.port, username=topics.service_username(cs.policy),
             password=lambda: sas.make_token(cs.key, sas.service_resource(cs.policy), TOKEN_TTL),
-            ssl_context=self.ssl_context, proxy=self.proxy.for_target(cs.host, cs.port),
+            ssl_context=self.ssl_context, proxy=self.proxy.for_target(cs.host, cs.port), transport=cs.transport,
             subscriptions=(topics.service_responses(self.service),),
             on_message=self._on_message, on_disconnected=self._on_disconnected, keepalive=30,
             retry_first_connect=False)

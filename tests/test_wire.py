@@ -13,6 +13,9 @@ from devstreams.wire.streamtoken import Side
 KEY = b"k" * 32
 
 
+B64 = __import__("base64").b64encode(KEY).decode()
+
+
 def test_connection_strings_round_trip_and_refuse_nonsense():
     cs = connstr.ConnectionString(host="hub.example", port=18883, device_id="pump-7", key=KEY)
     assert connstr.parse(str(cs)) == cs
@@ -23,9 +26,22 @@ def test_connection_strings_round_trip_and_refuse_nonsense():
                      ("HostName=h;DeviceId=d;SharedAccessKey=YWJj", "too short"),
                      ("HostName=h;DeviceId=a/b;SharedAccessKey=" + "A" * 44, "not a valid device ID"),
                      ("HostName=h;SharedAccessKey=" + "A" * 44, "exactly one of"),
-                     ("HostName=h;MqttPort=x;DeviceId=d;SharedAccessKey=" + "A" * 44, "port number")]:
+                     ("HostName=h;MqttPort=x;DeviceId=d;SharedAccessKey=" + "A" * 44, "port number"),
+                     ("HostName=h;Port=0;DeviceId=d;SharedAccessKey=" + "A" * 44, "port number"),
+                     ("HostName=h;Port=443;MqttPort=8883;DeviceId=d;SharedAccessKey=" + "A" * 44, "disagree"),
+                     ("HostName=h;Transport=quic;DeviceId=d;SharedAccessKey=" + "A" * 44, "mqtt, wss, auto")]:
         with pytest.raises(ConnectionStringError, match=why):
             connstr.parse(bad)
+
+
+def test_a_single_port_hub_hands_out_port_and_transport_auto():
+    cs = connstr.for_hub("hub.example", 443, KEY, single_port=True, device_id="pump-7")
+    assert str(cs) == f"HostName=hub.example;Port=443;Transport=auto;DeviceId=pump-7;SharedAccessKey={B64}"
+    assert connstr.parse(str(cs)) == cs
+    plain = connstr.for_hub("hub.example", 8883, KEY, device_id="pump-7")
+    assert "Port" not in str(plain) and "Transport" not in str(plain) and plain.transport == "mqtt"
+    typed = connstr.parse(f"HostName=h;Port=8443;Transport=WSS;SharedAccessKeyName=service;SharedAccessKey={B64}")
+    assert (typed.port, typed.transport) == (8443, "wss")
 
 
 def test_sas_tokens_are_bound_to_identity_key_and_time():

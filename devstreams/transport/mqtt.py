@@ -55,6 +55,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from devstreams.transport.proxy import Proxy, ProxyTunnelError, open_tunnel
 from devstreams.wire.errors import HubUnavailableError, ProxyError, UnauthorizedError
+from devstreams.wire.frontdoor import MQTT_WS_PATH
 from devstreams.wire.throttle import LogLimiter
 from devstreams.wire.topics import device_notice
 
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 # answered in time fails), and amqtt's QoS 1 adds a PUBACK round trip per message and
 # stalls up to 5 s on a late PUBACK.  TCP already orders and delivers while connected.
 CONTROL_QOS = 0
+# Transport= of a connection string -> the paho transports a session takes in turn
+TRANSPORTS = {"mqtt": ("tcp",), "wss": ("websockets",), "auto": ("tcp", "websockets")}
 
 # CONNACK reasons that mean "your credentials are refused" (MQTT 3.1.1 rc 4 and 5 as paho maps them).
 AUTH_REFUSED = {134, 135}
@@ -126,6 +129,19 @@ class _Client(paho.Client):
     next_delay: float | None = None                   # one wait chosen by the session (a takeover)
     attempt = 0                                       # reset by the session after a successful CONNACK
     proxy: Proxy | None = None                        # an HTTP proxy to tunnel through, else direct
+    transports: tuple[str, ...] = ("tcp",)            # paho transports, taken in turn (Transport=auto: both)
+    turn = 0                                          # which of them the next attempt uses
+    worked = True                                     # the last attempt got a CONNACK (or none was made yet)
+
+    def _create_socket(self):
+        """With several transports (``Transport=auto``), an attempt that got no CONNACK makes the
+        next one use the other transport; the one that worked stays.  paho 2.2 reads ``_transport``
+        only here (its public setter refuses while paho still counts the old socket as open)."""
+        if not self.worked:
+            self.turn += 1
+        self.worked = False
+        self._transport = self.transports[self.turn % len(self.transports)]
+        return super()._create_socket()
 
     def _create_socket_connection(self) -> socket.socket:
         """Replaces paho 2's TCP connect when a proxy is set (see the module docstring)."""
@@ -177,7 +193,7 @@ class MqttSession:
                  reconnect_min: float = 1.0, reconnect_max: float = 30.0, reconnect_window: float = 1.0,
                  retry_first_connect: bool = True,
                  takeover_min: float = 2.0, takeover_max: float = 60.0, stop_when_refused: bool = False,
-                 peer: str = "hub", proxy: Proxy | None = None):
+                 peer: str = "hub", proxy: Proxy | None = None, transport: str = "mqtt"):
         self.client_id = client_id
         self.proxy = proxy  # HTTP proxy (already chosen for host:port by the caller), None = direct
         self.peer = peer  # who we connect to, in log lines and errors: the hub, or the MQTT broker
@@ -211,6 +227,11 @@ class MqttSession:
                                clean_session=True, protocol=paho.MQTTv311)
         self._client.tls_set_context(ssl_context)
         self._client.proxy = proxy
+        # Transport (devstreams.wire.connstr): MQTT over TLS, over WebSocket (the hub's single port), or
+        # both in turn.  No ALPN is offered: the single port also tells MQTT from HTTP by the first byte,
+        # and a context that offered "mqtt" would send a WebSocket attempt to the MQTT side.
+        self._client.transports = TRANSPORTS[transport]
+        self._client.ws_set_options(path=MQTT_WS_PATH)
         self._client.delay_for = lambda attempt: reconnect_delay(attempt, reconnect_min, reconnect_max,
                                                                  reconnect_window, random.random())
         self._client.suppress_exceptions = True
@@ -315,6 +336,7 @@ class MqttSession:
     def _paho_on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
             self._answered = True
+            client.worked = True   # a CONNACK came: this transport reaches the hub
             if reason_code.is_failure:
                 self._connect_refused(reason_code)
                 return
@@ -322,7 +344,8 @@ class MqttSession:
             self._connected_at = time.monotonic()
             self._displaced = False
             client.attempt = 0   # the next lost connection starts with a spread first retry again
-            log.info("connected to %s:%s as %s%s", self.host, self.port, self.client_id,
+            log.info("connected to %s:%s as %s%s%s", self.host, self.port, self.client_id,
+                     " (MQTT over WebSocket)" if client.transport == "websockets" else "",
                      f" through proxy {self.proxy}" if self.proxy is not None else "")
             self._pending_subs.clear()
             for topic in self._subscriptions:

@@ -1,7 +1,12 @@
 """Connection strings: ``HostName=…;DeviceId=…;SharedAccessKey=…``.
 
 The same ``Key=Value;…`` shape as the reference system, so operators recognise
-it.  ``MqttPort`` is added only when the hub does not listen on the default 8883.
+it.  ``MqttPort`` is added only when the hub does not listen on the default 8883;
+a hub serving everything on one port (``hub up --port P``) writes ``Port=P``
+instead (the two names mean the same to a parser; one string may not disagree
+with itself).  ``Transport`` says how MQTT reaches that port: ``mqtt`` (MQTT over
+TLS, the default), ``wss`` (MQTT over WebSocket, ``/mqtt``) or ``auto`` (MQTT
+over TLS, and WebSocket when that is blocked).
 A device string has ``DeviceId``; a service string has ``SharedAccessKeyName``.
 """
 
@@ -13,6 +18,7 @@ from .errors import ConnectionStringError
 from .names import DEVICE_ID_RE
 
 DEFAULT_MQTT_PORT = 8883
+TRANSPORTS = ("mqtt", "wss", "auto")
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,8 @@ class ConnectionString:
     port: int = DEFAULT_MQTT_PORT
     device_id: str | None = None
     policy: str | None = None
+    transport: str = "mqtt"        # one of TRANSPORTS
+    single_port: bool = False      # written as Port= (the hub's one port) rather than MqttPort=
 
     @property
     def is_device(self) -> bool:
@@ -29,8 +37,12 @@ class ConnectionString:
 
     def __str__(self) -> str:
         parts = [f"HostName={self.host}"]
-        if self.port != DEFAULT_MQTT_PORT:
+        if self.single_port:
+            parts.append(f"Port={self.port}")
+        elif self.port != DEFAULT_MQTT_PORT:
             parts.append(f"MqttPort={self.port}")
+        if self.transport != "mqtt":
+            parts.append(f"Transport={self.transport}")
         if self.device_id is not None:
             parts.append(f"DeviceId={self.device_id}")
         if self.policy is not None:
@@ -41,6 +53,13 @@ class ConnectionString:
     def __repr__(self) -> str:  # never show the key in logs or tracebacks
         who = f"device_id={self.device_id!r}" if self.is_device else f"policy={self.policy!r}"
         return f"ConnectionString(host={self.host!r}, port={self.port}, {who})"
+
+
+def for_hub(host: str, port: int, key: bytes, *, single_port: bool = False, device_id: str | None = None,
+            policy: str | None = None) -> ConnectionString:
+    """What a hub hands out: on its single port, ``Port=P;Transport=auto`` (WebSocket if TLS is blocked)."""
+    return ConnectionString(host=host, key=key, port=port, device_id=device_id, policy=policy,
+                            transport="auto" if single_port else "mqtt", single_port=single_port)
 
 
 def parse(text: str) -> ConnectionString:
@@ -64,12 +83,20 @@ def parse(text: str) -> ConnectionString:
         raise ConnectionStringError("SharedAccessKey in the connection string is not valid base64") from None
     if len(key) < 16:
         raise ConnectionStringError("SharedAccessKey in the connection string is too short")
+    ports = {name: fields[name] for name in ("MqttPort", "Port") if name in fields}
     try:
-        port = int(fields.get("MqttPort", DEFAULT_MQTT_PORT))
-        if not 0 < port < 65536:
+        numbers = {int(value) for value in ports.values()}
+        if any(not 0 < n < 65536 for n in numbers):
             raise ValueError
     except ValueError:
-        raise ConnectionStringError("MqttPort in the connection string must be a port number") from None
+        raise ConnectionStringError(f"{' and '.join(ports)} in the connection string must be a port number") from None
+    if len(numbers) > 1:
+        raise ConnectionStringError("MqttPort and Port in the connection string disagree: keep one")
+    port = numbers.pop() if numbers else DEFAULT_MQTT_PORT
+    transport = fields.get("Transport", "mqtt").lower()
+    if transport not in TRANSPORTS:
+        raise ConnectionStringError(f"Transport in the connection string must be one of {', '.join(TRANSPORTS)}, "
+                                    f"not {fields['Transport']!r}")
     device_id = fields.get("DeviceId")
     policy = fields.get("SharedAccessKeyName")
     if (device_id is None) == (policy is None):
@@ -77,4 +104,5 @@ def parse(text: str) -> ConnectionString:
                                     "or SharedAccessKeyName (service)")
     if device_id is not None and not DEVICE_ID_RE.match(device_id):
         raise ConnectionStringError(f"DeviceId {device_id!r} in the connection string is not a valid device ID")
-    return ConnectionString(host=host, key=key, port=port, device_id=device_id, policy=policy)
+    return ConnectionString(host=host, key=key, port=port, device_id=device_id, policy=policy, transport=transport,
+                            single_port="Port" in fields)
