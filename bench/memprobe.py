@@ -56,6 +56,7 @@ def main() -> None:
             return hub.call(lambda: len(asyncio.all_tasks()))
 
         def types() -> collections.Counter:
+            gc.unfreeze()  # the hub freezes survivors after bursts (broker/memory.py); count those too
             return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
         if args.trace:
@@ -72,6 +73,10 @@ def main() -> None:
                                text=True)
         try:
             line = sim.stdout.readline().strip()
+            if line == "ready":  # bench.simdevices waits for a first line before it connects
+                sim.stdin.write("go\n")
+                sim.stdin.flush()
+                line = sim.stdout.readline().strip()
             if not line.startswith("connected"):
                 raise SystemExit(f"simdevices: {line!r}")
             deadline = time.monotonic() + 300

@@ -77,6 +77,19 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
 13. ``Broker._session_monitor`` (broker.py:356-383) walks every session each second;
     ``HubBroker._session_monitor`` walks only after some session disconnected.
 
+14. What an idle connection keeps after its last packet (fix 9's measurement, continued):
+    ``ProtocolHandler._reader_loop`` (handler.py:452) keeps the tasks it started in a
+    ``collections.deque`` (760 bytes empty) and drops a finished one only when the next
+    packet arrives, so the task of the device's last PUBLISH stays alive with it; the
+    handler module's ``collections.deque`` is ``PrunedTasks``, a list that lets go of each
+    task when it is done.  ``ProtocolHandler.mqtt_deliver_next_message`` (handler.py:587-603)
+    is a task (and a ``Queue.get`` coroutine) per connection waiting for the next PUBLISH;
+    ``HubHandler`` returns an ``InboxQueue`` future instead, a ``Delivery`` that hands
+    its message out once (``Broker._client_message_loop`` keeps the finished future in
+    its ``done`` set until the next packet: with a task that was the whole last PUBLISH).
+    With fix 11 the reader's ``wait_for`` without a timeout returns the read itself (no
+    coroutine).  Together: about 3 KiB per idle device (tests/test_idle_memory.py).
+
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
 tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
@@ -302,23 +315,92 @@ class SlimQueue(asyncio.Queue):
         return item
 
 
+async def _within(aw, timeout: float):
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
 class _AsyncioFor311(types.ModuleType):
-    """``asyncio`` as amqtt's handler module sees it: the same, with 3.12's task-less ``wait_for`` (fix 11)."""
+    """``asyncio`` as amqtt's handler module sees it: the same, with 3.12's task-less ``wait_for`` (fix 11).
+
+    Without a timeout the awaitable itself is returned (amqtt only ever writes
+    ``await asyncio.wait_for(...)``), so an idle reader has no wrapper coroutine (fix 14).
+    """
 
     def __getattr__(self, name: str):
         return getattr(asyncio, name)
 
     @staticmethod
-    async def wait_for(aw, timeout):
+    def wait_for(aw, timeout):
         if timeout is None:
-            return await aw
-        async with asyncio.timeout(timeout):
-            return await aw
+            return aw
+        return _within(aw, timeout)
+
+
+class PrunedTasks(list):
+    """The reader loop's ``running_tasks`` (handler.py:452), which lets go of each task when it is done (fix 14).
+
+    amqtt's loop appends every packet's task, drops finished ones from the front only
+    when the next packet arrives (``[0]``, ``popleft``) and cancels the rest when it
+    ends (``popleft``): a ``collections.deque`` of 760 bytes and, on an idle connection,
+    the finished task of its last packet.  Here a task leaves the list as it finishes.
+    """
+
+    __slots__ = ()
+
+    def append(self, task) -> None:
+        super().append(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task) -> None:
+        try:
+            self.remove(task)
+        except ValueError:  # already popped by the loop
+            pass
+
+    def popleft(self):
+        return self.pop(0)
+
+
+class _CollectionsForHandler(types.ModuleType):
+    """``collections`` as amqtt's handler module sees it: ``deque`` is ``PrunedTasks`` (its only use, fix 14)."""
+
+    deque = PrunedTasks
+
+    def __getattr__(self, name: str):
+        return getattr(collections, name)
 
 
 def patch_handler_wait_for() -> None:
     if sys.version_info < (3, 12) and hasattr(asyncio, "timeout"):
         amqtt.mqtt.protocol.handler.asyncio = _AsyncioFor311("asyncio")
+
+
+def patch_handler_running_tasks() -> None:
+    """Point amqtt's handler module at ``PrunedTasks`` if ``collections.deque`` is all it uses there (fix 14)."""
+    module = amqtt.mqtt.protocol.handler
+    if getattr(module, "collections", None) is collections:
+        module.collections = _CollectionsForHandler("collections")
+
+
+class Delivery(asyncio.Future):
+    """The future a connection's next PUBLISH arrives in, handing its message out once (fix 14).
+
+    ``Broker._client_message_loop`` keeps a finished waiter in its ``done`` set until the
+    next packet; ``result()`` (called once, by ``Broker._handle_message_delivery``) gives
+    the message and forgets it, so an idle connection does not keep its last PUBLISH.
+    """
+
+    _item = None
+
+    def deliver(self, item) -> None:
+        self._item = item
+        self.set_result(None)
+
+    def result(self):
+        super().result()  # raises like any future when cancelled or not done
+        item, self._item = self._item, None
+        return item
 
 
 class InboxQueue(SlimQueue):
@@ -346,6 +428,25 @@ class InboxQueue(SlimQueue):
         else:
             item.set_result(self.get_nowait())
         return item
+
+
+class DeliveryQueue(InboxQueue):
+    """A session's ``delivered_message_queue`` whose consumer waits on a ``Delivery`` (fix 14)."""
+
+    def put_nowait(self, item) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.deliver(item)
+            return
+        SlimQueue.put_nowait(self, item)
+
+    def next_item(self) -> Delivery:
+        waiter = Delivery(loop=asyncio.get_running_loop())
+        if self.empty():
+            self._waiter = waiter
+        else:
+            waiter.deliver(self.get_nowait())
+        return waiter
 
 
 class HubHandler(BrokerProtocolHandler):
@@ -395,6 +496,22 @@ class HubHandler(BrokerProtocolHandler):
     def get_next_pending_subscription(self) -> asyncio.Future:
         return self._pending_subscriptions.next_item()
 
+    def mqtt_deliver_next_message(self):
+        """``ProtocolHandler.mqtt_deliver_next_message`` (handler.py:587-603) as a future, not a task (fix 14).
+
+        Same results: None when the handler is not attached (or, as amqtt's coroutine
+        returns on cancel, nothing is delivered); else the session's next message.
+        A session not created by the hub (no ``DeliveryQueue``) gets amqtt's coroutine.
+        """
+        queue = getattr(self.session, "delivered_message_queue", None)
+        if not isinstance(queue, DeliveryQueue):
+            return super().mqtt_deliver_next_message()
+        if not self._is_attached():
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return queue.next_item()
+
     def get_next_pending_unsubscription(self) -> asyncio.Future:
         return self._pending_unsubscriptions.next_item()
 
@@ -416,6 +533,14 @@ def slim_handler_events(handler: BrokerProtocolHandler) -> None:
 
 
 class HubSession(Session):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.delivered_message_queue = DeliveryQueue()  # fix 14
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.delivered_message_queue = DeliveryQueue()
+
     def _init_states(self) -> None:
         self.transitions = SessionStates()
         self.transitions.on_enter_connected(self._on_enter_connected)
@@ -437,6 +562,7 @@ class HubBroker(Broker):
         # a classmethod that builds ``cls(...)``: pointing broker.py's name at HubHandler is enough (fix 10).
         amqtt.broker.BrokerProtocolHandler = HubHandler
         patch_handler_wait_for()  # fix 11
+        patch_handler_running_tasks()  # fix 14
         amqtt.mqtt.protocol.broker_handler.Queue = SlimQueue
 
     def create_offline_session(self, client_id: str):
