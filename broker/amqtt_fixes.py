@@ -73,7 +73,11 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
 12. ``ProtocolHandler._reader_loop`` (handler.py:453-466) arms a keepalive timer for every
     packet read, though the broker's ``handle_read_timeout`` does nothing (broker_handler.py:86-87);
     ``HubHandler.start`` starts the loop without one.  (The gate also answers a lone PINGREQ
-    itself, broker/gate.py, so amqtt never sees an idle client's pings.)
+    itself, broker/gate.py, so amqtt never sees an idle client's pings.)  The same for writes:
+    ``ProtocolHandler._send_packet`` (handler.py:573-576) cancels and re-arms a
+    ``call_later(keepalive, handle_write_timeout)`` for every packet sent, and the broker's
+    ``handle_write_timeout`` is ``pass`` too (broker_handler.py:83-84); ``HubHandler`` has no
+    ``keepalive_timeout``, so no timer (one live and most of a cancelled one per idle device).
 13. ``Broker._session_monitor`` (broker.py:356-383) walks every session each second;
     ``HubBroker._session_monitor`` walks only after some session disconnected.
 
@@ -89,6 +93,11 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
     its ``done`` set until the next packet: with a task that was the whole last PUBLISH).
     With fix 11 the reader's ``wait_for`` without a timeout returns the read itself (no
     coroutine).  Together: about 3 KiB per idle device (tests/test_idle_memory.py).
+15. ``Broker._client_message_loop`` (broker.py:606-648) waits for its four waiters with
+    ``asyncio.wait(..., FIRST_COMPLETED)`` for the whole life of a connection: two
+    coroutines, a set of the futures, a closure, a context copy per future and the two
+    result sets it keeps until the next packet.  ``HubBroker._client_message_loop`` is the
+    same loop waiting on one ``first_completed`` future.
 
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
@@ -97,6 +106,7 @@ tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
 
 import asyncio
 import collections
+import contextvars
 import logging
 import sys
 import types
@@ -493,6 +503,12 @@ class HubHandler(BrokerProtocolHandler):
             if keep_alive:
                 self.session.keep_alive = keep_alive
 
+    def _init_session(self, session: Session) -> None:
+        """``ProtocolHandler._init_session`` without the write keepalive timer (fix 12): the timeout
+        (handler.py:103-105) only arms ``handle_write_timeout``, which does nothing in a broker."""
+        super()._init_session(session)
+        self.keepalive_timeout = None
+
     def get_next_pending_subscription(self) -> asyncio.Future:
         return self._pending_subscriptions.next_item()
 
@@ -545,6 +561,29 @@ class HubSession(Session):
         self.transitions = SessionStates()
         self.transitions.on_enter_connected(self._on_enter_connected)
         self.transitions.on_enter_disconnected(self._on_enter_disconnected)
+
+
+def first_completed(futures: tuple[asyncio.Future, ...]) -> asyncio.Future:
+    """A future done as soon as one of ``futures`` is (fix 15): what ``asyncio.wait(..., FIRST_COMPLETED)``
+    waits for, without its coroutines and sets.  Its callbacks leave ``futures`` once it is done
+    or cancelled, so long-lived futures (a connection's disconnect waiter) collect none."""
+    wake = asyncio.get_running_loop().create_future()
+    if any(f.done() for f in futures):
+        wake.set_result(None)
+        return wake
+
+    def on_done(_) -> None:
+        if not wake.done():
+            wake.set_result(None)
+
+    def unhook(_) -> None:
+        for f in futures:
+            f.remove_done_callback(on_done)
+    context = contextvars.copy_context()  # one for all of them (add_done_callback copies one per call)
+    for f in futures:
+        f.add_done_callback(on_done, context=context)
+    wake.add_done_callback(unhook, context=context)
+    return wake
 
 
 class HubBroker(Broker):
@@ -661,6 +700,49 @@ class HubBroker(Broker):
                 if handler:
                     running_tasks.append(asyncio.ensure_future(
                         handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """Replaces ``Broker._client_message_loop`` (broker.py:606-648) line for line, except that it
+        waits on one ``first_completed`` future instead of ``asyncio.wait`` (fix 15).  The waiters that
+        are done when it wakes are handled in amqtt's order, as amqtt's ``done`` set has them (its debug line
+        with the repr of the whole subscription table after each SUBSCRIBE is left out, see fix 3)."""
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+
+        while connected:
+            try:
+                await first_completed((disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver))
+                done = (disconnect_waiter.done(), subscribe_waiter.done(), unsubscribe_waiter.done(),
+                        wait_deliver.done())
+
+                if done[0]:
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+
+                if done[1]:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+
+                if done[2]:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+
+                if done[3]:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+
+            except asyncio.CancelledError:
+                self.logger.debug("Client loop cancelled")
+                break
+
+        pending_waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in pending_waiters:
+            waiter.cancel()
+        await asyncio.gather(*pending_waiters, return_exceptions=True)
 
     async def _handle_client_session(self, reader, writer, client_session: Session, handler, server,
                                      listener_name: str) -> None:

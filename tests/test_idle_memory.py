@@ -26,6 +26,7 @@ from broker.amqtt_fixes import (
     InboxQueue,
     PrunedTasks,
     SlimEvent,
+    first_completed,
     SlimQueue,
     WaiterList,
 )
@@ -222,6 +223,34 @@ def test_deliveries_come_in_a_future_that_hands_its_message_out_once():
     run(body(), timeout=20)
 
 
+def test_first_completed_wakes_on_the_first_and_leaves_no_callbacks_behind():
+    """What the broker's message loop waits on instead of asyncio.wait (fix 15)."""
+    async def body():
+        loop = asyncio.get_running_loop()
+        disconnect, subscribe, deliver = (loop.create_future() for _ in range(3))
+        for _ in range(3):   # a long-lived future (the disconnect waiter) collects no callbacks
+            wake = first_completed((disconnect, subscribe, deliver))
+            assert not wake.done()
+            subscribe.set_result("sub")
+            await wake
+            assert not disconnect._callbacks and not deliver._callbacks
+            subscribe = loop.create_future()
+        deliver.set_result("msg")
+        assert first_completed((disconnect, subscribe, deliver)).done()   # already done: at once
+        cancelled = first_completed((disconnect, subscribe))
+        cancelled.cancel()                                                  # the loop was cancelled
+        await asyncio.sleep(0)
+        assert not disconnect._callbacks and not subscribe._callbacks
+    run(body(), timeout=20)
+
+
+def test_the_broker_handler_arms_no_write_keepalive_timer():
+    """``handle_write_timeout`` does nothing in a broker, so HubHandler never arms it (fix 12)."""
+    session = HubSession()
+    session.keep_alive = 30
+    assert HubHandler(None, session).keepalive_timeout is None
+
+
 # -- end to end: the real hub, idle TLS devices in another process ------------------------------
 
 class IdleFleet:
@@ -289,19 +318,25 @@ def test_an_idle_tls_device_holds_few_objects_in_the_hub(hub, fleet_of):
     deque in amqtt's queues and events (16 of ~760 bytes before) nor in the stream's drain waiters
     and TLS write backlog, no TLS read buffer of its own (4 KiB before), and none of the
     messages it published still held (its presence PUBLISH, kept by amqtt's loops before)."""
-    fleet = fleet_of(30)
-    before = tasks_on(hub)
-    fleet.connect()
-    assert (tasks_on(hub) - before) / len(fleet.ids) <= 2.05
-
-    def held_messages() -> int:
-        from amqtt.session import IncomingApplicationMessage
+    def held_objects() -> collections.Counter:
         gc.unfreeze()   # the hub freezes survivors after bursts (broker/memory.py); count them too
         try:
-            return sum(1 for o in gc.get_objects() if type(o) is IncomingApplicationMessage)
+            return collections.Counter(type(o).__name__ for o in gc.get_objects())
         finally:
             gc.freeze()
-    assert hub.call(held_messages) < len(fleet.ids) / 2
+    fleet = fleet_of(30)
+    before, held_before = tasks_on(hub), hub.call(held_objects)
+    fleet.connect()
+    assert (tasks_on(hub) - before) / len(fleet.ids) <= 2.05
+    held = hub.call(held_objects) - held_before
+    assert held["IncomingApplicationMessage"] < len(fleet.ids) / 2
+    # 14 coroutines per idle device: the gate's task (7, down to amqtt's message loop, which waits on
+    # one future: asyncio.wait added 2) and amqtt's reader loop (6, down to the socket read; with
+    # a task for deliveries and a wait_for wrapper: 3 more), plus its last finished packet's
+    assert held["coroutine"] / len(fleet.ids) <= 14.5, held["coroutine"] / len(fleet.ids)
+    # no write keepalive timer per connection (cancelled timers of the handshakes wait in the heap a while)
+    armed = hub.call(lambda: sum(not t.cancelled() for t in asyncio.get_running_loop()._scheduled))
+    assert armed < len(fleet.ids) / 2, armed
 
     def inspect():
         broker: HubBroker = hub.hub.broker._broker
