@@ -93,11 +93,16 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
     its ``done`` set until the next packet: with a task that was the whole last PUBLISH).
     With fix 11 the reader's ``wait_for`` without a timeout returns the read itself (no
     coroutine).  Together: about 3 KiB per idle device (tests/test_idle_memory.py).
+
 15. ``Broker._client_message_loop`` (broker.py:606-648) waits for its four waiters with
     ``asyncio.wait(..., FIRST_COMPLETED)`` for the whole life of a connection: two
     coroutines, a set of the futures, a closure, a context copy per future and the two
     result sets it keeps until the next packet.  ``HubBroker._client_message_loop`` is the
     same loop waiting on one ``first_completed`` future.
+16. The four queues of fix 9, even slim, were still about 2.5 KiB per idle connection:
+    ``InboxQueue`` is a two-slot FIFO with only the ``asyncio.Queue`` methods amqtt calls on
+    them, and the broker's sessions and handlers now get it instead of ``SlimQueue`` (which
+    stays for any other ``asyncio.Queue`` use).
 
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
@@ -413,50 +418,101 @@ class Delivery(asyncio.Future):
         return item
 
 
-class InboxQueue(SlimQueue):
-    """A ``SlimQueue`` with a single consumer that waits on a future rather than in a task (fix 10).
+class InboxQueue:
+    """The FIFO behind a connection's queues: the ``asyncio.Queue`` methods amqtt calls on them, in 48 bytes (fix 16).
 
-    ``next_item()`` returns a future: done at once if an item is queued, else it is the
-    one the next ``put``/``put_nowait`` completes with its item (that item skips the
-    queue and ``task_done`` accounting; nobody ``join()``s these queues).  A cancelled
-    future is simply not used: the next item is queued as usual.
+    A session's ``retained_messages`` and ``delivered_message_queue`` and a handler's pending
+    (un)subscriptions are unbounded queues with one consumer; amqtt calls ``put``,
+    ``put_nowait``, ``get``, ``get_nowait``, ``empty`` and ``qsize`` on them (session.py:173-176,
+    247, 277-285; broker_handler.py:56-75, 123-139; broker.py:596, 1071-1125; handler.py:277-598).
+    Even as ``SlimQueue``s (fix 9) the four took about 2.5 KiB per idle connection (an object
+    with a ``__dict__``, two waiter lists, a ``join()`` Event with its own); this one has two
+    slots, and a deque only while it holds items.
+
+    ``next_item()`` returns a future (fix 10): done at once if an item is queued, else the next
+    ``put``/``put_nowait`` completes it with its item, which skips the queue.  ``get()`` awaits
+    such a future; a getter cancelled after its item arrived loses that item (unlike
+    ``asyncio.Queue.get``), which is why the hub's consumers wait on ``next_item()`` futures
+    that are only cancelled when their connection ends.  A cancelled future is not used: the
+    next item goes to the next waiter, or into the queue.
     """
 
-    _waiter: asyncio.Future | None = None
+    __slots__ = ("_items", "_waiters")
+    maxsize = 0
+
+    def __init__(self, maxsize: int = 0) -> None:
+        if maxsize > 0:
+            raise ValueError("an InboxQueue is unbounded")
+        self._items: collections.deque | None = None
+        self._waiters: list[asyncio.Future] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return False
+
+    def _hand_over(self, waiter: asyncio.Future, item) -> None:
+        waiter.set_result(item)
 
     def put_nowait(self, item) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(item)
-            return
-        super().put_nowait(item)
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                if not waiters:
+                    self._waiters = None
+                self._hand_over(waiter, item)
+                return
+        self._waiters = None
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+
+    async def put(self, item) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self):
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an idle connection keeps no empty deque
+        return item
+
+    def _new_waiter(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
 
     def next_item(self) -> asyncio.Future:
-        item = asyncio.get_running_loop().create_future()
-        if self.empty():
-            self._waiter = item
+        waiter = self._new_waiter()
+        if self._items:
+            self._hand_over(waiter, self.get_nowait())
         else:
-            item.set_result(self.get_nowait())
-        return item
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+        return waiter
+
+    async def get(self):
+        return await self.next_item()
+
+    def task_done(self) -> None:
+        pass  # no join(): amqtt never waits for these queues to be processed
 
 
 class DeliveryQueue(InboxQueue):
     """A session's ``delivered_message_queue`` whose consumer waits on a ``Delivery`` (fix 14)."""
 
-    def put_nowait(self, item) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.deliver(item)
-            return
-        SlimQueue.put_nowait(self, item)
+    __slots__ = ()
 
-    def next_item(self) -> Delivery:
-        waiter = Delivery(loop=asyncio.get_running_loop())
-        if self.empty():
-            self._waiter = waiter
-        else:
-            waiter.deliver(self.get_nowait())
-        return waiter
+    def _hand_over(self, waiter: "Delivery", item) -> None:
+        waiter.deliver(item)
+
+    def _new_waiter(self) -> "Delivery":
+        return Delivery(loop=asyncio.get_running_loop())
 
 
 class HubHandler(BrokerProtocolHandler):
@@ -555,6 +611,7 @@ class HubSession(Session):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self.retained_messages = InboxQueue()
         self.delivered_message_queue = DeliveryQueue()
 
     def _init_states(self) -> None:
@@ -596,13 +653,13 @@ class HubBroker(Broker):
         # the first names the class through its module, so it is pointed at ours (fix 8).
         amqtt.mqtt.protocol.broker_handler.Session = HubSession
         # Session.__init__ and BrokerProtocolHandler.__init__ create their queues by these names (fix 9).
-        amqtt.session.Queue = SlimQueue
+        amqtt.session.Queue = InboxQueue  # fix 16 (HubSession's delivery queue is a DeliveryQueue)
         # Broker._initialize_client_session calls BrokerProtocolHandler.init_from_connect (broker.py:489),
         # a classmethod that builds ``cls(...)``: pointing broker.py's name at HubHandler is enough (fix 10).
         amqtt.broker.BrokerProtocolHandler = HubHandler
         patch_handler_wait_for()  # fix 11
         patch_handler_running_tasks()  # fix 14
-        amqtt.mqtt.protocol.broker_handler.Queue = SlimQueue
+        amqtt.mqtt.protocol.broker_handler.Queue = InboxQueue
 
     def create_offline_session(self, client_id: str):
         """Replaces ``Broker.create_offline_session`` (broker.py:541-547): the same, with a ``HubSession``."""

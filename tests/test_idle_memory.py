@@ -39,10 +39,12 @@ from devstreams.wire.connstr import ConnectionString
 def deques_in(obj) -> int:
     """collections.deque objects held by obj's attributes (one level, plus Events/Queues inside)."""
     count = 0
-    for value in vars(obj).values():
+    values = list(vars(obj).values()) if hasattr(obj, "__dict__") else [
+        getattr(obj, name, None) for cls in type(obj).__mro__ for name in getattr(cls, "__slots__", ())]
+    for value in values:
         if isinstance(value, collections.deque):
             count += 1
-        elif isinstance(value, (asyncio.Event, asyncio.Queue)):
+        elif isinstance(value, (asyncio.Event, asyncio.Queue, InboxQueue)):
             count += deques_in(value)
     return count
 
@@ -116,6 +118,41 @@ def test_inbox_queue_hands_the_next_item_to_its_waiting_future():
         q.put_nowait("c")
         assert q.qsize() == 1 and q.next_item().result() == "c"
     run(body(), timeout=20)
+
+
+def test_inbox_queue_is_a_small_fifo_with_what_amqtt_calls():
+    """Fix 16: put/put_nowait/get/get_nowait/empty/qsize in order, waiters served first come first
+    served, and about 100 bytes per queue (a SlimQueue took about 600)."""
+    async def body():
+        q = InboxQueue()
+        assert q.empty() and q.qsize() == 0 and not q.full() and deques_in(q) == 0
+        with pytest.raises(asyncio.QueueEmpty):
+            q.get_nowait()
+        await q.put(1)
+        q.put_nowait(2)
+        assert q.qsize() == 2 and await q.get() == 1 and q.get_nowait() == 2
+        assert q.empty() and deques_in(q) == 0            # no empty deque kept
+        first, second = asyncio.ensure_future(q.get()), asyncio.ensure_future(q.get())
+        await asyncio.sleep(0)
+        q.put_nowait("a")
+        q.put_nowait("b")
+        assert [await first, await second] == ["a", "b"] and q.empty()
+        with pytest.raises(ValueError):
+            InboxQueue(1)                                  # amqtt never bounds them; neither do we
+    run(body(), timeout=20)
+
+    def size_of(make) -> float:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            kept = [make() for _ in range(1000)]
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        del kept
+        return sum(s.size_diff for s in after.compare_to(before, "filename")) / 1000
+    assert size_of(InboxQueue) < 120
+    assert size_of(SlimQueue) > 3 * size_of(InboxQueue)   # what it replaces in sessions and handlers
 
 
 def test_hub_handler_waits_for_disconnect_without_a_task():
@@ -345,9 +382,10 @@ def test_an_idle_tls_device_holds_few_objects_in_the_hub(hub, fleet_of):
         for device_id in fleet.ids:
             session, handler = broker._sessions[device_id]
             assert type(handler) is HubHandler
-            queues_and_events = [session.retained_messages, session.delivered_message_queue,
-                                 handler._pending_subscriptions, handler._pending_unsubscriptions,
-                                 handler._reader_ready, handler._reader_stopped]
+            queues = [session.retained_messages, session.delivered_message_queue,
+                      handler._pending_subscriptions, handler._pending_unsubscriptions]
+            assert [type(q) for q in queues] == [InboxQueue, DeliveryQueue, InboxQueue, InboxQueue]
+            queues_and_events = queues + [handler._reader_ready, handler._reader_stopped]
             writer = gate._live[device_id].writer
             deques = sum(deques_in(x) for x in queues_and_events)
             deques += isinstance(writer._protocol._drain_waiters, collections.deque)
