@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from devstreams.transport.glibc import heap_in_use
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -65,7 +67,7 @@ def main() -> None:
         if not args.trace:
             from broker.memory import release_free_memory
             release_free_memory()  # a trimmed baseline, so "after malloc_trim" compares like with like
-        rss0, tasks0 = me.memory_info().rss, tasks()
+        rss0, tasks0, heap0 = me.memory_info().rss, tasks(), heap_in_use()
         snap0 = tracemalloc.take_snapshot() if args.trace else None
         types0 = types() if args.trace else None
         sim = subprocess.Popen([sys.executable, "-m", "bench.simdevices", "localhost", str(hub.hub.mqtt_port),
@@ -95,8 +97,11 @@ def main() -> None:
                   f"tasks {(tasks1 - tasks0) / n:.2f}/device", flush=True)
             from broker.memory import release_free_memory
             release_free_memory()
-            rss2 = me.memory_info().rss
+            rss2, heap2 = me.memory_info().rss, heap_in_use()
             print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/device", flush=True)
+            if heap0 and heap2:  # C heap in use: OpenSSL, and Python objects too big for pymalloc
+                print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/device, "
+                      f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/device", flush=True)
             if args.trace:
                 snap1 = tracemalloc.take_snapshot()
                 stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else

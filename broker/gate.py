@@ -61,6 +61,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
+from devstreams.transport.tls import release_bio_buffers
 from devstreams.wire import sas
 from devstreams.wire.errors import TokenError
 from devstreams.wire.throttle import LogLimiter
@@ -125,6 +126,20 @@ def slim_stream_deques(writer: asyncio.StreamWriter) -> None:
     proto = getattr(writer.transport, "_ssl_protocol", None)
     if isinstance(getattr(proto, "_write_backlog", None), collections.deque) and not proto._write_backlog:
         proto._write_backlog = []
+
+
+def release_tls_buffers(writer: asyncio.StreamWriter) -> int:
+    """Free the handshake-sized buffers of a TLS connection's two memory BIOs (issue 10: ~1.8 KiB per device).
+
+    Called once the CONNECT has been read: the BIOs then hold the client's hello and the
+    server's first flight, the largest records a device connection ever carries; from here
+    on they grow only as far as MQTT control packets need (devstreams.transport.tls).
+    """
+    proto = getattr(writer.transport, "_ssl_protocol", None)
+    incoming, outgoing = getattr(proto, "_incoming", None), getattr(proto, "_outgoing", None)
+    if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
+        return 0
+    return release_bio_buffers(incoming, outgoing)
 
 
 def _selector_transport(proto) -> bool:
@@ -461,6 +476,7 @@ class Gate:
             self._unauthenticated.pop(task, None)
         if writer.is_closing():  # dropped to make room while it was logging in
             return
+        release_tls_buffers(writer)
         client_id = packet.client_id or ""
         if not self._admit(packet):
             await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE)
