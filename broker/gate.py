@@ -45,6 +45,7 @@ and never touches a logged-in one.
 
 import asyncio
 import collections
+from asyncio import sslproto
 import heapq
 import itertools
 import json
@@ -96,7 +97,8 @@ def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = 
     ``SSLProtocol.buffer_updated`` copies the bytes into the connection's incoming
     ``MemoryBIO`` before returning, so no two connections ever hold the buffer at once.
     A proactor loop (Windows) keeps the buffer across an overlapped read: there each
-    connection keeps its own.
+    connection keeps its own.  On uvloop the gate's connections use asyncio's TLS protocol too
+    (``Gate.start``), and uvloop's TCP transport fills buffers the same way (``_selector_transport``).
     This reaches into asyncio internals, so it does nothing if they look different.
     """
     proto = getattr(writer.transport, "_ssl_protocol", None)
@@ -143,8 +145,16 @@ def release_tls_buffers(writer: asyncio.StreamWriter) -> int:
 
 
 def _selector_transport(proto) -> bool:
+    """Does this connection's socket transport fill and hand over its read buffer in one go?
+
+    asyncio's selector transports do (``get_buffer``, ``recv_into``, ``buffer_updated``), and
+    so do uvloop's (libuv's alloc callback, ``read()``, the read callback, one stream at a time:
+    uvloop/handles/stream.pyx ``__uv_stream_buffered_alloc`` / ``__uv_stream_buffered_on_read``).
+    """
     from asyncio import selector_events
-    return isinstance(getattr(proto, "_transport", None), selector_events._SelectorTransport)
+    transport = getattr(proto, "_transport", None)
+    return (isinstance(transport, selector_events._SelectorTransport)
+            or type(transport).__module__ == "uvloop.loop" and type(transport).__name__ == "TCPTransport")
 
 
 class _GuardedReader(StreamReaderAdapter):
@@ -347,15 +357,34 @@ class Gate:
         self.accepted = 0
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext) -> None:
+        """Listen for MQTT over TLS.
+
+        TLS runs in asyncio's ``SSLProtocol`` on every event loop (issue 10).  The hub runs on
+        uvloop when it is installed (devstreams.cli), and uvloop's own TLS protocol gives every
+        connection a 256 KiB read buffer of its own (uvloop/sslproto.pyx ``SSLProtocol.__cinit__``,
+        ``SSL_READ_MAX_SIZE``) that Python cannot reach: its touched pages are about 5 KiB of
+        RSS per idle device, and the gate could neither share a read buffer nor release the
+        memory BIOs' handshake buffers there.  asyncio's protocol runs on uvloop's TCP
+        transport as on its own (a buffered protocol; uvloop's transports have what it calls,
+        ``_force_close`` included); the sockets, the event loop and the handshake work in
+        OpenSSL stay uvloop's and OpenSSL's.
+        """
         raise_nofile_limit(self._max_connections)
         # asyncio's default listen backlog is 100: in a reconnect storm the kernel then drops the
         # SYNs beyond it, and each dropped client waits a whole SYN retransmit (1 s, 3 s, 7 s ...)
         # before it is even seen -- while the hub idles.  This machine's counter stood at 573,658
         # "SYNs to LISTEN sockets dropped" (netstat -s) after earlier fleet benchmarks (issue 10).
-        self._server = await asyncio.start_server(self._on_client, host, port, ssl=ssl_context,
-                                                  ssl_handshake_timeout=self._connect_packet_timeout,
-                                                  reuse_address=True, limit=2 ** 16,
-                                                  backlog=self._listen_backlog)
+        loop = asyncio.get_running_loop()
+
+        def tls_protocol() -> sslproto.SSLProtocol:
+            # What asyncio.start_server(ssl=...) builds per connection, but always asyncio's own TLS
+            # protocol, on any event loop (issue 10): see tls_over_any_loop.
+            reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+            app = asyncio.StreamReaderProtocol(reader, self._on_client, loop=loop)
+            return sslproto.SSLProtocol(loop, app, ssl_context, None, server_side=True,
+                                        ssl_handshake_timeout=self._connect_packet_timeout)
+        self._server = await loop.create_server(tls_protocol, host, port, reuse_address=True,
+                                                backlog=self._listen_backlog)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
