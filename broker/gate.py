@@ -104,13 +104,47 @@ def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = 
     proto = getattr(writer.transport, "_ssl_protocol", None)
     if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
         return
-    proto.max_size = TLS_READ_BUFFER
+    if proto.max_size != TLS_READ_BUFFER:
+        proto.max_size = TLS_READ_BUFFER
     if shared is not None and len(shared) == TLS_READ_BUFFER and _selector_transport(proto):
         proto._ssl_buffer = shared.obj
         proto._ssl_buffer_view = shared
         return
     proto._ssl_buffer = bytearray(TLS_READ_BUFFER)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+
+
+class GateTLSProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with its attributes in slots and a 4 KiB first read buffer (issue 10).
+
+    ``SSLProtocol`` sets about 37 attributes on each instance, too many for CPython's shared-key
+    instance dicts: each connection had a 1.6 KiB dict of its own.  Here the ones its code
+    assigns (asyncio/sslproto.py 3.11: every ``self._x = ...`` of the class) live in slots; those
+    it has class-level defaults for (``_handshake_timeout_handle`` ...) start with that default,
+    since a slot hides it; any other attribute a later Python adds still lands in the instance
+    dict, so nothing breaks, it only costs what it did before.  ``max_size`` is the
+    gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer allocates (and frees)
+    asyncio's 256 KiB first read buffer: ``shrink_tls_buffer`` swaps in the shared one.
+    """
+
+    __slots__ = (
+        "_app_protocol", "_app_protocol_buffer_updated", "_app_protocol_get_buffer", "_app_protocol_is_buffer",
+        "_app_reading_paused", "_app_state", "_app_transport", "_app_transport_created", "_app_writing_paused",
+        "_conn_lost", "_eof_received", "_extra", "_handshake_start_time", "_handshake_timeout_handle", "_incoming",
+        "_incoming_high_water", "_incoming_low_water", "_loop", "_outgoing", "_outgoing_high_water",
+        "_outgoing_low_water", "_server_hostname", "_server_side", "_shutdown_timeout_handle", "_ssl_buffer",
+        "_ssl_buffer_view", "_ssl_handshake_timeout", "_ssl_reading_paused", "_ssl_shutdown_timeout",
+        "_ssl_writing_paused", "_sslcontext", "_sslobj", "_state", "_transport", "_waiter", "_write_backlog",
+        "_write_buffer_size")
+    # names SSLProtocol gives a class-level default (None): a slot hides it, so each instance starts with it
+    _DEFAULTS = tuple((name, getattr(sslproto.SSLProtocol, name)) for name in __slots__
+                      if hasattr(sslproto.SSLProtocol, name) and not callable(getattr(sslproto.SSLProtocol, name)))
+    max_size = TLS_READ_BUFFER
+
+    def __init__(self, *args, **kwargs) -> None:
+        for name, default in self._DEFAULTS:
+            setattr(self, name, default)
+        super().__init__(*args, **kwargs)
 
 
 def slim_stream_deques(writer: asyncio.StreamWriter) -> None:
@@ -376,13 +410,13 @@ class Gate:
         # "SYNs to LISTEN sockets dropped" (netstat -s) after earlier fleet benchmarks (issue 10).
         loop = asyncio.get_running_loop()
 
-        def tls_protocol() -> sslproto.SSLProtocol:
+        def tls_protocol() -> GateTLSProtocol:
             # What asyncio.start_server(ssl=...) builds per connection, but always asyncio's own TLS
             # protocol, on any event loop (issue 10): see tls_over_any_loop.
             reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
             app = asyncio.StreamReaderProtocol(reader, self._on_client, loop=loop)
-            return sslproto.SSLProtocol(loop, app, ssl_context, None, server_side=True,
-                                        ssl_handshake_timeout=self._connect_packet_timeout)
+            return GateTLSProtocol(loop, app, ssl_context, None, server_side=True,
+                                   ssl_handshake_timeout=self._connect_packet_timeout)
         self._server = await loop.create_server(tls_protocol, host, port, reuse_address=True,
                                                 backlog=self._listen_backlog)
         self.port = self._server.sockets[0].getsockname()[1]

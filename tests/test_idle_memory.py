@@ -392,6 +392,8 @@ def test_an_idle_tls_device_holds_few_objects_in_the_hub(hub, fleet_of):
             buffer = proto._ssl_buffer_view
             # the BIOs' handshake-sized buffers were released after the CONNECT (> 1 KiB before)
             small_bios = bio_capacity(proto._incoming) < 512 and bio_capacity(proto._outgoing) < 512
+            # asyncio's TLS protocol with its attributes in slots: no instance dict of 1.6 KiB
+            small_bios = small_bios and not vars(proto)
             found.append((deques, buffer is gate._tls_buffer, small_bios))
         return found
     found = hub.call(inspect)
@@ -548,7 +550,8 @@ def test_on_uvloop_the_gate_serves_tls_with_a_shared_read_buffer(tmp_path):
             found = []
             for device_id in fleet.ids:
                 proto = gate._live[device_id].writer.transport._ssl_protocol
-                found.append((type(proto) is sslproto.SSLProtocol, proto._ssl_buffer_view is gate._tls_buffer,
+                found.append((isinstance(proto, sslproto.SSLProtocol) and not vars(proto),
+                              proto._ssl_buffer_view is gate._tls_buffer,
                               bio_capacity(proto._incoming) < 512 and bio_capacity(proto._outgoing) < 512))
             return found
         found = hub.call(inspect)
@@ -557,3 +560,30 @@ def test_on_uvloop_the_gate_serves_tls_with_a_shared_read_buffer(tmp_path):
         if fleet is not None:
             fleet.close()
         hub.stop()
+
+
+def test_the_gate_tls_protocol_is_asyncios_in_slots_without_a_256_kib_first_buffer():
+    import ssl
+    from asyncio import sslproto
+
+    from broker.gate import TLS_READ_BUFFER, GateTLSProtocol
+    loop = asyncio.new_event_loop()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        def per_instance(cls) -> float:
+            tracemalloc.start()
+            try:
+                before = tracemalloc.take_snapshot()
+                kept = [cls(loop, asyncio.Protocol(), context, None, server_side=True) for _ in range(200)]
+                for proto in kept:
+                    proto._ssl_buffer = proto._ssl_buffer_view = None   # the gate shares one instead
+                after = tracemalloc.take_snapshot()
+            finally:
+                tracemalloc.stop()
+            return sum(s.size_diff for s in after.compare_to(before, "filename")) / len(kept)
+        proto = GateTLSProtocol(loop, asyncio.Protocol(), context, None, server_side=True)
+        assert vars(proto) == {} and proto._handshake_timeout_handle is None   # defaults kept
+        assert len(proto._ssl_buffer) == TLS_READ_BUFFER                          # not 256 KiB
+        assert per_instance(sslproto.SSLProtocol) - per_instance(GateTLSProtocol) > 1024
+    finally:
+        loop.close()
