@@ -103,6 +103,10 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
     ``InboxQueue`` is a two-slot FIFO with only the ``asyncio.Queue`` methods amqtt calls on
     them, and the broker's sessions and handlers now get it instead of ``SlimQueue`` (which
     stays for any other ``asyncio.Queue`` use).
+17. ``ProtocolHandler._reader_loop`` (handler.py:443-552) keeps the last packet it read, its
+    headers and the task that handled it in its locals until the next packet arrives: for an
+    idle device, its presence PUBLISH, for good.  ``HubHandler._reader_loop`` is the same loop
+    letting go of them before it waits.
 
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
@@ -124,7 +128,8 @@ import amqtt.mqtt.protocol.handler
 import amqtt.session
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action
-from amqtt.events import BrokerEvents
+from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
+from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
@@ -515,6 +520,25 @@ class DeliveryQueue(InboxQueue):
         return Delivery(loop=asyncio.get_running_loop())
 
 
+_handler = amqtt.mqtt.protocol.handler
+# packet type -> (packet class, handler method): ProtocolHandler._reader_loop's dispatch (handler.py:497-529)
+_PACKET_HANDLERS = {
+    _handler.CONNACK: (_handler.ConnackPacket, "handle_connack"),
+    _handler.SUBSCRIBE: (_handler.SubscribePacket, "handle_subscribe"),
+    _handler.UNSUBSCRIBE: (_handler.UnsubscribePacket, "handle_unsubscribe"),
+    _handler.SUBACK: (_handler.SubackPacket, "handle_suback"),
+    _handler.UNSUBACK: (_handler.UnsubackPacket, "handle_unsuback"),
+    _handler.PUBACK: (_handler.PubackPacket, "handle_puback"),
+    _handler.PUBREC: (_handler.PubrecPacket, "handle_pubrec"),
+    _handler.PUBREL: (_handler.PubrelPacket, "handle_pubrel"),
+    _handler.PUBCOMP: (_handler.PubcompPacket, "handle_pubcomp"),
+    _handler.PINGREQ: (_handler.PingReqPacket, "handle_pingreq"),
+    _handler.PINGRESP: (_handler.PingRespPacket, "handle_pingresp"),
+    _handler.PUBLISH: (_handler.PublishPacket, "handle_publish"),
+    _handler.DISCONNECT: (_handler.DisconnectPacket, "handle_disconnect"),
+}
+
+
 class HubHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler with fewer objects per idle connection (fix 10).
 
@@ -564,6 +588,82 @@ class HubHandler(BrokerProtocolHandler):
         (handler.py:103-105) only arms ``handle_write_timeout``, which does nothing in a broker."""
         super()._init_session(session)
         self.keepalive_timeout = None
+
+    async def _reader_loop(self) -> None:
+        """Replaces ``ProtocolHandler._reader_loop`` (handler.py:443-552) line for line, except that (fix 17)
+        the last packet and its task are let go before the next packet is awaited -- amqtt's locals
+        kept a device's last PUBLISH (packet, headers, payload) and its finished task for as long as
+        the connection idled, about 1.4 KiB -- the running tasks are a ``PrunedTasks`` list, and
+        the packet types map to their handlers through ``_PACKET_HANDLERS`` instead of an elif chain
+        (the same type and ``isinstance`` checks; CONNECT is still awaited in the loop)."""
+        if self.session is None:
+            msg = "Session is not initialized."
+            raise AMQTTError(msg)
+        if not self._reader_ready:
+            msg = "Reader ready is not initialized."
+            raise ProtocolHandlerError(msg)
+
+        self.logger.debug(f"{self.session.client_id} Starting reader coro")
+        running_tasks = PrunedTasks()
+        keepalive_timeout: int | None = self.session.keep_alive
+        if keepalive_timeout is not None and keepalive_timeout <= 0:
+            keepalive_timeout = None
+        while True:
+            packet = fixed_header = None  # nothing of the last packet stays while the connection idles
+            try:
+                self._reader_ready.set()
+                if len(running_tasks) > 1:
+                    self.logger.debug(f"Handler running tasks: {len(running_tasks)}")
+                if self.reader is None:
+                    self.logger.warning("Reader is not initialized!")
+                    break
+                fixed_header = await _handler.asyncio.wait_for(_handler.MQTTFixedHeader.from_stream(self.reader),
+                                                               timeout=keepalive_timeout)
+                if not fixed_header:
+                    self.logger.debug(f"{self.session.client_id} No more data (EOF received), stopping reader coro")
+                    break
+                if fixed_header.packet_type in (_handler.RESERVED_0, _handler.RESERVED_15):
+                    self.logger.warning(
+                        f"{self.session.client_id} Received reserved packet, which is forbidden: closing connection",
+                    )
+                    await self.handle_connection_closed()
+                    continue
+
+                cls = _handler.packet_class(fixed_header)
+                packet = await cls.from_stream(self.reader, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
+                if kind == _handler.CONNECT:
+                    if isinstance(packet, _handler.ConnectPacket):
+                        # amqtt: the connection is established before any other packet task is scheduled
+                        await self.handle_connect(packet)
+                    continue
+                handled = _PACKET_HANDLERS.get(kind)
+                if handled is None:
+                    self.logger.warning(f"{self.session.client_id} Unhandled packet type: {kind}")
+                    continue
+                packet_type, method = handled
+                if isinstance(packet, packet_type):
+                    running_tasks.append(asyncio.create_task(getattr(self, method)(packet)))
+            except MQTTError:
+                self.logger.debug("Message discarded")
+            except asyncio.CancelledError:
+                self.logger.debug("Task cancelled, reader loop ending")
+                break
+            except asyncio.TimeoutError:
+                self.logger.debug(f"{self.session.client_id} Input stream read timeout")
+                self.handle_read_timeout()
+            except NoDataError:
+                self.logger.debug(f"{self.session.client_id} No data available")
+            except Exception as e:  # noqa: BLE001 -- amqtt's loop ends on any other error, logged
+                self.logger.warning(f"{type(self).__name__} Unhandled exception in reader coro: {e!r}")
+                break
+        while running_tasks:
+            running_tasks.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        self.logger.debug("Reader coro stopped")
+        await self.stop()
 
     def get_next_pending_subscription(self) -> asyncio.Future:
         return self._pending_subscriptions.next_item()
