@@ -31,6 +31,7 @@ from broker.amqtt_fixes import (
     WaiterList,
 )
 from broker.registry import open_registry
+from devstreams.transport.tls import bio_capacity
 from devstreams.wire.connstr import ConnectionString
 
 # -- SlimQueue / SlimEvent are asyncio's, minus the empty deques --------------------------------
@@ -478,18 +479,6 @@ def _tls_pair(server_ctx, client_ctx):
     except ssl.SSLWantReadError:
         pass
     return server, client, (s_in, s_out), shuttle
-
-
-def bio_capacity(bio) -> int:
-    """How many bytes an ssl.MemoryBIO's OpenSSL buffer holds allocated (BUF_MEM.max)."""
-    import ctypes
-
-    from devstreams.transport.tls import _libcrypto
-    lib = _libcrypto()
-    pointer = ctypes.c_void_p.from_address(id(bio) + object.__basicsize__).value
-    buf = ctypes.c_void_p()
-    assert lib.BIO_ctrl(pointer, 115, 0, ctypes.byref(buf)) == 1           # BIO_get_mem_ptr
-    return ctypes.c_size_t.from_address(buf.value + 2 * ctypes.sizeof(ctypes.c_size_t)).value  # BUF_MEM.max
 
 
 def test_released_bio_buffers_free_the_handshake_memory_and_the_connection_still_works(tmp_path):

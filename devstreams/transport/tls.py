@@ -40,6 +40,7 @@ def client_context(ca_file: str | os.PathLike | None = None) -> ssl.SSLContext:
 # -- server side: the memory an idle TLS connection keeps in OpenSSL (issue 10) ------------------------
 
 BIO_C_SET_BUF_MEM = 114     # openssl/bio.h: BIO_set_mem_buf()
+BIO_C_GET_BUF_MEM_PTR = 115  # openssl/bio.h: BIO_get_mem_ptr()
 BIO_CLOSE = 1
 BIO_TYPE_MEM = 1 | 0x0400   # openssl/bio.h: BIO_TYPE_MEM (source/sink)
 
@@ -103,3 +104,21 @@ def release_bio_buffers(*bios: ssl.MemoryBIO) -> int:
             lib.BIO_ctrl(pointer, BIO_C_SET_BUF_MEM, BIO_CLOSE, fresh)
             released += 1
     return released
+
+
+def bio_capacity(bio: ssl.MemoryBIO) -> int | None:
+    """The bytes an ``ssl.MemoryBIO``'s OpenSSL buffer keeps allocated (``BUF_MEM.max``), or None if unknown.
+
+    For tests and diagnostics of :func:`release_bio_buffers`.
+    """
+    lib = _libcrypto() if _bio_release_works else None
+    if lib is None:
+        return None
+    pointer = ctypes.c_void_p.from_address(id(bio) + object.__basicsize__).value
+    if not pointer or lib.BIO_method_type(pointer) != BIO_TYPE_MEM:
+        return None
+    buf = ctypes.c_void_p()
+    if lib.BIO_ctrl(pointer, BIO_C_GET_BUF_MEM_PTR, 0, ctypes.byref(buf)) != 1 or not buf.value:
+        return None
+    # BUF_MEM (openssl/buffer.h): size_t length; char *data; size_t max; unsigned long flags
+    return ctypes.c_size_t.from_address(buf.value + ctypes.sizeof(ctypes.c_size_t) + ctypes.sizeof(ctypes.c_void_p)).value
