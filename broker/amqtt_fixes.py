@@ -650,7 +650,7 @@ class HubHandler(BrokerProtocolHandler):
             except asyncio.CancelledError:
                 self.logger.debug("Task cancelled, reader loop ending")
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:  # asyncio.TimeoutError in amqtt: the same class since 3.11
                 self.logger.debug(f"{self.session.client_id} Input stream read timeout")
                 self.handle_read_timeout()
             except NoDataError:

@@ -45,7 +45,6 @@ and never touches a logged-in one.
 
 import asyncio
 import collections
-from asyncio import sslproto
 import heapq
 import itertools
 import json
@@ -53,6 +52,7 @@ import logging
 import resource
 import ssl
 import time
+from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -412,7 +412,7 @@ class Gate:
 
         def tls_protocol() -> GateTLSProtocol:
             # What asyncio.start_server(ssl=...) builds per connection, but always asyncio's own TLS
-            # protocol, on any event loop (issue 10): see tls_over_any_loop.
+            # protocol (in slots: GateTLSProtocol), on any event loop (issue 10; see above).
             reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
             app = asyncio.StreamReaderProtocol(reader, self._on_client, loop=loop)
             return GateTLSProtocol(loop, app, ssl_context, None, server_side=True,

@@ -26,9 +26,9 @@ from broker.amqtt_fixes import (
     InboxQueue,
     PrunedTasks,
     SlimEvent,
-    first_completed,
     SlimQueue,
     WaiterList,
+    first_completed,
 )
 from broker.registry import open_registry
 from devstreams.transport.tls import bio_capacity
