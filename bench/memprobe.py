@@ -1,6 +1,6 @@
 """Where an idle TLS device's memory goes in the embedded hub (issue 10).
 
-usage: python -m bench.memprobe N [--trace] [--top K]
+usage: python -m bench.memprobe N [--trace] [--top K] [--loop cli|asyncio]
 
 Starts a hub in this process, connects N idle simulated devices (bench.simdevices:
 real MQTT over TLS) from a subprocess, and reports per device:
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from devstreams.transport.glibc import heap_in_use
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -31,9 +33,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--frames", type=int, default=1)
     ap.add_argument("--by-file", action="store_true", help="group by file instead of file:line")
+    ap.add_argument("--loop", choices=("cli", "asyncio"), default="cli",
+                    help="cli: the event loop 'devstreams hub up' runs on (uvloop when installed); asyncio: asyncio's own")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
+    if args.loop == "cli":
+        from devstreams.cli import _event_loop
+        print(f"event loop: {_event_loop()}", flush=True)
     from broker.registry import open_registry
     from devstreams.wire.connstr import ConnectionString
     from tests.helpers import HubThread
@@ -56,6 +63,7 @@ def main() -> None:
             return hub.call(lambda: len(asyncio.all_tasks()))
 
         def types() -> collections.Counter:
+            gc.unfreeze()  # the hub freezes survivors after bursts (broker/memory.py); count those too
             return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
         if args.trace:
@@ -64,7 +72,8 @@ def main() -> None:
         if not args.trace:
             from broker.memory import release_free_memory
             release_free_memory()  # a trimmed baseline, so "after malloc_trim" compares like with like
-        rss0, tasks0 = me.memory_info().rss, tasks()
+        rss0, tasks0, heap0 = me.memory_info().rss, tasks(), heap_in_use()
+        cpu0 = sum(me.cpu_times()[:2])
         snap0 = tracemalloc.take_snapshot() if args.trace else None
         types0 = types() if args.trace else None
         sim = subprocess.Popen([sys.executable, "-m", "bench.simdevices", "localhost", str(hub.hub.mqtt_port),
@@ -72,6 +81,10 @@ def main() -> None:
                                text=True)
         try:
             line = sim.stdout.readline().strip()
+            if line == "ready":  # bench.simdevices waits for a first line before it connects
+                sim.stdin.write("go\n")
+                sim.stdin.flush()
+                line = sim.stdout.readline().strip()
             if not line.startswith("connected"):
                 raise SystemExit(f"simdevices: {line!r}")
             deadline = time.monotonic() + 300
@@ -86,12 +99,16 @@ def main() -> None:
             gc.collect()
             n = args.n
             rss1, tasks1 = me.memory_info().rss, tasks()
+            cpu = (sum(me.cpu_times()[:2]) - cpu0) / args.n * 1000
             print(f"devices {n}: RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/device, "
-                  f"tasks {(tasks1 - tasks0) / n:.2f}/device", flush=True)
+                  f"tasks {(tasks1 - tasks0) / n:.2f}/device, hub CPU {cpu:.2f} ms/device (connect + idle)", flush=True)
             from broker.memory import release_free_memory
             release_free_memory()
-            rss2 = me.memory_info().rss
+            rss2, heap2 = me.memory_info().rss, heap_in_use()
             print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/device", flush=True)
+            if heap0 and heap2:  # C heap in use: OpenSSL, and Python objects too big for pymalloc
+                print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/device, "
+                      f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/device", flush=True)
             if args.trace:
                 snap1 = tracemalloc.take_snapshot()
                 stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else

@@ -73,9 +73,40 @@ Memory (issue 10, an idle TLS device should cost the hub <= 40 KiB):
 12. ``ProtocolHandler._reader_loop`` (handler.py:453-466) arms a keepalive timer for every
     packet read, though the broker's ``handle_read_timeout`` does nothing (broker_handler.py:86-87);
     ``HubHandler.start`` starts the loop without one.  (The gate also answers a lone PINGREQ
-    itself, broker/gate.py, so amqtt never sees an idle client's pings.)
+    itself, broker/gate.py, so amqtt never sees an idle client's pings.)  The same for writes:
+    ``ProtocolHandler._send_packet`` (handler.py:573-576) cancels and re-arms a
+    ``call_later(keepalive, handle_write_timeout)`` for every packet sent, and the broker's
+    ``handle_write_timeout`` is ``pass`` too (broker_handler.py:83-84); ``HubHandler`` has no
+    ``keepalive_timeout``, so no timer (one live and most of a cancelled one per idle device).
 13. ``Broker._session_monitor`` (broker.py:356-383) walks every session each second;
     ``HubBroker._session_monitor`` walks only after some session disconnected.
+
+14. What an idle connection keeps after its last packet (fix 9's measurement, continued):
+    ``ProtocolHandler._reader_loop`` (handler.py:452) keeps the tasks it started in a
+    ``collections.deque`` (760 bytes empty) and drops a finished one only when the next
+    packet arrives, so the task of the device's last PUBLISH stays alive with it; the
+    handler module's ``collections.deque`` is ``PrunedTasks``, a list that lets go of each
+    task when it is done.  ``ProtocolHandler.mqtt_deliver_next_message`` (handler.py:587-603)
+    is a task (and a ``Queue.get`` coroutine) per connection waiting for the next PUBLISH;
+    ``HubHandler`` returns an ``InboxQueue`` future instead, a ``Delivery`` that hands
+    its message out once (``Broker._client_message_loop`` keeps the finished future in
+    its ``done`` set until the next packet: with a task that was the whole last PUBLISH).
+    With fix 11 the reader's ``wait_for`` without a timeout returns the read itself (no
+    coroutine).  Together: about 3 KiB per idle device (tests/test_idle_memory.py).
+
+15. ``Broker._client_message_loop`` (broker.py:606-648) waits for its four waiters with
+    ``asyncio.wait(..., FIRST_COMPLETED)`` for the whole life of a connection: two
+    coroutines, a set of the futures, a closure, a context copy per future and the two
+    result sets it keeps until the next packet.  ``HubBroker._client_message_loop`` is the
+    same loop waiting on one ``first_completed`` future.
+16. The four queues of fix 9, even slim, were still about 2.5 KiB per idle connection:
+    ``InboxQueue`` is a two-slot FIFO with only the ``asyncio.Queue`` methods amqtt calls on
+    them, and the broker's sessions and handlers now get it instead of ``SlimQueue`` (which
+    stays for any other ``asyncio.Queue`` use).
+17. ``ProtocolHandler._reader_loop`` (handler.py:443-552) keeps the last packet it read, its
+    headers and the task that handled it in its locals until the next packet arrives: for an
+    idle device, its presence PUBLISH, for good.  ``HubHandler._reader_loop`` is the same loop
+    letting go of them before it waits.
 
 Each of these could go upstream as is: the table is a ``dict`` like amqtt's, so
 plugins reading ``BrokerContext.subscriptions`` see the same shape.
@@ -84,6 +115,7 @@ tests/test_amqtt_fixes.py fails if any of amqtt's walks comes back.
 
 import asyncio
 import collections
+import contextvars
 import logging
 import sys
 import types
@@ -96,7 +128,8 @@ import amqtt.mqtt.protocol.handler
 import amqtt.session
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action
-from amqtt.events import BrokerEvents
+from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
+from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
@@ -302,18 +335,60 @@ class SlimQueue(asyncio.Queue):
         return item
 
 
+async def _within(aw, timeout: float):
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
 class _AsyncioFor311(types.ModuleType):
-    """``asyncio`` as amqtt's handler module sees it: the same, with 3.12's task-less ``wait_for`` (fix 11)."""
+    """``asyncio`` as amqtt's handler module sees it: the same, with 3.12's task-less ``wait_for`` (fix 11).
+
+    Without a timeout the awaitable itself is returned (amqtt only ever writes
+    ``await asyncio.wait_for(...)``), so an idle reader has no wrapper coroutine (fix 14).
+    """
 
     def __getattr__(self, name: str):
         return getattr(asyncio, name)
 
     @staticmethod
-    async def wait_for(aw, timeout):
+    def wait_for(aw, timeout):
         if timeout is None:
-            return await aw
-        async with asyncio.timeout(timeout):
-            return await aw
+            return aw
+        return _within(aw, timeout)
+
+
+class PrunedTasks(list):
+    """The reader loop's ``running_tasks`` (handler.py:452), which lets go of each task when it is done (fix 14).
+
+    amqtt's loop appends every packet's task, drops finished ones from the front only
+    when the next packet arrives (``[0]``, ``popleft``) and cancels the rest when it
+    ends (``popleft``): a ``collections.deque`` of 760 bytes and, on an idle connection,
+    the finished task of its last packet.  Here a task leaves the list as it finishes.
+    """
+
+    __slots__ = ()
+
+    def append(self, task) -> None:
+        super().append(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task) -> None:
+        try:
+            self.remove(task)
+        except ValueError:  # already popped by the loop
+            pass
+
+    def popleft(self):
+        return self.pop(0)
+
+
+class _CollectionsForHandler(types.ModuleType):
+    """``collections`` as amqtt's handler module sees it: ``deque`` is ``PrunedTasks`` (its only use, fix 14)."""
+
+    deque = PrunedTasks
+
+    def __getattr__(self, name: str):
+        return getattr(collections, name)
 
 
 def patch_handler_wait_for() -> None:
@@ -321,31 +396,147 @@ def patch_handler_wait_for() -> None:
         amqtt.mqtt.protocol.handler.asyncio = _AsyncioFor311("asyncio")
 
 
-class InboxQueue(SlimQueue):
-    """A ``SlimQueue`` with a single consumer that waits on a future rather than in a task (fix 10).
+def patch_handler_running_tasks() -> None:
+    """Point amqtt's handler module at ``PrunedTasks`` if ``collections.deque`` is all it uses there (fix 14)."""
+    module = amqtt.mqtt.protocol.handler
+    if getattr(module, "collections", None) is collections:
+        module.collections = _CollectionsForHandler("collections")
 
-    ``next_item()`` returns a future: done at once if an item is queued, else it is the
-    one the next ``put``/``put_nowait`` completes with its item (that item skips the
-    queue and ``task_done`` accounting; nobody ``join()``s these queues).  A cancelled
-    future is simply not used: the next item is queued as usual.
+
+class Delivery(asyncio.Future):
+    """The future a connection's next PUBLISH arrives in, handing its message out once (fix 14).
+
+    ``Broker._client_message_loop`` keeps a finished waiter in its ``done`` set until the
+    next packet; ``result()`` (called once, by ``Broker._handle_message_delivery``) gives
+    the message and forgets it, so an idle connection does not keep its last PUBLISH.
     """
 
-    _waiter: asyncio.Future | None = None
+    _item = None
+
+    def deliver(self, item) -> None:
+        self._item = item
+        self.set_result(None)
+
+    def result(self):
+        super().result()  # raises like any future when cancelled or not done
+        item, self._item = self._item, None
+        return item
+
+
+class InboxQueue:
+    """The FIFO behind a connection's queues: the ``asyncio.Queue`` methods amqtt calls on them, in 48 bytes (fix 16).
+
+    A session's ``retained_messages`` and ``delivered_message_queue`` and a handler's pending
+    (un)subscriptions are unbounded queues with one consumer; amqtt calls ``put``,
+    ``put_nowait``, ``get``, ``get_nowait``, ``empty`` and ``qsize`` on them (session.py:173-176,
+    247, 277-285; broker_handler.py:56-75, 123-139; broker.py:596, 1071-1125; handler.py:277-598).
+    Even as ``SlimQueue``s (fix 9) the four took about 2.5 KiB per idle connection (an object
+    with a ``__dict__``, two waiter lists, a ``join()`` Event with its own); this one has two
+    slots, and a deque only while it holds items.
+
+    ``next_item()`` returns a future (fix 10): done at once if an item is queued, else the next
+    ``put``/``put_nowait`` completes it with its item, which skips the queue.  ``get()`` awaits
+    such a future; a getter cancelled after its item arrived loses that item (unlike
+    ``asyncio.Queue.get``), which is why the hub's consumers wait on ``next_item()`` futures
+    that are only cancelled when their connection ends.  A cancelled future is not used: the
+    next item goes to the next waiter, or into the queue.
+    """
+
+    __slots__ = ("_items", "_waiters")
+    maxsize = 0
+
+    def __init__(self, maxsize: int = 0) -> None:
+        if maxsize > 0:
+            raise ValueError("an InboxQueue is unbounded")
+        self._items: collections.deque | None = None
+        self._waiters: list[asyncio.Future] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return False
+
+    def _hand_over(self, waiter: asyncio.Future, item) -> None:
+        waiter.set_result(item)
 
     def put_nowait(self, item) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(item)
-            return
-        super().put_nowait(item)
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                if not waiters:
+                    self._waiters = None
+                self._hand_over(waiter, item)
+                return
+        self._waiters = None
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+
+    async def put(self, item) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self):
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an idle connection keeps no empty deque
+        return item
+
+    def _new_waiter(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
 
     def next_item(self) -> asyncio.Future:
-        item = asyncio.get_running_loop().create_future()
-        if self.empty():
-            self._waiter = item
+        waiter = self._new_waiter()
+        if self._items:
+            self._hand_over(waiter, self.get_nowait())
         else:
-            item.set_result(self.get_nowait())
-        return item
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+        return waiter
+
+    async def get(self):
+        return await self.next_item()
+
+    def task_done(self) -> None:
+        pass  # no join(): amqtt never waits for these queues to be processed
+
+
+class DeliveryQueue(InboxQueue):
+    """A session's ``delivered_message_queue`` whose consumer waits on a ``Delivery`` (fix 14)."""
+
+    __slots__ = ()
+
+    def _hand_over(self, waiter: "Delivery", item) -> None:
+        waiter.deliver(item)
+
+    def _new_waiter(self) -> "Delivery":
+        return Delivery(loop=asyncio.get_running_loop())
+
+
+_handler = amqtt.mqtt.protocol.handler
+# packet type -> (packet class, handler method): ProtocolHandler._reader_loop's dispatch (handler.py:497-529)
+_PACKET_HANDLERS = {
+    _handler.CONNACK: (_handler.ConnackPacket, "handle_connack"),
+    _handler.SUBSCRIBE: (_handler.SubscribePacket, "handle_subscribe"),
+    _handler.UNSUBSCRIBE: (_handler.UnsubscribePacket, "handle_unsubscribe"),
+    _handler.SUBACK: (_handler.SubackPacket, "handle_suback"),
+    _handler.UNSUBACK: (_handler.UnsubackPacket, "handle_unsuback"),
+    _handler.PUBACK: (_handler.PubackPacket, "handle_puback"),
+    _handler.PUBREC: (_handler.PubrecPacket, "handle_pubrec"),
+    _handler.PUBREL: (_handler.PubrelPacket, "handle_pubrel"),
+    _handler.PUBCOMP: (_handler.PubcompPacket, "handle_pubcomp"),
+    _handler.PINGREQ: (_handler.PingReqPacket, "handle_pingreq"),
+    _handler.PINGRESP: (_handler.PingRespPacket, "handle_pingresp"),
+    _handler.PUBLISH: (_handler.PublishPacket, "handle_publish"),
+    _handler.DISCONNECT: (_handler.DisconnectPacket, "handle_disconnect"),
+}
 
 
 class HubHandler(BrokerProtocolHandler):
@@ -392,8 +583,106 @@ class HubHandler(BrokerProtocolHandler):
             if keep_alive:
                 self.session.keep_alive = keep_alive
 
+    def _init_session(self, session: Session) -> None:
+        """``ProtocolHandler._init_session`` without the write keepalive timer (fix 12): the timeout
+        (handler.py:103-105) only arms ``handle_write_timeout``, which does nothing in a broker."""
+        super()._init_session(session)
+        self.keepalive_timeout = None
+
+    async def _reader_loop(self) -> None:
+        """Replaces ``ProtocolHandler._reader_loop`` (handler.py:443-552) line for line, except that (fix 17)
+        the last packet and its task are let go before the next packet is awaited -- amqtt's locals
+        kept a device's last PUBLISH (packet, headers, payload) and its finished task for as long as
+        the connection idled, about 1.4 KiB -- the running tasks are a ``PrunedTasks`` list, and
+        the packet types map to their handlers through ``_PACKET_HANDLERS`` instead of an elif chain
+        (the same type and ``isinstance`` checks; CONNECT is still awaited in the loop)."""
+        if self.session is None:
+            msg = "Session is not initialized."
+            raise AMQTTError(msg)
+        if not self._reader_ready:
+            msg = "Reader ready is not initialized."
+            raise ProtocolHandlerError(msg)
+
+        self.logger.debug(f"{self.session.client_id} Starting reader coro")
+        running_tasks = PrunedTasks()
+        keepalive_timeout: int | None = self.session.keep_alive
+        if keepalive_timeout is not None and keepalive_timeout <= 0:
+            keepalive_timeout = None
+        while True:
+            packet = fixed_header = None  # nothing of the last packet stays while the connection idles
+            try:
+                self._reader_ready.set()
+                if len(running_tasks) > 1:
+                    self.logger.debug(f"Handler running tasks: {len(running_tasks)}")
+                if self.reader is None:
+                    self.logger.warning("Reader is not initialized!")
+                    break
+                fixed_header = await _handler.asyncio.wait_for(_handler.MQTTFixedHeader.from_stream(self.reader),
+                                                               timeout=keepalive_timeout)
+                if not fixed_header:
+                    self.logger.debug(f"{self.session.client_id} No more data (EOF received), stopping reader coro")
+                    break
+                if fixed_header.packet_type in (_handler.RESERVED_0, _handler.RESERVED_15):
+                    self.logger.warning(
+                        f"{self.session.client_id} Received reserved packet, which is forbidden: closing connection",
+                    )
+                    await self.handle_connection_closed()
+                    continue
+
+                cls = _handler.packet_class(fixed_header)
+                packet = await cls.from_stream(self.reader, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
+                if kind == _handler.CONNECT:
+                    if isinstance(packet, _handler.ConnectPacket):
+                        # amqtt: the connection is established before any other packet task is scheduled
+                        await self.handle_connect(packet)
+                    continue
+                handled = _PACKET_HANDLERS.get(kind)
+                if handled is None:
+                    self.logger.warning(f"{self.session.client_id} Unhandled packet type: {kind}")
+                    continue
+                packet_type, method = handled
+                if isinstance(packet, packet_type):
+                    running_tasks.append(asyncio.create_task(getattr(self, method)(packet)))
+            except MQTTError:
+                self.logger.debug("Message discarded")
+            except asyncio.CancelledError:
+                self.logger.debug("Task cancelled, reader loop ending")
+                break
+            except TimeoutError:  # asyncio.TimeoutError in amqtt: the same class since 3.11
+                self.logger.debug(f"{self.session.client_id} Input stream read timeout")
+                self.handle_read_timeout()
+            except NoDataError:
+                self.logger.debug(f"{self.session.client_id} No data available")
+            except Exception as e:  # noqa: BLE001 -- amqtt's loop ends on any other error, logged
+                self.logger.warning(f"{type(self).__name__} Unhandled exception in reader coro: {e!r}")
+                break
+        while running_tasks:
+            running_tasks.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        self.logger.debug("Reader coro stopped")
+        await self.stop()
+
     def get_next_pending_subscription(self) -> asyncio.Future:
         return self._pending_subscriptions.next_item()
+
+    def mqtt_deliver_next_message(self):
+        """``ProtocolHandler.mqtt_deliver_next_message`` (handler.py:587-603) as a future, not a task (fix 14).
+
+        Same results: None when the handler is not attached (or, as amqtt's coroutine
+        returns on cancel, nothing is delivered); else the session's next message.
+        A session not created by the hub (no ``DeliveryQueue``) gets amqtt's coroutine.
+        """
+        queue = getattr(self.session, "delivered_message_queue", None)
+        if not isinstance(queue, DeliveryQueue):
+            return super().mqtt_deliver_next_message()
+        if not self._is_attached():
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return queue.next_item()
 
     def get_next_pending_unsubscription(self) -> asyncio.Future:
         return self._pending_unsubscriptions.next_item()
@@ -416,10 +705,42 @@ def slim_handler_events(handler: BrokerProtocolHandler) -> None:
 
 
 class HubSession(Session):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.delivered_message_queue = DeliveryQueue()  # fix 14
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.retained_messages = InboxQueue()
+        self.delivered_message_queue = DeliveryQueue()
+
     def _init_states(self) -> None:
         self.transitions = SessionStates()
         self.transitions.on_enter_connected(self._on_enter_connected)
         self.transitions.on_enter_disconnected(self._on_enter_disconnected)
+
+
+def first_completed(futures: tuple[asyncio.Future, ...]) -> asyncio.Future:
+    """A future done as soon as one of ``futures`` is (fix 15): what ``asyncio.wait(..., FIRST_COMPLETED)``
+    waits for, without its coroutines and sets.  Its callbacks leave ``futures`` once it is done
+    or cancelled, so long-lived futures (a connection's disconnect waiter) collect none."""
+    wake = asyncio.get_running_loop().create_future()
+    if any(f.done() for f in futures):
+        wake.set_result(None)
+        return wake
+
+    def on_done(_) -> None:
+        if not wake.done():
+            wake.set_result(None)
+
+    def unhook(_) -> None:
+        for f in futures:
+            f.remove_done_callback(on_done)
+    context = contextvars.copy_context()  # one for all of them (add_done_callback copies one per call)
+    for f in futures:
+        f.add_done_callback(on_done, context=context)
+    wake.add_done_callback(unhook, context=context)
+    return wake
 
 
 class HubBroker(Broker):
@@ -432,12 +753,13 @@ class HubBroker(Broker):
         # the first names the class through its module, so it is pointed at ours (fix 8).
         amqtt.mqtt.protocol.broker_handler.Session = HubSession
         # Session.__init__ and BrokerProtocolHandler.__init__ create their queues by these names (fix 9).
-        amqtt.session.Queue = SlimQueue
+        amqtt.session.Queue = InboxQueue  # fix 16 (HubSession's delivery queue is a DeliveryQueue)
         # Broker._initialize_client_session calls BrokerProtocolHandler.init_from_connect (broker.py:489),
         # a classmethod that builds ``cls(...)``: pointing broker.py's name at HubHandler is enough (fix 10).
         amqtt.broker.BrokerProtocolHandler = HubHandler
         patch_handler_wait_for()  # fix 11
-        amqtt.mqtt.protocol.broker_handler.Queue = SlimQueue
+        patch_handler_running_tasks()  # fix 14
+        amqtt.mqtt.protocol.broker_handler.Queue = InboxQueue
 
     def create_offline_session(self, client_id: str):
         """Replaces ``Broker.create_offline_session`` (broker.py:541-547): the same, with a ``HubSession``."""
@@ -535,6 +857,49 @@ class HubBroker(Broker):
                 if handler:
                     running_tasks.append(asyncio.ensure_future(
                         handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """Replaces ``Broker._client_message_loop`` (broker.py:606-648) line for line, except that it
+        waits on one ``first_completed`` future instead of ``asyncio.wait`` (fix 15).  The waiters that
+        are done when it wakes are handled in amqtt's order, as amqtt's ``done`` set has them (its debug line
+        with the repr of the whole subscription table after each SUBSCRIBE is left out, see fix 3)."""
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+
+        while connected:
+            try:
+                await first_completed((disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver))
+                done = (disconnect_waiter.done(), subscribe_waiter.done(), unsubscribe_waiter.done(),
+                        wait_deliver.done())
+
+                if done[0]:
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+
+                if done[1]:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+
+                if done[2]:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+
+                if done[3]:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+
+            except asyncio.CancelledError:
+                self.logger.debug("Client loop cancelled")
+                break
+
+        pending_waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in pending_waiters:
+            waiter.cancel()
+        await asyncio.gather(*pending_waiters, return_exceptions=True)
 
     async def _handle_client_session(self, reader, writer, client_session: Session, handler, server,
                                      listener_name: str) -> None:

@@ -20,9 +20,12 @@ from collections.abc import Callable
 
 from devstreams.wire.frontdoor import ALPN_PROTOCOLS, Refusal, Route, Sniffer
 
+from .gate import GateTLSProtocol
+
 log = logging.getLogger(__name__)
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+STREAM_TLS_READ_BUFFER = 256 * 1024   # asyncio's own default (sslproto.SSLProtocol.max_size)
 REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 414: "URI Too Long",
            501: "Not Implemented"}
 
@@ -73,6 +76,8 @@ class FrontDoor(asyncio.Protocol):
             return
         transport, buffered = self._transport, self._sniffer.buffered
         self._transport = self._sniffer = None
+        if route is Route.STREAMS:
+            widen_tls_reads(transport)
         protocol = factory()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -104,12 +109,29 @@ class FrontDoor(asyncio.Protocol):
             self._timer = None
 
 
+def widen_tls_reads(transport, size: int = STREAM_TLS_READ_BUFFER) -> None:
+    """A stream moves bulk data: give its TLS reads asyncio's usual buffer, not the gate's 4 KiB."""
+    proto = getattr(transport, "_ssl_protocol", None)
+    if proto is None or not hasattr(proto, "_ssl_buffer") or proto.max_size >= size:
+        return
+    proto.max_size = size
+    proto._ssl_buffer = bytearray(size)
+    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+
+
 async def serve_front_door(host: str, port: int, context: ssl.SSLContext, routes: dict[Route, ProtocolFactory], *,
                            decide_timeout: float, backlog: int) -> asyncio.AbstractServer:
     """Bind the single port, not serving yet: ``routes`` is filled in, then ``start_serving()``.
 
+    TLS is the gate's (``GateTLSProtocol``: asyncio's TLS protocol, small per connection, on
+    any event loop), since most connections on this port are idle devices; a stream's
+    connection gets a bulk-sized read buffer when it is handed to the gateway.
     ``decide_timeout`` bounds the TLS handshake and, separately, the wait for the first bytes.
     """
-    return await asyncio.get_running_loop().create_server(
-        lambda: FrontDoor(routes, decide_timeout), host, port, ssl=front_door_context(context),
-        ssl_handshake_timeout=decide_timeout, backlog=backlog, start_serving=False)
+    loop = asyncio.get_running_loop()
+    context = front_door_context(context)
+
+    def tls_protocol() -> GateTLSProtocol:
+        return GateTLSProtocol(loop, FrontDoor(routes, decide_timeout), context, None, server_side=True,
+                               ssl_handshake_timeout=decide_timeout)
+    return await loop.create_server(tls_protocol, host, port, backlog=backlog, start_serving=False)

@@ -52,6 +52,7 @@ import logging
 import resource
 import ssl
 import time
+from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
+from devstreams.transport.tls import release_bio_buffers
 from devstreams.wire import sas
 from devstreams.wire.errors import TokenError
 from devstreams.wire.throttle import LogLimiter
@@ -95,19 +97,54 @@ def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = 
     ``SSLProtocol.buffer_updated`` copies the bytes into the connection's incoming
     ``MemoryBIO`` before returning, so no two connections ever hold the buffer at once.
     A proactor loop (Windows) keeps the buffer across an overlapped read: there each
-    connection keeps its own.
+    connection keeps its own.  On uvloop the gate's connections use asyncio's TLS protocol too
+    (``Gate.start``), and uvloop's TCP transport fills buffers the same way (``_selector_transport``).
     This reaches into asyncio internals, so it does nothing if they look different.
     """
     proto = getattr(writer.transport, "_ssl_protocol", None)
     if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
         return
-    proto.max_size = TLS_READ_BUFFER
+    if proto.max_size != TLS_READ_BUFFER:
+        proto.max_size = TLS_READ_BUFFER
     if shared is not None and len(shared) == TLS_READ_BUFFER and _selector_transport(proto):
         proto._ssl_buffer = shared.obj
         proto._ssl_buffer_view = shared
         return
     proto._ssl_buffer = bytearray(TLS_READ_BUFFER)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+
+
+class GateTLSProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with its attributes in slots and a 4 KiB first read buffer (issue 10).
+
+    ``SSLProtocol`` sets about 37 attributes on each instance, too many for CPython's shared-key
+    instance dicts: each connection had a 1.6 KiB dict of its own.  Here the ones its code
+    assigns (asyncio/sslproto.py 3.11: every ``self._x = ...`` of the class) live in slots; those
+    it has class-level defaults for (``_handshake_timeout_handle`` ...) start with that default,
+    since a slot hides it; any other attribute a later Python adds still lands in the instance
+    dict, so nothing breaks, it only costs what it did before.  ``max_size`` is the
+    gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer allocates (and frees)
+    asyncio's 256 KiB first read buffer: ``shrink_tls_buffer`` swaps in the shared one.
+    """
+
+    __slots__ = (
+        "_app_protocol", "_app_protocol_buffer_updated", "_app_protocol_get_buffer", "_app_protocol_is_buffer",
+        "_app_reading_paused", "_app_state", "_app_transport", "_app_transport_created", "_app_writing_paused",
+        "_conn_lost", "_eof_received", "_extra", "_handshake_start_time", "_handshake_timeout_handle", "_incoming",
+        "_incoming_high_water", "_incoming_low_water", "_loop", "_outgoing", "_outgoing_high_water",
+        "_outgoing_low_water", "_server_hostname", "_server_side", "_shutdown_timeout_handle", "_ssl_buffer",
+        "_ssl_buffer_view", "_ssl_handshake_timeout", "_ssl_reading_paused", "_ssl_shutdown_timeout",
+        "_ssl_writing_paused", "_sslcontext", "_sslobj", "_state", "_transport", "_waiter", "_write_backlog",
+        "_write_buffer_size")
+    # names SSLProtocol gives a class-level default (None): a slot hides it, so each instance starts with it
+    _DEFAULTS = tuple((name, getattr(sslproto.SSLProtocol, name)) for name in __slots__
+                      if hasattr(sslproto.SSLProtocol, name) and not callable(getattr(sslproto.SSLProtocol, name)))
+    max_size = TLS_READ_BUFFER
+
+    def __init__(self, *args, **kwargs) -> None:
+        for name, default in self._DEFAULTS:
+            setattr(self, name, default)
+        super().__init__(*args, **kwargs)
 
 
 def slim_stream_deques(writer: asyncio.StreamWriter) -> None:
@@ -127,9 +164,31 @@ def slim_stream_deques(writer: asyncio.StreamWriter) -> None:
         proto._write_backlog = []
 
 
+def release_tls_buffers(writer: asyncio.StreamWriter) -> int:
+    """Free the handshake-sized buffers of a TLS connection's two memory BIOs (issue 10: ~1.8 KiB per device).
+
+    Called once the CONNECT has been read: the BIOs then hold the client's hello and the
+    server's first flight, the largest records a device connection ever carries; from here
+    on they grow only as far as MQTT control packets need (devstreams.transport.tls).
+    """
+    proto = getattr(writer.transport, "_ssl_protocol", None)
+    incoming, outgoing = getattr(proto, "_incoming", None), getattr(proto, "_outgoing", None)
+    if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
+        return 0
+    return release_bio_buffers(incoming, outgoing)
+
+
 def _selector_transport(proto) -> bool:
+    """Does this connection's socket transport fill and hand over its read buffer in one go?
+
+    asyncio's selector transports do (``get_buffer``, ``recv_into``, ``buffer_updated``), and
+    so do uvloop's (libuv's alloc callback, ``read()``, the read callback, one stream at a time:
+    uvloop/handles/stream.pyx ``__uv_stream_buffered_alloc`` / ``__uv_stream_buffered_on_read``).
+    """
     from asyncio import selector_events
-    return isinstance(getattr(proto, "_transport", None), selector_events._SelectorTransport)
+    transport = getattr(proto, "_transport", None)
+    return (isinstance(transport, selector_events._SelectorTransport)
+            or type(transport).__module__ == "uvloop.loop" and type(transport).__name__ == "TCPTransport")
 
 
 class _GuardedReader(StreamReaderAdapter):
@@ -336,7 +395,18 @@ class Gate:
         return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=2 ** 16), self._on_client)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext, listener=None) -> None:
-        """Listen for MQTT over TLS, or (``listener``: the hub's single port) take what it hands over."""
+        """Listen for MQTT over TLS, or (``listener``: the hub's single port) take what it hands over.
+
+        TLS runs in asyncio's ``SSLProtocol`` on every event loop (issue 10).  The hub runs on
+        uvloop when it is installed (devstreams.cli), and uvloop's own TLS protocol gives every
+        connection a 256 KiB read buffer of its own (uvloop/sslproto.pyx ``SSLProtocol.__cinit__``,
+        ``SSL_READ_MAX_SIZE``) that Python cannot reach: its touched pages are about 5 KiB of
+        RSS per idle device, and the gate could neither share a read buffer nor release the
+        memory BIOs' handshake buffers there.  asyncio's protocol runs on uvloop's TCP
+        transport as on its own (a buffered protocol; uvloop's transports have what it calls,
+        ``_force_close`` included); the sockets, the event loop and the handshake work in
+        OpenSSL stay uvloop's and OpenSSL's.
+        """
         raise_nofile_limit(self._max_connections)
         if listener is not None:  # broker/frontdoor.py routes MQTT here through app_protocol
             self.port = listener.sockets[0].getsockname()[1]
@@ -345,10 +415,17 @@ class Gate:
         # SYNs beyond it, and each dropped client waits a whole SYN retransmit (1 s, 3 s, 7 s ...)
         # before it is even seen -- while the hub idles.  This machine's counter stood at 573,658
         # "SYNs to LISTEN sockets dropped" (netstat -s) after earlier fleet benchmarks (issue 10).
-        self._server = await asyncio.start_server(self._on_client, host, port, ssl=ssl_context,
-                                                  ssl_handshake_timeout=self._connect_packet_timeout,
-                                                  reuse_address=True, limit=2 ** 16,
-                                                  backlog=self._listen_backlog)
+        loop = asyncio.get_running_loop()
+
+        def tls_protocol() -> GateTLSProtocol:
+            # What asyncio.start_server(ssl=...) builds per connection, but always asyncio's own TLS
+            # protocol (in slots: GateTLSProtocol), on any event loop (issue 10; see above).
+            reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+            app = asyncio.StreamReaderProtocol(reader, self._on_client, loop=loop)
+            return GateTLSProtocol(loop, app, ssl_context, None, server_side=True,
+                                   ssl_handshake_timeout=self._connect_packet_timeout)
+        self._server = await loop.create_server(tls_protocol, host, port, reuse_address=True,
+                                                backlog=self._listen_backlog)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -469,6 +546,7 @@ class Gate:
             self._unauthenticated.pop(task, None)
         if writer.is_closing():  # dropped to make room while it was logging in
             return
+        release_tls_buffers(writer)
         client_id = packet.client_id or ""
         if not self._admit(packet):
             await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE)

@@ -1,4 +1,4 @@
-"""The two glibc allocator calls the hub's processes make, in one place (Linux with glibc only).
+"""The glibc allocator calls the hub's processes make, in one place (Linux with glibc only).
 
 ``broker.memory`` returns free heap pages after bursts (``malloc_trim``); the streaming
 gateway serves its TLS read buffers from the heap (``mallopt``).  Elsewhere (musl,
@@ -16,14 +16,33 @@ HEAP_TOP_KEPT = 8 << 20         # free memory at the heap's top kept for reuse, 
 
 
 @functools.cache
-def _function(name: str, argtypes: tuple):
+def _function(name: str, argtypes: tuple, restype=ctypes.c_int):
     """libc's ``name`` with its C signature, or None where the C library has no such function."""
     try:
         function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    function.argtypes, function.restype = list(argtypes), restype
     return function
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use() -> tuple[int, int] | None:
+    """(bytes allocated, free bytes the heaps keep) over all of glibc's arenas (``mallinfo2``), or None.
+
+    What C code (OpenSSL) and Python objects too big for pymalloc hold, without the pages
+    and fragments RSS adds: the measure for a per-connection cost in C (bench/memprobe.py,
+    tests/test_idle_memory.py).
+    """
+    mallinfo2 = _function("mallinfo2", (), _Mallinfo2)
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd, info.fordblks
 
 
 def malloc_trim() -> bool:
