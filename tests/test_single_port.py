@@ -17,10 +17,13 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import helpers
+from device_agent import DeviceAgent
+from service_client import ServiceClient
 from devprocs import Devstreams, run_cli
-from helpers import HubThread, mqtt_remaining_length, run
+from helpers import HubThread, mqtt_remaining_length, run, wait_for
 from devstreams.wire import sas, topics
 from devstreams.wire.connstr import parse
+from devstreams.wire.frontdoor import Route
 
 
 def device_password(cs_text: str) -> str:
@@ -174,3 +177,52 @@ def test_mqtt_over_websocket_goes_through_the_gate(single):
             await asyncio.wait_for(ws.recv(), 5)
         assert ws.close_code == 1003
     run(bad_clients())
+
+
+async def _echo(request):
+    async with await request.accept() as stream:
+        async for chunk in stream:
+            await stream.send(chunk)
+
+
+def _with_transport(cs: str, transport: str) -> str:
+    assert "Transport=auto" in cs, cs   # what a single-port hub hands out
+    return cs.replace("Transport=auto", f"Transport={transport}")
+
+
+def test_agent_and_service_with_transport_wss_log_in_over_websocket_and_stream(single):
+    device_cs = _with_transport(single.add_device("ws-agent"), "wss")
+    service_cs = _with_transport(single.service_cs(), "wss")
+    handlers = single.hub._mqtt_ws._server.handlers
+
+    async def main():
+        async with DeviceAgent(device_cs, _echo, ca_file=single.ca_file) as agent, \
+                ServiceClient(service_cs, ca_file=single.ca_file) as svc:
+            await wait_for(lambda: "ws-agent" in single.hub.controller.online_devices, what="online over WebSocket")
+            async with await (await svc.create_stream("ws-agent", "x")).open() as stream:
+                await stream.send(b"over one port" * 1000)
+                got = b""
+                while len(got) < 13_000:
+                    got += await stream.recv()
+                assert got == b"over one port" * 1000
+            assert len(handlers) == 2, "agent and service must both be on MQTT over WebSocket"
+            assert agent.connected
+    run(main())
+
+
+def test_transport_auto_falls_back_to_websocket_when_mqtt_over_tls_is_blocked(single):
+    """A network that lets only HTTP through to the port, simulated by the hub not routing MQTT over TLS."""
+    from device_agent import AgentSettings
+    device_cs = single.add_device("auto-dev")
+    routes = single.hub._routes
+    mqtt_route = routes.pop(Route.MQTT)
+    try:
+        async def main():
+            settings = AgentSettings(reconnect_min=0.2, reconnect_max=1.0, reconnect_window=0.3)
+            async with DeviceAgent(device_cs, _echo, ca_file=single.ca_file, settings=settings) as agent:
+                await wait_for(lambda: "auto-dev" in single.hub.controller.online_devices, timeout=20,
+                               what="online after falling back to WebSocket")
+                assert agent.connected and len(single.hub._mqtt_ws._server.handlers) == 1
+        run(main())
+    finally:
+        routes[Route.MQTT] = mqtt_route
