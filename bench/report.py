@@ -88,6 +88,10 @@ def brokers(r: dict) -> list[str]:
                 f"{both:.1f} KiB | {setup['p50_ms']:.1f} / {setup['p99_ms']:.1f} ms | "
                 f"{with_idle['p50_ms']:.1f} / {with_idle['p99_ms']:.1f} ms |")
     out.append(row("devstreams (embedded broker)", None, idle, setup))
+    single = r.get("single_port")
+    if single is not None:
+        s1 = single["setup"]
+        out.append(f"| devstreams on one port (MQTT over WebSocket) | | | | {s1['p50_ms']:.1f} / {s1['p99_ms']:.1f} ms | |")
     mosq = r.get("mosquitto")
     if mosq is None:
         return out

@@ -186,6 +186,8 @@ def run(sizes: Sizes, log=print, fleet_sizes=None) -> dict:
     # After the embedded hub's processes are all stopped: the two hubs never compete for the CPU.
     from . import mosquitto  # it builds on Rig
     results["mosquitto"] = mosquitto.run(sizes, log)
+    from . import singleport  # issue 11: setup with MQTT over WebSocket on the hub's one port
+    results["single_port"] = singleport.run(sizes, log)
     if fleet_sizes is not None:
         from . import fleet
         results["fleet"] = fleet.run(fleet_sizes, log)

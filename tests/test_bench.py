@@ -23,9 +23,12 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
         assert path["concurrent"]["intact"] == path["concurrent"]["connections"], path["concurrent"]["errors"]
         assert path["pingpong"]["rounds"] == data["sizes"]["pingpong_rounds"]
     assert data["setup"]["streams"] == data["sizes"]["setup_streams"]
+    # the single-port row: every stream set up with MQTT over WebSocket on the hub's one port
+    assert data["single_port"]["setup"]["streams"] == data["sizes"]["setup_streams"]
     assert data["rate"]["failed"] == 0
     assert data["idle"]["devices"] == data["sizes"]["idle_devices"]
     markdown = (tmp_path / "quick.md").read_text()
+    assert "| devstreams on one port (MQTT over WebSocket) |" in markdown
     mem = data["memory_after_bulk"]
     assert 0 < mem["hub_rss_before_MiB"] and 0 < mem["hub_rss_after_MiB"] and "hub RSS before the bulk rows" in markdown
     assert markdown.startswith("# devstreams benchmark")
