@@ -106,7 +106,9 @@ def test_gateway_up_without_key_is_one_line(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
+@pytest.mark.parametrize("layout", ["embedded", "single-port"])
+def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path, layout):
+    """Also to a hub on one port (issue 11): the reporter's MQTT reaches the gate through it."""
     from bench.openssh import free_port
 
     data = tmp_path / "hub"
@@ -118,7 +120,8 @@ def test_remote_gateway_reports_streams_to_the_hub_over_mqtt(tmp_path):
     port = free_port()
     hub = gateway = None
     try:
-        hub = HubThread(data, gateway_urls=(f"wss://localhost:{port}",), max_concurrent_streams=1).start()
+        hub = HubThread(data, backend=layout, gateway_urls=(f"wss://localhost:{port}",),
+                        max_concurrent_streams=1).start()
         gateway = subprocess.Popen(
             [sys.executable, "-m", "devstreams", "gateway", "up", "--data-dir", str(tmp_path / "empty"),
              "--signing-key-file", str(remote / "stream-signing.key"), "--cert-file", str(remote / "server.pem"),
