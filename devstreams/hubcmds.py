@@ -223,10 +223,13 @@ def hub_show(args) -> int:
     else:
         settings = _settings(args)
         host = settings.advertised_host()
-        gateways = list(settings.gateway_urls) or [f"wss://{host}:{settings.gateway_port}"]
-        info = {"hostName": host, "mqttEndpoint": f"mqtts://{host}:{settings.mqtt_port}",
-                "mqttPort": settings.mqtt_port, "streamingEndpoints": gateways,
-                "caFile": str(path / "tls" / "ca.pem"), "dataDir": str(path), "running": False}
+        single = settings.port >= 0   # hub.toml says port = P: everything on that one port
+        mqtt_port = settings.port if single else settings.mqtt_port
+        gateways = list(settings.gateway_urls) or [f"wss://{host}:{settings.port if single else settings.gateway_port}"]
+        info = {"hostName": host, "mqttEndpoint": f"mqtts://{host}:{mqtt_port}",
+                "mqttPort": mqtt_port, "streamingEndpoints": gateways,
+                "caFile": str(path / "tls" / "ca.pem"), "dataDir": str(path), "running": False,
+                "singlePort": {"endpoint": f"{host}:{settings.port}"} if single else None}
         if datadir.running_hub(path) is not None:  # locked, endpoints not written yet: still starting
             info |= {"running": True, "starting": True}
     print(json.dumps(info, indent=2))

@@ -226,3 +226,16 @@ def test_transport_auto_falls_back_to_websocket_when_mqtt_over_tls_is_blocked(si
         run(main())
     finally:
         routes[Route.MQTT] = mqtt_route
+
+
+def test_a_hub_configured_for_one_port_says_so_before_it_runs(tmp_path):
+    """hub.toml ``port = 443``: 'hub show' and the connection strings name that port while the hub is down."""
+    data = tmp_path / "hub"
+    data.mkdir()
+    (data / "hub.toml").write_text("port = 443\n")
+    show = json.loads(run_cli("hub", "show", "--data-dir", str(data)).stdout)
+    assert show["singlePort"] == {"endpoint": "localhost:443"} and show["streamingEndpoints"] == ["wss://localhost:443"]
+    device = parse(run_cli("device", "add", "pump-9", "--data-dir", str(data)).stdout.strip())
+    assert (device.port, device.transport, device.single_port) == (443, "auto", True)
+    bad = run_cli("hub", "up", "--data-dir", str(data), "--port", "70000")
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "port" in bad.stderr
