@@ -175,6 +175,9 @@ async def hub_up(args) -> int:
                           "use --port, --mqtt-port/--gateway-port or another --data-dir)") from None
     ep = hub.endpoints
     print("devstreams hub is up", flush=True)
+    if ep.get("singlePort"):
+        print(f"  one port:            {ep['singlePort']['endpoint']}  (MQTT over TLS, MQTT over WebSocket at /mqtt, "
+              "streams; nothing else listens)")
     print(f"  MQTT endpoint:       {ep['mqttEndpoint']}")
     if settings.broker_url:
         print(f"  external broker:     {settings.broker_url}  (auth hook http://{settings.auth_hook_bind}:"

@@ -223,6 +223,12 @@ def test_transport_auto_falls_back_to_websocket_when_mqtt_over_tls_is_blocked(si
                 await wait_for(lambda: "auto-dev" in single.hub.controller.online_devices, timeout=20,
                                what="online after falling back to WebSocket")
                 assert agent.connected and len(single.hub._mqtt_ws._server.handlers) == 1
+                # a service (which gives up on an unreachable hub at once) falls back the same way
+                async with ServiceClient(single.service_cs(), ca_file=single.ca_file) as svc:
+                    async with await (await svc.create_stream("auto-dev", "x")).open() as stream:
+                        await stream.send(b"ping")
+                        assert await stream.recv() == b"ping"
+                assert len(single.hub._mqtt_ws._server.handlers) >= 1
         run(main())
     finally:
         routes[Route.MQTT] = mqtt_route

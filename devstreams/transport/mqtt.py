@@ -425,7 +425,8 @@ class MqttSession:
         try:
             key, cause = describe_connect_error(getattr(client, "last_connect_error", None), self.host, self.port,
                                                 self.peer)
-            if not self.ever_connected and not self._retry_first:
+            tried_all = client.turn + 1 >= len(client.transports)   # Transport=auto: WebSocket not tried yet
+            if not self.ever_connected and not self._retry_first and tried_all:
                 exc = getattr(client, "last_connect_error", None)
                 if isinstance(exc, ProxyTunnelError):
                     self._post(self._settle, ProxyError(cause, str(exc.proxy), exc.status))
