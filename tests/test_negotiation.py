@@ -136,7 +136,15 @@ def test_disable_and_remove_drop_live_connection(hub):
                                what="disabled device dropped")
                 with pytest.raises(DeviceDisabledError):
                     await svc.create_stream("victim", "ssh")
+                # its next login is refused, and an agent refused after it was connected stops: its
+                # device was revoked, retrying could never succeed (devstreams.transport.mqtt)
+                with pytest.raises(UnauthorizedError):
+                    await asyncio.wait_for(a.wait_closed(), 15)
+                await a.stop()
                 hub.registry().set_enabled("victim", True)
+                a = DeviceAgent(hub.call(hub.hub.device_connection_string, "victim"), accepting,
+                                ca_file=hub.ca_file, settings=AgentSettings(reconnect_max=2, reconnect_window=0.5))
+                await a.start()
                 await wait_for(lambda: "victim" in hub.hub.controller.online_devices, timeout=15,
                                what="re-enabled device back")
                 hub.registry().rotate_key("victim")  # the agent's key is now the old one
