@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from devstreams.wire.frontdoor import ALPN_PROTOCOLS, Refusal, Route, Sniffer
 
-from .gate import GateTLSProtocol
+from .gate import GateTLSProtocol, set_tls_read_buffer
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class FrontDoor(asyncio.Protocol):
             return
         transport, buffered = self._transport, self._sniffer.buffered
         self._transport = self._sniffer = None
-        if route is Route.STREAMS:
-            widen_tls_reads(transport)
+        if route is Route.STREAMS:  # a stream moves bulk data: asyncio's usual read buffer, not the gate's 4 KiB
+            set_tls_read_buffer(transport, STREAM_TLS_READ_BUFFER)
         protocol = factory()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -107,16 +107,6 @@ class FrontDoor(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def widen_tls_reads(transport, size: int = STREAM_TLS_READ_BUFFER) -> None:
-    """A stream moves bulk data: give its TLS reads asyncio's usual buffer, not the gate's 4 KiB."""
-    proto = getattr(transport, "_ssl_protocol", None)
-    if proto is None or not hasattr(proto, "_ssl_buffer") or proto.max_size >= size:
-        return
-    proto.max_size = size
-    proto._ssl_buffer = bytearray(size)
-    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
 
 
 async def serve_front_door(host: str, port: int, context: ssl.SSLContext, routes: dict[Route, ProtocolFactory], *,

@@ -85,8 +85,11 @@ PING_WRITE_BACKLOG = 64 * 1024  # bytes queued towards a client before the gate 
 FD_HEADROOM = 100           # files the hub needs besides MQTT connections (registry, gateway, logs)
 
 
-def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = None) -> None:
-    """Give an idle-most-of-the-time TLS connection a 4 KiB read buffer instead of 256 KiB, or none of its own.
+def set_tls_read_buffer(transport, size: int = TLS_READ_BUFFER, shared: memoryview | None = None) -> None:
+    """Give a TLS connection (asyncio's protocol) a read buffer of ``size`` bytes, or none of its own.
+
+    The gate gives its idle-most-of-the-time MQTT connections 4 KiB instead of 256 KiB;
+    the single port (broker/frontdoor.py) gives a stream's connection asyncio's 256 KiB back.
 
     CPython's asyncio keeps a ``SSLProtocol.max_size`` (256 KiB) bytearray per TLS
     connection: with thousands of idle devices that is most of the hub's memory.
@@ -101,16 +104,16 @@ def shrink_tls_buffer(writer: asyncio.StreamWriter, shared: memoryview | None = 
     (``Gate.start``), and uvloop's TCP transport fills buffers the same way (``_selector_transport``).
     This reaches into asyncio internals, so it does nothing if they look different.
     """
-    proto = getattr(writer.transport, "_ssl_protocol", None)
+    proto = getattr(transport, "_ssl_protocol", None)
     if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
         return
-    if proto.max_size != TLS_READ_BUFFER:
-        proto.max_size = TLS_READ_BUFFER
-    if shared is not None and len(shared) == TLS_READ_BUFFER and _selector_transport(proto):
+    if proto.max_size != size:
+        proto.max_size = size
+    if shared is not None and len(shared) == size and _selector_transport(proto):
         proto._ssl_buffer = shared.obj
         proto._ssl_buffer_view = shared
         return
-    proto._ssl_buffer = bytearray(TLS_READ_BUFFER)
+    proto._ssl_buffer = bytearray(size)
     proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
 
 
@@ -124,7 +127,7 @@ class GateTLSProtocol(sslproto.SSLProtocol):
     since a slot hides it; any other attribute a later Python adds still lands in the instance
     dict, so nothing breaks, it only costs what it did before.  ``max_size`` is the
     gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer allocates (and frees)
-    asyncio's 256 KiB first read buffer: ``shrink_tls_buffer`` swaps in the shared one.
+    asyncio's 256 KiB first read buffer: ``set_tls_read_buffer`` swaps in the shared one.
     """
 
     __slots__ = (
@@ -521,7 +524,7 @@ class Gate:
                             self._max_unauthenticated, self._max_connections)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        shrink_tls_buffer(writer, self._tls_buffer)
+        set_tls_read_buffer(writer.transport, shared=self._tls_buffer)
         slim_stream_deques(writer)
         peer = writer.get_extra_info("peername")
         task = asyncio.current_task()

@@ -25,6 +25,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from devstreams.transport.wslink import take_over_receiving
 from devstreams.wire.frontdoor import MQTT_WS_PATH, MQTT_WS_SUBPROTOCOL
 
 log = logging.getLogger(__name__)
@@ -100,19 +101,13 @@ class MqttOverWebSocket(ServerConnection):
     """websockets' server connection whose binary messages carry an MQTT byte stream."""
 
     inner: asyncio.Protocol | None = None
+    refused = False      # a text frame came: the connection is failing
 
     def start_mqtt(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         """After the upgrade: put the gate's protocol on top; frames queued so far go first."""
         self.inner = protocol_factory()
         self.inner.connection_made(Tunnel(self))
-        assembler = self.recv_messages
-        queued = assembler.frames.queue
-        while queued and self.inner is not None:
-            self._deliver(queued.popleft())
-        assembler.high = assembler.low = None
-        if assembler.paused:
-            assembler.paused = False
-            assembler.resume()
+        take_over_receiving(self, self._deliver)
 
     def process_event(self, event) -> None:
         if self.inner is None:
@@ -123,7 +118,10 @@ class MqttOverWebSocket(ServerConnection):
             super().process_event(event)
 
     def _deliver(self, frame: Frame) -> None:
+        if self.inner is None or self.refused:
+            return  # after a text frame nothing more reaches the gate
         if frame.opcode is Opcode.TEXT:  # MQTT over WebSocket is binary only (MQTT 3.1.1, 6.0)
+            self.refused = True
             self.protocol.fail(CloseCode.UNSUPPORTED_DATA, "MQTT over WebSocket uses binary messages only")
             self.send_data()
             self.transport.close()

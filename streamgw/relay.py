@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
-from devstreams.transport.wslink import LiveServerConnection
+from devstreams.transport.wslink import LiveServerConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
@@ -68,15 +68,8 @@ class RelayConnection(LiveServerConnection):
     def link(self, peer: RelayConnection, record: StreamRecord, to_service: bool) -> None:
         """From now on, relay this side's data frames to ``peer`` (frames queued so far first)."""
         self.peer, self.record, self.to_service = peer, record, to_service
-        assembler = self.recv_messages
-        queued = assembler.frames.queue
-        while queued:
-            self._forward(queued.popleft())
+        take_over_receiving(self, self._forward)
         peer.flush()
-        assembler.high = assembler.low = None  # the receive queue is not used any more
-        if assembler.paused:
-            assembler.paused = False
-            assembler.resume()
         if peer.paused:
             self.hold()
 

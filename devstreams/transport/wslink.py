@@ -63,6 +63,25 @@ def unread_bytes(sock) -> int:
         return 0
 
 
+def take_over_receiving(connection, deliver) -> None:
+    """The caller handles this connection's incoming frames itself from now on (in its
+    ``process_event``): ``deliver`` gets the frames websockets queued so far, in order, and
+    reading never pauses for websockets' receive queue again (the gateway's relay, the
+    single port's MQTT over WebSocket)."""
+    assembler = connection.recv_messages
+    queued = assembler.frames.queue
+    while queued:
+        deliver(queued.popleft())
+    _never_pause(assembler)
+
+
+def _never_pause(assembler) -> None:
+    assembler.high = assembler.low = None
+    if assembler.paused:
+        assembler.paused = False
+        assembler.resume()
+
+
 def _drop(frame) -> None:
     """Where data frames go once this side has closed."""
 
@@ -106,12 +125,8 @@ class _LivenessMixin:
         await super().close(code, reason)
 
     def _stop_receiving(self) -> None:
-        assembler = self.recv_messages
-        assembler.put = _drop
-        assembler.high = assembler.low = None   # never pause again
-        if assembler.paused:
-            assembler.paused = False
-            assembler.resume()
+        self.recv_messages.put = _drop
+        _never_pause(self.recv_messages)
 
     def data_received(self, data: bytes) -> None:
         if self.liveness is not None:
