@@ -23,15 +23,12 @@ from devstreams.wire.errors import (HubUnavailableError, LimitExceededError, Pro
                                     StreamError, TokenError)
 from devstreams.transport.mqtt import describe_connect_error
 from devstreams.transport.proxy import Proxy, ProxyChoice, ProxyTunnelError, open_tunnel_async
-from devstreams.wire.streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_PEER_CLOSED,
-                          CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
+from devstreams.wire.streamproto import (CHUNK_BYTES, CLOSE_ABORTED, CLOSE_NORMAL, CLOSE_REASONS, EOF, MAX_MESSAGE_BYTES)
+from devstreams.transport.pump import Pump, closed_error, ended_cleanly
 from devstreams.transport.wslink import LiveClientConnection
 
 log = logging.getLogger(__name__)
 
-# Close codes after which the data that arrived is complete: the peer ended on purpose.
-CLEAN_ENDS = {CLOSE_NORMAL, CLOSE_PEER_CLOSED}
-READ_BYTES = 256 * 1024
 ABORT_TIMEOUT = 5.0  # an abnormal end waits this long for the closing handshake, then cuts
 
 
@@ -153,16 +150,11 @@ class Stream:
 
     @staticmethod
     def _clean(exc: ConnectionClosed) -> bool:
-        return exc.rcvd is not None and exc.rcvd.code in CLEAN_ENDS
+        return ended_cleanly(exc.rcvd)
 
     @staticmethod
     def _closed_error(exc: ConnectionClosed) -> StreamClosedError:
-        if exc.rcvd is None:
-            return StreamClosedError("the connection to the gateway was lost", code=None)
-        code, reason = exc.rcvd.code, exc.rcvd.reason or CLOSE_REASONS.get(exc.rcvd.code, "")
-        if code in CLEAN_ENDS:
-            return StreamClosedError(f"the stream was closed ({reason or 'normal close'})", code, reason)
-        return StreamClosedError(f"the stream ended: {reason or f'close code {code}'}", code, reason)
+        return closed_error(exc.rcvd)
 
 
 async def open_stream(url: str, token: str, *, ssl_context: ssl.SSLContext | None, open_timeout: float = 30.0,
@@ -237,54 +229,37 @@ def reset(writer: asyncio.StreamWriter) -> None:
 async def pipe_tcp(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     """Join a stream and a TCP connection both ways until both directions end; True if clean.
 
-    TCP EOF becomes ``send_eof``; the stream's end of data becomes ``write_eof``,
+    TCP EOF becomes the stream's ``eof``; the stream's end of data becomes ``write_eof``,
     so half-closed protocols (``ssh`` with ``exit``, HTTP/1.0) finish cleanly and
     the TCP side gets a FIN.  Anything else is abnormal, as TCP would see it: a
     stream that broke resets the TCP connection (RST), and a TCP connection that
-    was reset (or failed) aborts the stream so the far side resets too.  No task
-    outlives this call.
+    was reset (or failed) aborts the stream so the far side resets too.  The bytes
+    move in the transports' callbacks (``devstreams.transport.pump``); this
+    coroutine only waits for the end and closes both sides.
     """
-    async def tcp_to_stream() -> None:
-        while data := await reader.read(READ_BYTES):
-            await stream.send(data)
-        await stream.send_eof()
-
-    async def stream_to_tcp() -> None:
-        async for data in stream:
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
-    up = asyncio.create_task(tcp_to_stream())
-    down = asyncio.create_task(stream_to_tcp())
+    pump = Pump(stream, writer.transport)
     failure: BaseException | None = None
     try:
-        pending = {up, down}
-        while pending and failure is None:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if failure is None and not task.cancelled() and task.exception() is not None:
-                    failure = task.exception()
+        pump.attach(reader)
+        failure = await pump.ended
     except asyncio.CancelledError:
         failure = asyncio.CancelledError()
         raise
     finally:
-        for task in (up, down):
-            task.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
         if failure is None:
             with contextlib.suppress(Exception):
                 await stream.close()
-            writer.close()
+            writer.transport.close()
         else:
             why = _failure_reason(failure)
             log.info("stream ended abnormally (%s): resetting the TCP connection", why)
             reset(writer)
             with contextlib.suppress(Exception):
                 await stream.abort(why)
+        # The StreamWriter's own wait_closed() would wait for a protocol that no longer
+        # gets callbacks (the pump swapped it): wait for the pump's TCP side instead.
         with contextlib.suppress(Exception):
-            await writer.wait_closed()
+            await asyncio.wait_for(asyncio.shield(pump.tcp_closed), ABORT_TIMEOUT)
     return failure is None
 
 

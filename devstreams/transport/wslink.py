@@ -30,7 +30,7 @@ import termios
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import CloseCode
+from websockets.frames import DATA_OPCODES, CloseCode
 from websockets.protocol import State
 
 from devstreams.wire.liveness import Liveness
@@ -95,6 +95,7 @@ class _LivenessMixin:
 
     liveness: Liveness | None = None
     _liveness_task: asyncio.Task | None = None
+    pump = None    # a devstreams.transport.pump.Pump that takes this connection's data frames itself
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -132,6 +133,24 @@ class _LivenessMixin:
         if self.liveness is not None:
             self.liveness.heard(self.loop.time())
         super().data_received(data)
+        if self.pump is not None:
+            self.pump.flush_down()   # the data frames of this read leave together
+
+    def process_event(self, event) -> None:
+        if self.pump is not None and event.opcode in DATA_OPCODES:
+            self.pump.from_ws(event)
+        else:
+            super().process_event(event)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.pump is not None:
+            self.pump.ws_writable(False)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.pump is not None:
+            self.pump.ws_writable(True)
 
     def send_data(self) -> None:
         # Every frame we write is a sign of life to the peer: no heartbeat is due while data flows.
@@ -155,6 +174,7 @@ class _LivenessMixin:
         task, self._liveness_task = self._liveness_task, None
         if task is not None:
             task.cancel()
+        self.pump = None   # (the pump learns of the end through connection_lost_waiter)
         self.recv_messages.pause = self.recv_messages.resume = _no_flow_control
         adapter = self.logger
         if isinstance(adapter, logging.LoggerAdapter):
