@@ -1,8 +1,8 @@
 """Who may log in to the broker, decided from the CONNECT alone.
 
 - a device: username = client id = its device ID, password = SAS token from its key;
-- a service: username ``svc:<policy>``, client id ``svc:<anything>``, password = SAS
-  token from the policy key;
+- a service: username ``svc:<operator>``, client id ``svc:<anything>``, password = SAS
+  token from that operator's key (the operator must be enabled and not expired);
 - the stream controller: username = client id = ``hub:controller``, token from
   the hub's controller key;
 - a streaming gateway (to report streams): username ``hub:gateway``, client id
@@ -12,12 +12,14 @@ Anything else is refused with the MQTT 3.1.1 CONNACK code that fits.
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from devstreams.wire import sas
 from devstreams.wire.errors import TokenError
 from devstreams.wire.topics import IdentityError, Role, parse_login
 
+from . import access
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,13 @@ class Authenticator:
         except TokenError as exc:
             raise AuthRefused(CONNACK_BAD_CREDENTIALS, exc.reason) from None
 
-    def _service(self, policy: str, password: str) -> None:
-        key = self._registry.policy_key(policy)
-        if key is None:
-            raise AuthRefused(CONNACK_NOT_AUTHORIZED, f"no service policy {policy!r}")
-        self._check(key, password, sas.service_resource(policy))
+    def _service(self, name: str, password: str) -> None:
+        operator = self._registry.operator(name)
+        why = access.standing(operator, name, time.time())
+        if why is not None:
+            raise AuthRefused(CONNACK_NOT_AUTHORIZED, why[1])
+        assert operator is not None
+        self._check(operator.key, password, sas.service_resource(name))
 
     def _device(self, device_id: str, password: str, now: float | None = None) -> None:
         device = self._registry.get(device_id)
@@ -96,7 +100,8 @@ class Authenticator:
 
 
 def revoked(registry: Registry, identity: Identity, password: str) -> str | None:
-    """Why a live session's credentials no longer admit it (disabled, removed, re-keyed), or None.
+    """Why a live session's credentials no longer admit it (device or operator disabled, removed,
+    re-keyed; an operator expired), or None.
 
     Expiry is not a revocation (see :func:`expired`): it is checked apart.
     """
@@ -113,13 +118,18 @@ def revoked(registry: Registry, identity: Identity, password: str) -> str | None
         return None
     if identity.role is Role.SERVICE:
         try:
-            policy = sas.parse_token(password).resource.removeprefix("services/")
-            key = registry.policy_key(policy)
-            if key is None:
-                return f"service policy {policy} removed"
-            sas.verify_token(key, password, sas.service_resource(policy), now=0)
+            name = sas.parse_token(password).resource.removeprefix("services/")
         except TokenError:
-            return "service key rotated"
+            return "SAS token unreadable"
+        operator = registry.operator(name)
+        why = access.standing(operator, name, time.time())
+        if why is not None:
+            return why[1].replace(" does not exist on this hub", " was removed")
+        assert operator is not None
+        try:
+            sas.verify_token(operator.key, password, sas.service_resource(name), now=0)
+        except TokenError:
+            return f"operator {operator.name}'s key was rotated"
     return None
 
 

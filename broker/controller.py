@@ -31,9 +31,10 @@ except requests refused by the per-connection rate limit (a flood): those are
 answered but only counted, in a log line at most once per ``disk_error_log_interval``.
 
 Revocation: the core remembers every stream it negotiated (``StreamBook``).
-When the registry changes (the hub's watcher calls ``check_revocations``) every
-stream whose device was disabled, removed or re-keyed, or whose service key was
-rotated, ends: pending requests are answered, and every gateway is told to close
+When the registry changes (the hub's watcher calls ``check_revocations``, also when
+an operator's expiry passes) every stream whose device was disabled, removed or
+re-keyed, or whose operator was removed, disabled, re-keyed, expired or lost the
+device or stream from its scope, ends: pending requests are answered, and every gateway is told to close
 the stream with CLOSE_REVOKED and refuse its unused tokens
 (``devstreams.wire.topics.gateway_control``).
 """
@@ -53,8 +54,7 @@ from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
 
 from . import negotiation as core
 from .auth import CONTROLLER_RESOURCE
-from .negotiation import (SERVICE_KEY_ROTATED, KnownStream, Negotiation, StreamBook,  # noqa: F401 (re-exported)
-                          key_digest, revocation)
+from .negotiation import KnownStream, Negotiation, StreamBook, key_digest, revocation  # noqa: F401 (re-exported)
 from .registry import Registry
 from .settings import HubSettings
 
@@ -72,8 +72,7 @@ class StreamController:
         self._settings = settings
         self._registry = registry
         self._core = Negotiation(settings, mint=functools.partial(streamtoken.mint, signing_key),
-                                 new_id=lambda: uuid.uuid4().hex, gateways=gateways,
-                                 service_key=registry.policy_key())
+                                 new_id=lambda: uuid.uuid4().hex, gateways=gateways)
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
         # Stream events (the core's Emit actions) go to one sink; the activity log and presence
         # writer is its first subscriber, later ones (metrics) subscribe to ``events`` too.
@@ -166,17 +165,18 @@ class StreamController:
             self._apply(self._core.bad_request(service, _rid_of(payload), str(exc)))
             raise
         device = self._registry.get(request.device)
-        self._apply(self._core.service_request(service, request, device, now=time.monotonic(), wall=time.time(),
-                                               started=started))
+        operator = self._registry.operator(service.policy)
+        self._apply(self._core.service_request(service, request, device, operator=operator, now=time.monotonic(),
+                                               wall=time.time(), started=started))
 
     # -- gateway callbacks (the built-in gateway, via hub.py) ------------------------------------
 
     def stream_ended(self, *, stream_id: str, device: str, name: str, reason: str, bytes_to_device: int,
-                     bytes_to_service: int, duration: float) -> None:
+                     bytes_to_service: int, duration: float, service_host: str = "") -> None:
         """A stream closed at a gateway: free its slot and write it to the activity log."""
         self._apply(self._core.stream_ended(stream_id=stream_id, device=device, name=name, reason=reason,
                                             bytes_to_device=bytes_to_device, bytes_to_service=bytes_to_service,
-                                            duration=duration))
+                                            duration=duration, service_host=service_host))
 
     def stream_opened(self, stream_id: str) -> None:
         """The gateway saw a side arrive: from now on only its close frees the slot."""
@@ -198,8 +198,9 @@ class StreamController:
         not know (one that outlived a hub restart, at a standalone gateway).
         """
         devices = {d: self._registry.get(d) for d in self._core.devices_in_book()}
-        ended, actions = self._core.check_revocations(devices, self._registry.policy_key(), kicked_devices,
-                                                      time.monotonic())
+        operators = {o: self._registry.operator(o) for o in self._core.operators_in_book()}
+        ended, actions = self._core.check_revocations(devices, operators, kicked_devices, time.monotonic(),
+                                                      time.time())
         self._apply(actions)
         return ended
 
@@ -263,20 +264,21 @@ class StreamController:
         elif isinstance(event, StreamClosed):
             self.stream_ended(stream_id=event.stream_id, device=event.device, name=event.name, reason=event.reason,
                               bytes_to_device=event.bytes_to_device, bytes_to_service=event.bytes_to_service,
-                              duration=event.duration)
+                              duration=event.duration, service_host=event.service_host)
 
     def _write_registry(self, event) -> None:
         """The activity log and presence writer: the sink logs a failing disk, rate-limited."""
         if isinstance(event, core.RequestAnswered):
-            log.info("stream request %s/%s: %s in %.1f ms%s", event.device, event.name, event.outcome.value,
-                     event.latency_ms, f" ({event.reason})" if event.reason else "")
+            log.info("stream request %s/%s by %s: %s in %.1f ms%s", event.device, event.name, event.operator,
+                     event.outcome.value, event.latency_ms, f" ({event.reason})" if event.reason else "")
             self._registry.log_request(device=event.device, name=event.name, stream_id=event.stream_id,
                                        outcome=event.outcome.value, reason=event.reason,
-                                       latency_ms=round(event.latency_ms, 2))
+                                       latency_ms=round(event.latency_ms, 2), operator=event.operator)
         elif isinstance(event, core.StreamClosed):
             self._registry.log_stream(device=event.device, name=event.name, stream_id=event.stream_id,
                                       reason=event.reason, bytes_to_device=event.bytes_to_device,
-                                      bytes_to_service=event.bytes_to_service, duration_s=event.duration)
+                                      bytes_to_service=event.bytes_to_service, duration_s=event.duration,
+                                      operator=event.operator, client_host=event.service_host)
         elif isinstance(event, core.DevicePresence) and not event.known:
             self._registry.clear_online(event.device)   # a stale 'online' row, if any; last_seen stays
         elif isinstance(event, core.DevicePresence):

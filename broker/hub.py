@@ -31,7 +31,7 @@ from .controller import StreamController
 from .frontdoor import serve_front_door
 from .limits import refresh_after
 from .memory import FreezeRule, TrimRule, release_free_memory
-from .registry import OPEN_STREAMS_STALE_AFTER, SERVICE_POLICY, Registry, open_registry
+from .registry import ADMIN_OPERATOR, OPEN_STREAMS_STALE_AFTER, Registry, open_registry
 from .settings import HubSettings, gateway_kwargs, settings_dict, validate
 from .wsmqtt import MqttWebSocketEndpoint
 
@@ -63,7 +63,7 @@ class Hub:
         try:
             self.tls = pki.ensure_tls(self.data_dir / "tls", s.hosts)
             self.registry = open_registry(self.data_dir)
-            self.registry.policy_key(create=True)
+            self.registry.ensure_admin()
             if not self.external:  # on an external broker, presence is the broker's (retained status)
                 self.registry.mark_all_offline()
             self.registry.prune_activity(s.activity_retention_days)
@@ -201,8 +201,9 @@ class Hub:
         return f"http://{self.settings.auth_hook_bind}:{hook.port}" if hook is not None else None
 
     def service_connection_string(self) -> str:
-        return str(connstr.for_hub(self.settings.advertised_host(), self.mqtt_port, self.registry.policy_key(),
-                                   single_port=self.front_door is not None, policy=SERVICE_POLICY))
+        admin = self.registry.ensure_admin()
+        return str(connstr.for_hub(self.settings.advertised_host(), self.mqtt_port, admin.key,
+                                   single_port=self.front_door is not None, policy=ADMIN_OPERATOR))
 
     def device_connection_string(self, device_id: str) -> str:
         device = self.registry.require(device_id)
@@ -214,9 +215,11 @@ class Hub:
     async def _watch_registry(self) -> None:
         """Apply CLI changes to live connections and streams; publish the open streams.
 
-        - a registry change (``device disable/remove/rotate-key``, ``hub connection-string
-          --rotate``): drop the MQTT sessions whose credentials no longer verify and end
-          the streams of those identities (``StreamController.check_revocations``);
+        - a registry change (``device disable/remove/rotate-key``, ``operator
+          remove/disable/rotate-key``, a narrower scope, ``hub connection-string --rotate``),
+          or an operator's expiry passing: drop the MQTT sessions whose credentials no
+          longer admit them and end the streams of those identities
+          (``StreamController.check_revocations``);
         - ``streams close``: end the streams an operator named;
         - every ``session_expiry_check_interval``: drop sessions whose SAS token ran out;
         - every ``open_streams_refresh`` (less often when writing them would take more than
@@ -227,6 +230,7 @@ class Hub:
             self.controller.on_gateway_control = self.gateway.apply_control
             self.controller.gateway_capacity(self.gateway.public_url, self.gateway.settings.max_streams)
         version = self.registry.data_version()
+        expiries = self._operator_expiries()
         errors = EveryInterval(s.disk_error_log_interval)
         trim = TrimRule(s.memory_trim_interval)
         freeze = FreezeRule(s.memory_full_collect_interval)
@@ -241,9 +245,10 @@ class Hub:
                 now = time.monotonic()
                 try:
                     current = self.registry.data_version()
-                    if current != version:
+                    if current != version or (expiries and time.time() >= expiries[0]):
                         version = current
                         self._apply_registry_changes()
+                        expiries = self._operator_expiries()
                     if now >= next_expiry:
                         next_expiry = now + s.session_expiry_check_interval
                         self.broker.expire(time.time())
@@ -270,6 +275,11 @@ class Hub:
             if self.registry is not None:
                 self.registry.replace_open_streams([], hub=self._hub_name)
 
+    def _operator_expiries(self) -> list[float]:
+        """When operators still valid now will expire (wall clock, soonest first)."""
+        now = time.time()
+        return sorted(o.expires for o in self.registry.operators() if o.expires is not None and o.expires > now)
+
     def _apply_registry_changes(self) -> None:
         devices = self.broker.revoke(self.registry)
         if self.controller is None:
@@ -289,6 +299,7 @@ class Hub:
             counts = (row["bytes_to_device"], row["bytes_to_service"]) if row else known.bytes or (None, None)
             rows.append({"stream_id": known.stream_id, "device": known.device, "name": known.name, "state": state,
                          "created": known.created, "gateway": known.gateway, "service": str(known.service),
+                         "operator": known.operator,
                          "bytes_to_device": counts[0], "bytes_to_service": counts[1], "updated": now})
         for row in live.values():  # open here but unknown to the controller: should not happen
             rows.append({**row, "state": "open", "created": now - row["age_s"], "service": None, "updated": now})

@@ -35,11 +35,12 @@ back by the adapter with ``undeliverable(rid, now)``.
 """
 
 import enum
-import hashlib
 import logging
-from collections import OrderedDict
+import math
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from devstreams.wire import messages as msg
 from devstreams.wire import topics
@@ -49,16 +50,16 @@ from devstreams.wire.streamproto import stream_url
 from devstreams.wire.streamtoken import Side
 from devstreams.wire.throttle import EveryInterval
 
+from . import access
+from .access import key_digest
 from .limits import KeyedBuckets, StreamSlots, TokenBucket
 from .registry import Device
 from .settings import HubSettings
 
+if TYPE_CHECKING:
+    from .registry import Operator
+
 log = logging.getLogger(__name__)
-
-
-def key_digest(key: bytes | None) -> bytes:
-    """Enough of a key to notice it changed, without keeping the key."""
-    return hashlib.sha256(key or b"").digest()[:16]
 
 
 class State(enum.Enum):
@@ -85,10 +86,11 @@ class KnownStream:
     stream_id: str
     device: str
     name: str
-    service: topics.Service  # who asked: policy and MQTT client id
+    service: topics.Service  # who asked: the policy named in its login and its MQTT client id
     gateway: str
     device_key: bytes       # key_digest of the device key it was admitted under
-    service_key: bytes      # key_digest of the service key then in force
+    operator: str           # the operator it was admitted for (its registry name)
+    operator_key: bytes     # key_digest of that operator's key then
     created: float          # wall clock
     state: State = State.REQUESTED
     bytes: tuple[int, int] | None = None  # (to device, to service) as a standalone gateway last reported
@@ -111,20 +113,23 @@ class KnownStream:
         return self.state is State.OPEN
 
 
-SERVICE_KEY_ROTATED = "service key rotated"
-
-
-def revocation(stream: KnownStream, device: Device | None, service_key: bytes) -> tuple[Outcome, str] | None:
-    """Why ``stream`` may no longer flow given the registry now, or None."""
+def device_revocation(stream: KnownStream, device: Device | None) -> tuple[Outcome, str] | None:
+    """Why ``stream`` may no longer flow because of its device, or None (ends every stream of the device)."""
     if device is None:
         return Outcome.NOT_FOUND, f"device {stream.device} removed"
     if not device.enabled:
         return Outcome.DISABLED, f"device {stream.device} disabled"
     if key_digest(device.key) != stream.device_key:
         return Outcome.UNAUTHORIZED, f"device {stream.device} key rotated"
-    if service_key != stream.service_key:
-        return Outcome.UNAUTHORIZED, SERVICE_KEY_ROTATED
     return None
+
+
+def revocation(stream: KnownStream, device: Device | None, operator: "Operator | None",
+               wall: float) -> tuple[Outcome, str] | None:
+    """Why ``stream`` may no longer flow given the registry now, or None."""
+    return device_revocation(stream, device) or access.revocation_of(
+        operator, stream.operator, stream.operator_key, stream.device, device.tags if device else None,
+        stream.name, wall)
 
 
 @dataclass
@@ -145,15 +150,26 @@ class StreamBook:
     def all(self) -> list[KnownStream]:
         return list(self._streams.values())
 
-    def revoked(self, devices: dict[str, Device | None], service_key: bytes
-                ) -> list[tuple[KnownStream, Outcome, str]]:
-        """The streams to end now; ``devices`` holds the registry entry of each device in the book."""
+    def revoked(self, devices: dict[str, Device | None], operators: "dict[str, Operator | None]", wall: float
+                ) -> list[tuple[KnownStream, Outcome, str, bool]]:
+        """The streams to end now, each with whether its device is the cause (then all its streams end).
+
+        ``devices`` and ``operators`` hold the registry's entry of each device and operator in the book.
+        """
         found = []
         for stream in self._streams.values():
-            why = revocation(stream, devices.get(stream.device), service_key)
+            device = devices.get(stream.device)
+            why = device_revocation(stream, device)
             if why is not None:
-                found.append((stream, *why))
+                found.append((stream, *why, True))
+                continue
+            why = revocation(stream, device, operators.get(stream.operator), wall)
+            if why is not None:
+                found.append((stream, *why, False))
         return found
+
+    def operators(self) -> set[str]:
+        return {k.operator for k in self._streams.values()}
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -196,6 +212,7 @@ class RequestAnswered:
     outcome: Outcome
     reason: str
     latency_ms: float
+    operator: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,7 +244,7 @@ class Negotiation:
     """Decides every stream request; see the module docstring for the contract."""
 
     def __init__(self, settings: HubSettings, *, mint: Callable[..., str], new_id: Callable[[], str],
-                 gateways: Callable[[], list[str]], service_key: bytes | None = None):
+                 gateways: Callable[[], list[str]]):
         self._settings = settings
         self._mint = mint
         self._new_id = new_id
@@ -242,7 +259,8 @@ class Negotiation:
         self.service_buckets = KeyedBuckets(settings.service_requests_per_second, settings.service_requests_burst)
         self._flood_log = EveryInterval(settings.disk_error_log_interval)
         self._flooded: dict[str, int] = {}             # client id -> refusals since the last log line
-        self.service_key = key_digest(service_key)
+        self._per_operator: Counter[str] = Counter()   # operator -> streams it holds in the book
+        self._operator_buckets: dict[str, TokenBucket] = {}
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -294,7 +312,15 @@ class Negotiation:
             return []
         return [Answer(service, msg.ServiceResponse(rid=rid, outcome=Outcome.BAD_REQUEST, reason=reason))]
 
-    def admission(self, request: msg.ServiceRequest, device: Device | None, now: float) -> tuple[Outcome, str] | None:
+    def admission(self, service: topics.Service, request: msg.ServiceRequest, device: Device | None,
+                  operator: "Operator | None", now: float, wall: float) -> tuple[Outcome, str] | None:
+        """The first rule the request breaks, or None: the operator's standing and scope come first
+        (an operator learns nothing about devices outside its scope), then the registry, then limits."""
+        refusal = access.refusal(operator, service.policy, request.device, device.tags if device else None,
+                                 request.name, wall)
+        if refusal is not None:
+            return refusal
+        assert operator is not None
         if device is None:
             return Outcome.NOT_FOUND, f"device {request.device} is not registered on this hub"
         if not device.enabled:
@@ -306,25 +332,44 @@ class Negotiation:
             return Outcome.LIMIT, refusal
         if self._gateway_with_room(advance=False) is None:  # refused before the device is asked
             return Outcome.LIMIT, self.slots.full_text([g.rstrip("/") for g in self._gateways()])
+        if operator.max_streams is not None and self._per_operator[operator.name] >= operator.max_streams:
+            return Outcome.LIMIT, (f"operator {operator.name}'s limit of {operator.max_streams} concurrent streams "
+                                   "is reached; close one first")
+        if not self._within_operator_rate(operator, now):
+            return Outcome.LIMIT, (f"operator {operator.name}'s limit of {operator.new_streams_per_second:g} new "
+                                   "streams per second is reached; retry shortly")
         if not self.bucket.take(now):
             return Outcome.LIMIT, (f"the hub's limit of {self._settings.max_new_streams_per_second:g} "
                                    "new streams per second is reached; retry shortly")
         return None
 
+    def _within_operator_rate(self, operator: "Operator", now: float) -> bool:
+        """The operator's own new-streams rate, when it has one (the hub's applies anyway)."""
+        rate = operator.new_streams_per_second
+        if rate is None:
+            return True
+        bucket = self._operator_buckets.get(operator.name)
+        if bucket is None or bucket.rate != rate:
+            bucket = self._operator_buckets[operator.name] = TokenBucket(rate, max(1, math.ceil(rate)))
+        return bucket.take(now)
+
     def service_request(self, service: topics.Service, request: msg.ServiceRequest, device: Device | None, *,
-                        now: float, wall: float, started: float | None = None) -> list[Action]:
-        """A decoded request; ``device`` is the registry's record of ``request.device`` (None: unknown).
+                        operator: "Operator | None", now: float, wall: float,
+                        started: float | None = None) -> list[Action]:
+        """A decoded request; ``device`` is the registry's record of ``request.device`` (None: unknown),
+        ``operator`` the registry's record of the operator the service's login names (None: removed).
 
         ``started``: when the request arrived (latency is measured from there), default ``now``.
         """
         started = now if started is None else started
-        refusal = self.admission(request, device, now)
+        who = operator.name if operator is not None else service.policy
+        refusal = self.admission(service, request, device, operator, now, wall)
         if refusal is not None:
             outcome, reason = refusal
             return [Answer(service, msg.ServiceResponse(rid=request.rid, outcome=outcome, reason=reason)),
                     Emit(RequestAnswered(request.device, request.name, None, outcome, reason,
-                                         (now - started) * 1000))]
-        assert device is not None
+                                         (now - started) * 1000, operator=who))]
+        assert device is not None and operator is not None
         s = self._settings
         response_timeout = min(request.response_timeout, s.response_timeout)
         join_timeout = min(request.join_timeout, s.join_timeout)
@@ -340,10 +385,12 @@ class Negotiation:
                               device_id=request.device, stream_name=request.name)
 
         known = KnownStream(stream_id=stream_id, device=request.device, name=request.name, service=service,
-                            gateway=gateway, device_key=key_digest(device.key), service_key=self.service_key,
+                            gateway=gateway, device_key=key_digest(device.key), operator=operator.name,
+                            operator_key=key_digest(operator.key),
                             created=wall, rid=rid, service_rid=request.rid, started=started, waited=response_timeout,
                             url=url, service_token=token(Side.SERVICE))
         self.book.add(known)
+        self._per_operator[operator.name] += 1
         self._by_rid[rid] = known
         self.slots.hold(stream_id, request.device, gateway)
         wire_request = msg.StreamRequest(rid=rid, stream_id=stream_id, name=request.name, url=url,
@@ -413,13 +460,16 @@ class Negotiation:
             self._close(known)
         actions.append(Answer(known.service, response))
         actions.append(Emit(RequestAnswered(known.device, known.name, known.stream_id, outcome, reason,
-                                            (now - known.started) * 1000)))
+                                            (now - known.started) * 1000, operator=known.operator)))
         return actions
 
     def _close(self, known: KnownStream) -> None:
         self._move(known, State.CLOSED)
         self.slots.release(known.stream_id)
-        self.book.remove(known.stream_id)
+        if self.book.remove(known.stream_id) is not None:
+            self._per_operator[known.operator] -= 1
+            if self._per_operator[known.operator] <= 0:
+                del self._per_operator[known.operator]
 
     # -- timers -----------------------------------------------------------------------------------
 
@@ -454,7 +504,8 @@ class Negotiation:
             return self.stream_opened(event.stream_id)
         return self.stream_ended(stream_id=event.stream_id, device=event.device, name=event.name,
                                  reason=event.reason, bytes_to_device=event.bytes_to_device,
-                                 bytes_to_service=event.bytes_to_service, duration=event.duration)
+                                 bytes_to_service=event.bytes_to_service, duration=event.duration,
+                                 service_host=event.service_host)
 
     def _gateway_with_room(self, advance: bool) -> str | None:
         """The next gateway in turn that can take one more stream (None: all are full)."""
@@ -509,8 +560,10 @@ class Negotiation:
         return actions
 
     def stream_ended(self, *, stream_id: str, device: str, name: str, reason: str, bytes_to_device: int,
-                     bytes_to_service: int, duration: float) -> list[Action]:
+                     bytes_to_service: int, duration: float, service_host: str = "") -> list[Action]:
         """A stream closed at a gateway: free its slot and write it to the activity log (once)."""
+        known = self.book.get(stream_id)
+        operator = known.operator if known is not None else ""
         actions = self.stream_closed(stream_id)
         if stream_id in self._ended:
             return actions
@@ -518,7 +571,7 @@ class Negotiation:
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
         actions.append(Emit(StreamClosed(stream_id, device, name, reason, bytes_to_device, bytes_to_service,
-                                        round(duration, 3))))
+                                         round(duration, 3), service_host=service_host, operator=operator)))
         return actions
 
     # -- revocation -------------------------------------------------------------------------------
@@ -526,19 +579,23 @@ class Negotiation:
     def devices_in_book(self) -> set[str]:
         return {k.device for k in self.book.all()}
 
-    def check_revocations(self, devices: dict[str, Device | None], policy_key: bytes | None,
-                          kicked_devices: dict[str, str] | None, now: float) -> tuple[int, list[Action]]:
-        """After a registry change: end every stream the registry no longer admits.
+    def operators_in_book(self) -> set[str]:
+        return self.book.operators()
 
-        ``devices``: the registry's record of every device in ``devices_in_book()``;
+    def check_revocations(self, devices: dict[str, Device | None], operators: "dict[str, Operator | None]",
+                          kicked_devices: dict[str, str] | None, now: float,
+                          wall: float) -> tuple[int, list[Action]]:
+        """After a registry change (or an operator's expiry): end every stream the registry no longer admits.
+
+        ``devices`` and ``operators``: the registry's record of every device in
+        ``devices_in_book()`` and operator in ``operators_in_book()``;
         ``kicked_devices`` (device -> reason): devices whose MQTT session was just
         dropped: gateways also end any open stream of theirs the core does not know
         (one that outlived a hub restart, at a standalone gateway).
         """
-        self.service_key = key_digest(policy_key)
         by_reason: dict[tuple[str, Outcome, str], list[KnownStream]] = {}
-        for stream, outcome, reason in self.book.revoked(devices, self.service_key):
-            device = "" if reason == SERVICE_KEY_ROTATED else stream.device  # device-wide at gateways
+        for stream, outcome, reason, device_wide in self.book.revoked(devices, operators, wall):
+            device = stream.device if device_wide else ""   # a device's revocation ends all its streams
             by_reason.setdefault((device, outcome, reason), []).append(stream)
         covered = {device for device, _, _ in by_reason}
         for device, reason in (kicked_devices or {}).items():

@@ -7,8 +7,9 @@
 
 Errors (all in ``devstreams.wire.errors``, re-exported here): DeviceNotFoundError,
 DeviceOfflineError, DeviceDisabledError, StreamRejectedError (with the
-device's reason), StreamTimeoutError, UnauthorizedError, LimitExceededError,
-HubUnavailableError.
+device's reason), StreamTimeoutError, UnauthorizedError, ForbiddenError (outside
+this operator's scope; also for devices this operator may not know of),
+LimitExceededError, HubUnavailableError.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from devstreams.wire import connstr, sas, topics
 from devstreams.wire import messages as msg
 from devstreams.wire.errors import (ConfigError, DeviceDisabledError, DeviceNotFoundError, DeviceOfflineError,
-                         HubUnavailableError, LimitExceededError, StreamError, StreamRejectedError,
+                         ForbiddenError, HubUnavailableError, LimitExceededError, StreamError, StreamRejectedError,
                          StreamTimeoutError, UnauthorizedError)
 from devstreams.wire.messages import Outcome
 from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
@@ -42,6 +43,7 @@ _ERRORS = {
     Outcome.TIMEOUT: StreamTimeoutError,
     Outcome.LIMIT: LimitExceededError,
     Outcome.UNAUTHORIZED: UnauthorizedError,
+    Outcome.FORBIDDEN: ForbiddenError,
     Outcome.BAD_REQUEST: ConfigError,
 }
 

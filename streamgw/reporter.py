@@ -124,7 +124,8 @@ class MqttReporter:
             self._send(msg.GatewayEvent(event="closed", stream_id=event.stream_id, device=event.device,
                                         name=event.name, reason=event.reason[:256],
                                         bytes_to_device=event.bytes_to_device,
-                                        bytes_to_service=event.bytes_to_service, duration=event.duration))
+                                        bytes_to_service=event.bytes_to_service, duration=event.duration,
+                                        service_host=event.service_host))
 
     def _send(self, event: msg.GatewayEvent) -> None:
         if not self._mqtt.publish(self._topic, msg.encode(event), qos=CONTROL_QOS):

@@ -185,13 +185,16 @@ class Gateway:
     def _end(self, entry: StreamEntry, record: StreamRecord) -> None:
         if not self._pairing.finish(entry, time.time()):
             return
-        self._meetings.pop(entry.stream_id, None)
+        meeting = self._meetings.pop(entry.stream_id, None)
+        service = meeting.sockets.get(Side.SERVICE) if meeting is not None else None
+        service_host = _host_of(service.remote_address) if service is not None else ""
         record.close_reason = entry.revoked or record.close_reason
         log.info("stream %s ended after %.1f s: %s (to device %d B, to service %d B)", entry.stream_id[:8],
                  record.duration, record.close_reason, record.bytes_to_device, record.bytes_to_service)
         self.events.emit(StreamClosed(stream_id=record.stream_id, device=record.device_id, name=record.stream_name,
                                       reason=record.close_reason, bytes_to_device=record.bytes_to_device,
-                                      bytes_to_service=record.bytes_to_service, duration=record.duration))
+                                      bytes_to_service=record.bytes_to_service, duration=record.duration,
+                                      service_host=service_host))
 
     # -- revocation (the hub's orders: device disabled, key rotated, operator close) --------------
 
@@ -252,3 +255,8 @@ def _close_reason(text: str, limit: int = 123) -> str:
     """A WebSocket close reason is at most 123 bytes of UTF-8."""
     data = text.encode()[:limit]
     return data.decode(errors="ignore")
+
+
+def _host_of(address) -> str:
+    """The IP of a peer address tuple (for the audit log), '' when the socket did not say."""
+    return str(address[0])[:64] if isinstance(address, tuple) and address else ""

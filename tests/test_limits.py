@@ -4,10 +4,10 @@ import pytest
 
 from broker import auth
 from broker.auth import Identity
-from broker.controller import SERVICE_KEY_ROTATED, KnownStream, StreamBook, key_digest
+from broker.controller import KnownStream, StreamBook, key_digest
 from broker.limits import KeyedBuckets, TokenBucket, refresh_after
 from devstreams.wire.throttle import EveryInterval
-from broker.registry import Device
+from broker.registry import Device, Operator
 from streamgw.pairing import Pairing, Refusal
 from devstreams.wire import messages as msg
 from devstreams.wire import sas
@@ -60,9 +60,15 @@ def _device(key=b"k1", enabled=True):
     return Device(id="pump-7", key=key, enabled=enabled, created=0, online=True, last_seen=None)
 
 
-def _stream(sid="s1", service_key=b"p1"):
+def _operator(key=b"p1", name="admin", enabled=True):
+    return Operator(name=name, key=key, enabled=enabled, created=0.0, expires=None, devices=(), streams=(),
+                    max_streams=None, new_streams_per_second=None)
+
+
+def _stream(sid="s1", operator_key=b"p1"):
     return KnownStream(stream_id=sid, device="pump-7", name="ssh", service="svc:a", gateway="wss://g",
-                       device_key=key_digest(b"k1"), service_key=key_digest(service_key), created=0)
+                       device_key=key_digest(b"k1"), operator="admin", operator_key=key_digest(operator_key),
+                       created=0)
 
 
 @pytest.mark.parametrize("device,outcome,reason", [
@@ -73,32 +79,34 @@ def _stream(sid="s1", service_key=b"p1"):
 def test_stream_book_revokes_streams_of_revoked_devices(device, outcome, reason):
     book = StreamBook()
     book.add(_stream())
-    assert book.revoked({"pump-7": device}, key_digest(b"p1")) == [(book.get("s1"), outcome, reason)]
+    assert book.revoked({"pump-7": device}, {"admin": _operator()}, 0) == [(book.get("s1"), outcome, reason, True)]
 
 
-def test_stream_book_revokes_streams_admitted_under_an_old_service_key():
+def test_stream_book_revokes_streams_admitted_under_an_old_operator_key():
     book = StreamBook()
-    book.add(_stream("old", service_key=b"p1"))
-    book.add(_stream("new", service_key=b"p2"))
-    revoked = book.revoked({"pump-7": _device()}, key_digest(b"p2"))
-    assert [(k.stream_id, why) for k, _, why in revoked] == [("old", SERVICE_KEY_ROTATED)]
+    book.add(_stream("old", operator_key=b"p1"))
+    book.add(_stream("new", operator_key=b"p2"))
+    revoked = book.revoked({"pump-7": _device()}, {"admin": _operator(b"p2")}, 0)
+    assert [(k.stream_id, why, wide) for k, _, why, wide in revoked] == [
+        ("old", "operator admin's key was rotated", False)]
 
 
 def test_stream_book_keeps_valid_streams():
     book = StreamBook()
     book.add(_stream())
-    assert book.revoked({"pump-7": _device()}, key_digest(b"p1")) == []
+    assert book.revoked({"pump-7": _device()}, {"admin": _operator()}, 0) == []
 
 
 class _FakeRegistry:
-    def __init__(self, device=None, policy=b"p" * 32):
-        self.device, self.policy = device, policy
+    def __init__(self, device=None, operator=...):
+        self.device = device
+        self._operator = _operator(b"p" * 32) if operator is ... else operator
 
     def get(self, device_id):
         return self.device
 
-    def policy_key(self, name="service"):
-        return self.policy
+    def operator(self, name):
+        return self._operator
 
 
 def test_auth_revoked_names_the_reason():
@@ -113,9 +121,13 @@ def test_auth_revoked_names_the_reason():
     rekeyed = Device(id="pump-7", key=b"x" * 32, enabled=True, created=0, online=True, last_seen=None)
     assert auth.revoked(_FakeRegistry(rekeyed), ident, token) == "device pump-7 key rotated"
     svc = Identity(Role.SERVICE, "svc:a")
-    svc_token = sas.make_token(b"p" * 32, sas.service_resource("service"), ttl=60)
+    svc_token = sas.make_token(b"p" * 32, sas.service_resource("admin"), ttl=60)
     assert auth.revoked(_FakeRegistry(), svc, svc_token) is None
-    assert auth.revoked(_FakeRegistry(policy=b"q" * 32), svc, svc_token) == "service key rotated"
+    assert auth.revoked(_FakeRegistry(operator=_operator(b"q" * 32)), svc, svc_token) == \
+        "operator admin's key was rotated"
+    assert auth.revoked(_FakeRegistry(operator=None), svc, svc_token) == "operator admin was removed"
+    assert auth.revoked(_FakeRegistry(operator=_operator(b"p" * 32, enabled=False)), svc, svc_token) == \
+        "operator admin is disabled"
 
 
 def test_auth_expired_drops_devices_services_and_gateways_not_the_controller():

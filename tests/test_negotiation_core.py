@@ -10,18 +10,27 @@ import pytest
 
 from broker.negotiation import (NO_SHOW_TIMER, RESPONSE_TIMER, Answer, Cancel, CloseStreams, DevicePresence, Emit,
                                 Negotiation, PublishToDevice, RequestAnswered, Schedule, State, StreamClosed)
-from broker.registry import Device
+from broker.registry import Device, Operator
 from broker.settings import HubSettings
 from devstreams.wire import messages as msg
 from devstreams.wire import topics
 from devstreams.wire.messages import Outcome
 from devstreams.wire.streamtoken import Side
 
-SVC = topics.Service("service", "svc:ops")
+SVC = topics.Service("admin", "svc:ops")
 
 
-def device(dev_id="pump-7", key=b"k1", enabled=True):
-    return Device(id=dev_id, key=key, enabled=enabled, created=0, online=True, last_seen=None)
+def device(dev_id="pump-7", key=b"k1", enabled=True, tags=None):
+    return Device(id=dev_id, key=key, enabled=enabled, created=0, online=True, last_seen=None, tags=tags or {})
+
+
+def operator(name="admin", *, key=b"policy-1", devices=(), streams=(), enabled=True, expires=None,
+             max_streams=None, new_streams_per_second=None) -> Operator:
+    return Operator(name=name, key=key, enabled=enabled, created=0.0, expires=expires, devices=tuple(devices),
+                    streams=tuple(streams), max_streams=max_streams, new_streams_per_second=new_streams_per_second)
+
+
+ADMIN = operator()
 
 
 def make(**settings) -> Negotiation:
@@ -33,8 +42,7 @@ def make(**settings) -> Negotiation:
         return f"tok-{side.value}-{stream_id}"
 
     core = Negotiation(HubSettings().replace(**settings) if settings else HubSettings(),
-                       mint=mint, new_id=lambda: f"{next(ids):08x}" + "f" * 24, gateways=lambda: ["wss://gw1/", "wss://gw2"],
-                       service_key=b"policy-1")
+                       mint=mint, new_id=lambda: f"{next(ids):08x}" + "f" * 24, gateways=lambda: ["wss://gw1/", "wss://gw2"])
     core.minted = minted
     return core
 
@@ -43,10 +51,10 @@ def online(core, dev="pump-7", conn="c1"):
     return core.device_presence(dev, msg.Presence(online=True, conn=conn), now=0)
 
 
-def request(core, dev="pump-7", *, rid="r1", now=0.0, record=..., service=SVC, **kw):
+def request(core, dev="pump-7", *, rid="r1", now=0.0, record=..., service=SVC, op=ADMIN, name="ssh", **kw):
     rec = device(dev) if record is ... else record
-    return core.service_request(service, msg.ServiceRequest(rid=rid, device=dev, name="ssh", **kw), rec,
-                                now=now, wall=1000.0 + now)
+    return core.service_request(service, msg.ServiceRequest(rid=rid, device=dev, name=name, **kw), rec,
+                                operator=op, now=now, wall=1000.0 + now)
 
 
 def of(actions, kind):
@@ -102,7 +110,7 @@ def test_the_answer_goes_to_the_asking_service_under_its_policy():
     core = make()
     online(core)
     alice = topics.Service("alice", "svc:a1")
-    req = sent(request(core, service=alice))
+    req = sent(request(core, service=alice, op=operator("alice")))
     acts = core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=200), now=0.01)
     (a,) = of(acts, Answer)
     assert a.service == alice and topics.service_responses(a.service) == "devstreams/services/alice/svc:a1/res"
@@ -140,7 +148,7 @@ def test_refusals_before_asking_the_device(record, present, outcome, reason):
         online(core)
     acts = request(core, record=record, now=2.0)
     assert answer(acts) == msg.ServiceResponse(rid="r1", outcome=outcome, reason=reason)
-    assert logged(acts) == RequestAnswered("pump-7", "ssh", None, outcome, reason, 0.0)
+    assert logged(acts) == RequestAnswered("pump-7", "ssh", None, outcome, reason, 0.0, operator="admin")
     assert not of(acts, PublishToDevice) and core.open_streams == 0 and not core.minted
 
 
@@ -380,7 +388,7 @@ def test_revocation_ends_the_right_streams():
     core.stream_opened(opened)
     keep = accepted_stream(core, "pump-8", rid="k")
     ended, acts = core.check_revocations({"pump-7": device(enabled=False), "pump-8": device("pump-8")},
-                                         b"policy-1", None, now=1.0)
+                                         {"admin": ADMIN}, None, now=1.0, wall=1001.0)
     assert ended == 3
     res = answer(acts)
     assert (res.rid, res.outcome, res.reason) == ("p", Outcome.DISABLED, "device pump-7 disabled")
@@ -392,20 +400,127 @@ def test_revocation_ends_the_right_streams():
     assert core.state(keep) is State.ACCEPTED and core.open_streams == 2
 
 
-def test_rotated_service_key_ends_every_stream_not_device_wide():
+def test_rotated_operator_key_ends_its_streams_not_device_wide():
     core = make()
     online(core)
     sid = accepted_stream(core)
-    ended, acts = core.check_revocations({"pump-7": device()}, b"policy-2", None, now=1.0)
+    ended, acts = core.check_revocations({"pump-7": device()}, {"admin": operator(key=b"policy-2")}, None,
+                                         now=1.0, wall=1001.0)
     assert ended == 1 and of(acts, CloseStreams) == [CloseStreams(msg.GatewayControl(
-        streams=(sid,), device="", reason="service key rotated"))]
+        streams=(sid,), device="", reason="operator admin's key was rotated"))]
 
 
 def test_kicked_device_without_known_streams_still_reaches_the_gateways():
     core = make()
-    ended, acts = core.check_revocations({}, b"policy-1", {"pump-9": "device pump-9 removed"}, now=0)
+    ended, acts = core.check_revocations({}, {}, {"pump-9": "device pump-9 removed"}, now=0, wall=0)
     assert ended == 0 and acts == [CloseStreams(msg.GatewayControl(device="pump-9", reason="device pump-9 removed"))]
-    assert core.check_revocations({}, b"policy-1", None, now=0) == (0, [])
+    assert core.check_revocations({}, {}, None, now=0, wall=0) == (0, [])
+
+
+# -- operators: scope, limits, revocation ----------------------------------------------------------
+
+ALICE = operator("alice", key=b"alice-1", devices=("pump-*",), streams=("ssh",))
+BOB = operator("bob", key=b"bob-1", devices=("tag=site=plant-3",))
+
+
+def test_out_of_scope_is_forbidden_before_the_device_is_asked_and_unknown_reads_the_same():
+    core = make()
+    online(core, "cam-1")
+    online(core)
+    alice = topics.Service("alice", "svc:a1")
+    web = request(core, service=alice, op=ALICE, name="web")
+    assert answer(web) == msg.ServiceResponse(rid="r1", outcome=Outcome.FORBIDDEN,
+                                              reason="operator alice may not open stream 'web' to pump-7")
+    assert logged(web).operator == "alice"
+    cam = answer(request(core, "cam-1", service=alice, op=ALICE))
+    ghost = answer(request(core, "cam-9", service=alice, op=ALICE, record=None))
+    assert cam == msg.ServiceResponse(rid="r1", outcome=Outcome.FORBIDDEN,
+                                      reason="operator alice may not open streams to cam-1")
+    assert ghost == msg.ServiceResponse(rid="r1", outcome=Outcome.FORBIDDEN,
+                                        reason="operator alice may not open streams to cam-9"), \
+        "an unknown device reads exactly like a registered one outside the scope"
+    # inside the scope, an unknown device is the registry's answer
+    assert answer(request(core, "pump-99", service=alice, op=ALICE, record=None)).outcome is Outcome.NOT_FOUND
+    # offline does not leak outside the scope either
+    assert answer(request(core, "cam-2", service=alice, op=ALICE, record=device("cam-2"))).outcome \
+        is Outcome.FORBIDDEN
+    assert not core.minted and core.open_streams == 0
+    assert of(request(core, service=alice, op=ALICE), PublishToDevice), "in scope: the device is asked"
+
+
+def test_tag_scope_and_a_removed_or_disabled_operator():
+    core = make()
+    online(core)
+    bob = topics.Service("bob", "svc:b1")
+    assert answer(request(core, service=bob, op=BOB, record=device(tags={"site": "plant-4"}))).outcome \
+        is Outcome.FORBIDDEN
+    assert of(request(core, service=bob, op=BOB, record=device(tags={"site": "plant-3"}), rid="r2"), PublishToDevice)
+    assert answer(request(core, service=bob, op=None, rid="r3")) == msg.ServiceResponse(
+        rid="r3", outcome=Outcome.UNAUTHORIZED, reason="operator bob does not exist on this hub")
+    disabled = operator("bob", enabled=False)
+    assert answer(request(core, service=bob, op=disabled, rid="r4")).outcome is Outcome.UNAUTHORIZED
+
+
+def test_per_operator_concurrent_and_rate_limits():
+    core = make()
+    online(core)
+    svc = topics.Service("carol", "svc:c1")
+    carol = operator("carol", max_streams=1)
+    sent(request(core, service=svc, op=carol, rid="a"))
+    second = answer(request(core, service=svc, op=carol, rid="b"))
+    assert second.outcome is Outcome.LIMIT and "operator carol's limit of 1 concurrent streams" in second.reason
+    assert of(request(core, rid="c"), PublishToDevice), "other operators are not limited by carol's"
+    slow = operator("dave", new_streams_per_second=1)
+    dave = topics.Service("dave", "svc:d1")
+    assert of(request(core, service=dave, op=slow, rid="d1", now=1.0), PublishToDevice)
+    refused = answer(request(core, service=dave, op=slow, rid="d2", now=1.1))
+    assert refused.outcome is Outcome.LIMIT and "operator dave's limit of 1 new streams per second" in refused.reason
+    assert of(request(core, service=dave, op=slow, rid="d3", now=2.2), PublishToDevice)
+
+
+def test_operator_count_is_freed_when_its_stream_closes():
+    core = make()
+    online(core)
+    svc = topics.Service("carol", "svc:c1")
+    carol = operator("carol", max_streams=1)
+    req = sent(request(core, service=svc, op=carol, rid="a"))
+    core.device_answer("pump-7", msg.StreamResponse(rid=req.rid, status=400), now=0.1)
+    assert of(request(core, service=svc, op=carol, rid="b"), PublishToDevice)
+
+
+@pytest.mark.parametrize("now_op,reason,outcome", [
+    (None, "operator alice was removed", Outcome.UNAUTHORIZED),
+    (operator("alice", key=b"alice-1", devices=("pump-*",), enabled=False), "operator alice is disabled",
+     Outcome.UNAUTHORIZED),
+    (operator("alice", key=b"alice-1", devices=("pump-*",), expires=1000.5), "operator alice has expired",
+     Outcome.UNAUTHORIZED),
+    (operator("alice", key=b"alice-1", devices=("pump-8",)), "operator alice may no longer open streams to pump-7",
+     Outcome.FORBIDDEN),
+], ids=["removed", "disabled", "expired", "narrowed"])
+def test_operator_revocation_ends_only_that_operators_streams(now_op, reason, outcome):
+    core = make()
+    online(core)
+    alice = topics.Service("alice", "svc:a1")
+    pending = sent(request(core, service=alice, op=ALICE, rid="p"))
+    opened = accepted_stream(core, rid="o")      # admin's: stays
+    ended, acts = core.check_revocations({"pump-7": device()}, {"alice": now_op, "admin": ADMIN}, None,
+                                         now=1.0, wall=1001.0)
+    assert ended == 1
+    assert answer(acts) == msg.ServiceResponse(rid="p", outcome=outcome, reason=reason)
+    assert of(acts, CloseStreams) == [CloseStreams(msg.GatewayControl(streams=(pending.stream_id,), device="",
+                                                                      reason=reason))]
+    assert core.state(opened) is State.ACCEPTED
+
+
+def test_stream_rows_name_the_operator_and_the_client_host():
+    core = make()
+    online(core)
+    sid = accepted_stream(core)
+    core.stream_opened(sid)
+    acts = core.stream_ended(stream_id=sid, device="pump-7", name="ssh", reason="closed", bytes_to_device=1,
+                             bytes_to_service=2, duration=0.5, service_host="10.0.0.9")
+    (closed,) = [a.event for a in of(acts, Emit)]
+    assert (closed.operator, closed.service_host) == ("admin", "10.0.0.9")
 
 
 def test_operator_close_of_known_and_unknown_streams():

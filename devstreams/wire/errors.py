@@ -41,6 +41,14 @@ class StreamError(DevstreamsError):
     """A stream could not be created or ended abnormally."""
 
 
+class ForbiddenError(StreamError):
+    """The operator's scope does not include that device or stream: ask the hub's admin for access.
+
+    Raised alike for a device outside the scope and for an unknown one, so an
+    operator cannot probe which device IDs exist beyond what it may reach.
+    """
+
+
 class DeviceNotFoundError(StreamError):
     """No device with that ID is registered on the hub."""
 

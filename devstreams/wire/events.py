@@ -41,6 +41,8 @@ class StreamClosed:
     bytes_to_device: int
     bytes_to_service: int
     duration: float
+    service_host: str = ""   # the service side's address as the gateway saw it
+    operator: str = ""       # who held the stream: filled in by the hub's controller, which knows
 
 
 class EventSink:

@@ -31,6 +31,7 @@ class Outcome(str, Enum):
     TIMEOUT = "timeout"
     LIMIT = "limit"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"        # the operator's scope does not include this device or stream
     BAD_REQUEST = "bad-request"
 
 
@@ -99,6 +100,7 @@ class GatewayEvent:
     bytes_to_device: int = 0
     bytes_to_service: int = 0
     duration: float = 0.0
+    service_host: str = ""     # the service side's address as the gateway saw it (audit)
 
 
 MAX_CONTROL_STREAMS = 128  # stream ids per GatewayControl message (the hub splits longer lists)
@@ -232,7 +234,8 @@ def decode_gateway_event(payload: bytes) -> GatewayEvent:
         counts[key] = value
     return GatewayEvent(event=event, stream_id=_str(d, "stream_id", 64), device=_str(d, "device", 128, False),
                         name=_str(d, "name", 64, False), reason=_str(d, "reason", 256, False),
-                        duration=max(0.0, _num(d, "duration", 0.0)), **counts)
+                        duration=max(0.0, _num(d, "duration", 0.0)),
+                        service_host=_str(d, "service_host", 64, False), **counts)
 
 
 def decode_gateway_control(payload: bytes) -> GatewayControl:
