@@ -692,17 +692,17 @@ class Registry:
         return self.require_operator(name)
 
     def remove_operator(self, name: str) -> None:
-        op = self.require_operator(name)
-        if op.builtin:
+        if canonical_operator(name) == ADMIN_OPERATOR:
             raise ConfigError(f"the built-in {ADMIN_OPERATOR!r} operator cannot be removed: "
                               f"'devstreams operator rotate-key {ADMIN_OPERATOR}' replaces its key")
+        op = self.require_operator(name)
         self._write("DELETE FROM operators WHERE name = ?", (op.name,))
 
     def set_operator_enabled(self, name: str, enabled: bool) -> Operator:
-        op = self.require_operator(name)
-        if op.builtin and not enabled:
+        if canonical_operator(name) == ADMIN_OPERATOR and not enabled:
             raise ConfigError(f"the built-in {ADMIN_OPERATOR!r} operator cannot be disabled: "
                               f"'devstreams operator rotate-key {ADMIN_OPERATOR}' replaces its key")
+        op = self.require_operator(name)
         self._write("UPDATE operators SET enabled = ? WHERE name = ?", (int(enabled), op.name))
         return self.require_operator(op.name)
 

@@ -121,6 +121,7 @@ def operator_add(args) -> int:
         raise ConfigError("--max-new-streams-per-second must be more than 0")
     path = datadir.ensure(datadir.resolve(args.data_dir))
     registry = open_registry(path)
+    registry.ensure_admin()  # the built-in one is listed beside the new one from the start
     op = registry.add_operator(args.name, devices=_split(args.devices), streams=_split(args.streams),
                                expires=expires, max_streams=args.max_streams,
                                new_streams_per_second=args.max_new_streams_per_second)
