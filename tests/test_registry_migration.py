@@ -196,3 +196,22 @@ def test_hub_up_on_an_old_data_dir_serves_old_connection_strings(tmp_path):
         if agent is not None:
             agent.stop()
         hub.stop()
+
+
+def test_old_registry_read_only_is_still_read(tmp_path):
+    """A full disk can keep the upgrade from running (the registry is then opened read-only):
+    logins still find the devices and the old service key, and the log still reads."""
+    path = old_data_dir(tmp_path / "old")
+    registry = Registry.__new__(Registry)
+    registry.path = path / "registry.db"
+    registry._db = registry._open_read_only(OSError(28, "No space left on device"))  # as Registry() does then
+    registry._refresh_columns()
+    try:
+        assert registry.get("pump-1").key == DEVICE_KEYS["pump-1"] and registry.get("pump-1").tags == {}
+        assert [d.id for d in registry.devices()] == ["pump-1", "pump-2"]
+        assert registry.policy_key("service") == SERVICE_KEY and registry.operator(ADMIN_OPERATOR).key == SERVICE_KEY
+        assert [o.name for o in registry.operators()] == [ADMIN_OPERATOR]
+        assert registry.operator("alice") is None
+        assert [r["operator"] for r in registry.activity()] == ["", ""]
+    finally:
+        registry._db.close()
