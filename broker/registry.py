@@ -636,9 +636,13 @@ class Registry:
         """The operator a service login names (the previous release's ``service`` means admin)."""
         name = canonical_operator(name)
         if not self._has_operators:  # an earlier release's registry that could not be upgraded
-            row = self._db.execute("SELECT key FROM policies WHERE name IN "
-                                   f"({', '.join('?' * len(LEGACY_ADMIN_NAMES))})", LEGACY_ADMIN_NAMES).fetchone() \
-                if name == ADMIN_OPERATOR else None
+            if name != ADMIN_OPERATOR:
+                return None
+            try:
+                row = self._db.execute("SELECT key FROM policies WHERE name IN "
+                                       f"({', '.join('?' * len(LEGACY_ADMIN_NAMES))})", LEGACY_ADMIN_NAMES).fetchone()
+            except sqlite3.OperationalError:  # no policies table either
+                return None
             return Operator(ADMIN_OPERATOR, bytes(row[0]), True, 0.0, None, (), (), None, None) if row else None
         row = self._db.execute(f"SELECT {OPERATOR_COLUMNS} FROM operators WHERE name = ?", (name,)).fetchone()
         return _row_to_operator(row) if row else None
@@ -669,6 +673,8 @@ class Registry:
                      expires: float | None = None, max_streams: int | None = None,
                      new_streams_per_second: float | None = None) -> Operator:
         check_operator_name(name)
+        if isinstance(devices, str) or isinstance(streams, str):
+            raise ConfigError("devices and streams are lists of entries, not one string")
         devices = _unique(check_scope_entry(e) for e in devices)
         streams = _unique(check_stream_name(n) for n in streams)
         for what, entries in (("device scope entries", devices), ("stream names", streams)):

@@ -69,7 +69,8 @@ def register(groups, common) -> None:
     show.add_argument("--settings", action="store_true",
                       help="print the effective settings instead (the running hub's, else hub.toml + defaults)")
     show.set_defaults(run=hub_show)
-    cs = hub.add_parser("connection-string", parents=[common, data], help="print the admin operator's service connection string")
+    cs = hub.add_parser("connection-string", parents=[common, data],
+                        help="print the admin operator's service connection string")
     cs.add_argument("--rotate", action="store_true",
                     help="make a new key for the built-in admin operator first (the old one stops working)")
     cs.set_defaults(run=hub_connection_string)

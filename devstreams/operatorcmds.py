@@ -58,11 +58,12 @@ def register(groups, common) -> None:
     show.set_defaults(run=operator_show)
 
     for name, fn, helptext in (("remove", operator_remove, "delete an operator (ends its sessions and streams)"),
-                               ("disable", operator_disable, "refuse an operator's logins (ends its sessions "
-                                                             "and streams)"),
+                               ("disable", operator_disable,
+                                "refuse an operator's logins (ends its sessions and streams)"),
                                ("enable", operator_enable, "allow a disabled operator again"),
-                               ("rotate-key", operator_rotate, "give an operator a new key and print its new "
-                                                               "connection string (the old one stops working)")):
+                               ("rotate-key", operator_rotate,
+                                "give an operator a new key and print its new connection string "
+                                "(the old one stops working)")):
         p = ops.add_parser(name, parents=[common, data], help=helptext)
         p.add_argument("name", metavar="NAME")
         p.set_defaults(run=fn)

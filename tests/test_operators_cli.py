@@ -16,8 +16,14 @@ import pytest
 from devprocs import clean_env
 from helpers import REPO, HubThread, cli
 
-from broker.registry import (ADMIN_OPERATOR, ConfigError, OperatorExistsError, UnknownOperatorError,
-                             device_in_scope, open_registry)
+from broker.registry import (
+    ADMIN_OPERATOR,
+    ConfigError,
+    OperatorExistsError,
+    UnknownOperatorError,
+    device_in_scope,
+    open_registry,
+)
 from devstreams import timespec
 from devstreams.fleetimport import parse
 from devstreams.wire.connstr import parse as parse_cs

@@ -137,7 +137,7 @@ def test_concurrent_openers_migrate_once(tmp_path):
             registry = open_registry(path)
             results.append((registry.operator(ADMIN_OPERATOR).key, len(registry.devices())))
             registry.close()
-        except BaseException as exc:  # surfaced below
+        except Exception as exc:  # surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=opener) for _ in range(6)]
