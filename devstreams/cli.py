@@ -14,7 +14,7 @@ import warnings
 from devstreams.wire.errors import DevstreamsError
 from devstreams.wire.redact import redact
 
-from . import agentcmds, gatewaycmds, hubcmds, servicecmds, streamcmds
+from . import agentcmds, gatewaycmds, hubcmds, operatorcmds, servicecmds, streamcmds
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups.required = True
     hubcmds.register(groups, common)
+    operatorcmds.register(groups, common)
     gatewaycmds.register(groups, common)
     agentcmds.register(groups, common)
     servicecmds.register(groups, common)

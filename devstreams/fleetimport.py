@@ -10,10 +10,10 @@ Two formats, mixable line by line:
 
 * one device ID per line; blank lines and ``#`` comments (whole-line or after
   the ID) are ignored -- ``#`` can never be part of a device ID;
-* JSON lines, ``{"device_id": "pump-7"}``.  A ``tags`` object is understood but
-  refused: the registry has no tags yet, and silently dropping an operator's data
-  would be worse than a clear error.  An empty ``tags`` (``{}`` or ``null``)
-  carries no data and is accepted.
+* JSON lines, ``{"device_id": "pump-7", "tags": {"site": "plant-3"}}``; ``tags``
+  is optional (``{}`` and ``null`` mean none) and follows the registry's rules for
+  tags (keys and values of 1-60 letters, digits, '.', '_' or '-'; at most
+  :data:`broker.registry.MAX_TAGS` per device).
 
 Hostile-input-safe: every line is bounded (:data:`MAX_LINE_BYTES`) before it is
 decoded or parsed, and only the two known fields are accepted.
@@ -21,15 +21,13 @@ decoded or parsed, and only the two known fields are accepted.
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from broker.registry import MAX_TAGS, check_tags
 from devstreams.wire.errors import ConfigError
 from devstreams.wire.names import is_device_id
 
-MAX_LINE_BYTES = 4096       # a device ID is at most 128 characters; a JSON line with tags fits easily
-MAX_TAG_KEY = 64            # "short string->string pairs": what a later tags feature can be expected to take
-MAX_TAG_VALUE = 256
-MAX_TAGS = 64
+MAX_LINE_BYTES = 4096       # a device ID is at most 128 characters; 32 tags of 60+60 characters fit
 FIELDS = ("device_id", "tags")
 
 
@@ -49,6 +47,7 @@ class ImportFileError(ConfigError):
 class Entry:
     line: int
     device_id: str
+    tags: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def _bad_id(value) -> str:
@@ -57,14 +56,21 @@ def _bad_id(value) -> str:
             "starting with a letter or digit")
 
 
-def _tags_ok(tags) -> bool:
-    return (isinstance(tags, dict) and len(tags) <= MAX_TAGS
-            and all(isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= MAX_TAG_KEY
-                    and len(v) <= MAX_TAG_VALUE for k, v in tags.items()))
+def _tags(tags) -> dict[str, str]:
+    """The tags of one JSON line; BadLine with the reason otherwise."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise BadLine(f"\"tags\" must be an object of string values, like {{\"site\": \"plant-3\"}} "
+                      f"(at most {MAX_TAGS} tags)")
+    try:
+        return check_tags(tags)
+    except ConfigError as exc:
+        raise BadLine(str(exc)) from None
 
 
-def _json_line(text: str) -> str:
-    """The device ID of one JSON line; BadLine with the reason otherwise."""
+def _json_line(text: str) -> tuple[str, dict[str, str]]:
+    """The device ID and tags of one JSON line; BadLine with the reason otherwise."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -80,18 +86,11 @@ def _json_line(text: str) -> str:
     device_id = obj["device_id"]
     if not isinstance(device_id, str):
         raise BadLine("\"device_id\" must be a string")
-    tags = obj.get("tags")
-    if tags is not None and tags != {}:
-        if not _tags_ok(tags):
-            raise BadLine(f"\"tags\" must be an object of string values (at most {MAX_TAGS} tags, names of "
-                             f"1-{MAX_TAG_KEY} and values of at most {MAX_TAG_VALUE} characters)")
-        raise BadLine("device tags are not supported yet (they would be lost): import the IDs without "
-                         "\"tags\" and add the tags when a later release supports them")
-    return device_id
+    return device_id, _tags(obj.get("tags"))
 
 
-def parse_line(raw: bytes) -> str | None:
-    """The device ID one line names, None for a blank or comment line; BadLine says why not."""
+def parse_entry(raw: bytes) -> tuple[str, dict[str, str]] | None:
+    """The device ID and tags one line names, None for a blank or comment line; BadLine says why not."""
     if len(raw) > MAX_LINE_BYTES:
         raise BadLine(f"line longer than {MAX_LINE_BYTES} bytes")
     try:
@@ -99,15 +98,22 @@ def parse_line(raw: bytes) -> str | None:
     except UnicodeDecodeError:
         raise BadLine("not UTF-8 text") from None
     text = text.removeprefix("\ufeff").strip()  # a byte order mark some editors write first
+    tags: dict[str, str] = {}
     if text.startswith(("{", "[")):
-        device_id = _json_line(text)
+        device_id, tags = _json_line(text)
     else:
         device_id = text.split("#", 1)[0].strip()
         if not device_id:
             return None
     if not is_device_id(device_id):
         raise BadLine(_bad_id(device_id))
-    return device_id
+    return device_id, tags
+
+
+def parse_line(raw: bytes) -> str | None:
+    """The device ID one line names, None for a blank or comment line; BadLine says why not."""
+    entry = parse_entry(raw)
+    return entry[0] if entry else None
 
 
 def parse(lines: Iterable[bytes], source: str = "input") -> list[Entry]:
@@ -122,15 +128,16 @@ def parse(lines: Iterable[bytes], source: str = "input") -> list[Entry]:
     seen: dict[str, int] = {}
     for number, raw in enumerate(lines, start=1):
         try:
-            device_id = parse_line(raw)
+            parsed = parse_entry(raw)
         except BadLine as exc:
             raise ImportFileError(source, number, str(exc)) from None
-        if device_id is None:
+        if parsed is None:
             continue
+        device_id, tags = parsed
         if device_id in seen:
             raise ImportFileError(source, number, f"device {device_id!r} is already on line {seen[device_id]}")
         seen[device_id] = number
-        entries.append(Entry(number, device_id))
+        entries.append(Entry(number, device_id, tags))
     if not entries:
         raise ConfigError(f"no device IDs in {source}: give one ID per line, or JSON lines like "
                           "{\"device_id\": \"pump-7\"}")

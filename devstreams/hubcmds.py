@@ -7,13 +7,15 @@ import json
 import logging
 import os
 import sys
+import time
 
 from broker import datadir
-from broker.registry import SERVICE_POLICY, DevicesExistError, open_registry
+from broker.registry import ADMIN_OPERATOR, DevicesExistError, open_registry, parse_tag
 from broker.settings import HubSettings, broker_address, load, settings_dict, validate
 from devstreams.wire import connstr
 from devstreams.wire.errors import ConfigError
 
+from . import timespec
 from .signals import until_stopped
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,10 @@ def register(groups, common) -> None:
     show.add_argument("--settings", action="store_true",
                       help="print the effective settings instead (the running hub's, else hub.toml + defaults)")
     show.set_defaults(run=hub_show)
-    cs = hub.add_parser("connection-string", parents=[common, data], help="print the service connection string")
-    cs.add_argument("--rotate", action="store_true", help="make a new service key first (old one stops working)")
+    cs = hub.add_parser("connection-string", parents=[common, data],
+                        help="print the admin operator's service connection string")
+    cs.add_argument("--rotate", action="store_true",
+                    help="make a new key for the built-in admin operator first (the old one stops working)")
     cs.set_defaults(run=hub_connection_string)
 
     device = groups.add_parser("device", help="manage registered devices").add_subparsers(
@@ -85,26 +89,45 @@ def register(groups, common) -> None:
         p.add_argument("device_id", metavar="ID")
         if name == "show":
             p.add_argument("--json", action="store_true")
+        if name == "add":
+            p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                           help="a tag (repeatable), e.g. --tag site=plant-3 --tag kind=pump")
         p.set_defaults(run=fn)
+    tag = device.add_parser("tag", parents=[common, data], help="set or remove a device's tags",
+                            description="Set tags (KEY=VALUE; an existing KEY gets the new value) and remove "
+                                        "tags (--remove KEY) of one device. Operators can be scoped to "
+                                        "devices by tag (operator add --devices tag=KEY=VALUE).")
+    tag.add_argument("device_id", metavar="ID")
+    tag.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    tag.add_argument("--remove", action="append", default=[], metavar="KEY", help="remove this tag (repeatable)")
+    tag.set_defaults(run=device_tag)
     listing = device.add_parser("list", parents=[common, data], help="list devices, online/offline, last seen")
     listing.add_argument("--json", action="store_true")
     listing.add_argument("--online", action="store_true", help="only the devices online now")
     listing.add_argument("--limit", type=int, default=None, metavar="N",
                          help="at most N devices, by ID (default: all)")
+    listing.add_argument("--tag", default=None, metavar="KEY=VALUE", help="only the devices with this tag")
     listing.set_defaults(run=device_list)
     imports = device.add_parser(
         "import", parents=[common, data],
         help="register many devices at once; print each one's connection string as a JSON line",
         description="Register every device of FILE in one transaction, all or none: one device ID per "
-                    "line (blank lines and # comments ignored) or JSON lines {\"device_id\": \"pump-7\"}. "
+                    "line (blank lines and # comments ignored) or JSON lines {\"device_id\": \"pump-7\", "
+                    "\"tags\": {\"site\": \"plant-3\"}} (tags optional). "
                     "Prints {\"device_id\": ..., \"connection_string\": ...} per device.")
     imports.add_argument("file", metavar="FILE", help="the list of devices ('-' reads stdin)")
     imports.set_defaults(run=device_import)
 
     logs = groups.add_parser("logs", parents=[common, data], help="print the activity log")
     logs.add_argument("--device", default=None, help="only this device")
+    logs.add_argument("--operator", default=None, metavar="NAME", help="only this operator's requests and streams")
+    logs.add_argument("--since", default=None, metavar="WHEN",
+                      help="only entries since then: a duration back from now (10m, 2h, 1d) or an ISO date/time")
     logs.add_argument("--limit", type=int, default=200, help="newest N entries (default 200)")
-    logs.add_argument("--json", action="store_true", help="one JSON object per line")
+    logs.add_argument("--json", action="store_true",
+                      help="one JSON object per line (with seq, operator and client_host), for log shippers")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="after the existing entries, print new ones as they happen until Ctrl-C/SIGTERM")
     logs.set_defaults(run=show_logs)
 
 
@@ -148,7 +171,21 @@ def _hub_running(args) -> bool:
 def _device_json(device, hub_running: bool) -> dict:
     # A hub killed with -9 could not clear the registry's online flags: without a hub nothing is online.
     return {"deviceId": device.id, "enabled": device.enabled, "online": device.online and hub_running,
-            "lastSeen": device.last_seen, "created": device.created}
+            "lastSeen": device.last_seen, "created": device.created, "tags": dict(device.tags)}
+
+
+def _tags_text(tags: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-"
+
+
+def _parse_tags(texts: list[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for text in texts:
+        key, value = parse_tag(text)
+        if key in tags and tags[key] != value:
+            raise ConfigError(f"tag {key!r} is given twice with different values")
+        tags[key] = value
+    return tags
 
 
 def _hub_down_note(args) -> str:
@@ -241,18 +278,27 @@ def hub_show(args) -> int:
 
 def hub_connection_string(args) -> int:
     registry = _registry(args)
-    key = registry.rotate_policy_key() if args.rotate else registry.policy_key(create=True)
+    admin = registry.rotate_operator_key(ADMIN_OPERATOR) if args.rotate else registry.ensure_admin()
     host, port, single = _address(args)
-    print(connstr.for_hub(host, port, key, single_port=single, policy=SERVICE_POLICY))
+    print(connstr.for_hub(host, port, admin.key, single_port=single, policy=ADMIN_OPERATOR))
     return 0
 
 
 # -- devices -------------------------------------------------------------------------------------
 
 def device_add(args) -> int:
+    tags = _parse_tags(args.tag)
     path = datadir.ensure(datadir.resolve(args.data_dir))
-    device = open_registry(path).add_device(args.device_id)
+    device = open_registry(path).add_device(args.device_id, tags=tags)
     print(_device_cs(args, device))
+    return 0
+
+
+def device_tag(args) -> int:
+    if not args.tags and not args.remove:
+        raise ConfigError("give tags to set (KEY=VALUE) and/or --remove KEY")
+    device = _registry(args).set_device_tags(args.device_id, _parse_tags(args.tags), remove=args.remove)
+    print(f"device {device.id} tags: {_tags_text(device.tags)}")
     return 0
 
 
@@ -267,6 +313,8 @@ def device_show(args) -> int:
         for key, value in info.items():
             if key in ("lastSeen", "created"):
                 value = _when(value)
+            if key == "tags":
+                value = _tags_text(value)
             if key == "online" and not running:
                 value = f"False ({_hub_down_note(args)})"
             print(f"{key + ':':18} {value}")
@@ -291,7 +339,8 @@ def device_import(args) -> int:
     path = datadir.ensure(datadir.resolve(args.data_dir))
     address = _address(args)
     try:
-        devices = open_registry(path).add_devices([e.device_id for e in entries])
+        devices = open_registry(path).add_devices([e.device_id for e in entries],
+                                                  tags={e.device_id: e.tags for e in entries if e.tags})
     except DevicesExistError as exc:
         lines = {e.device_id: e.line for e in entries}
         first = min(exc.device_ids, key=lines.__getitem__)
@@ -321,21 +370,22 @@ def _silence_stdout() -> None:
 def device_list(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
+    tag = parse_tag(args.tag) if args.tag is not None else None
     registry = _registry(args)
     running = _hub_running(args)
     if args.online and not running:
         devices = []  # the registry's flags may be stale after a crash: without a hub nothing is online
     else:
-        devices = registry.devices(online_only=args.online, limit=args.limit)
+        devices = registry.devices(online_only=args.online, limit=args.limit, tag=tag)
     if args.json:
         print(json.dumps([_device_json(d, running) for d in devices], indent=2))
         return 0
     if not running:
         print(f"{_hub_down_note(args)}: every device is offline")
-    print(f"{'DEVICE':32} {'STATE':9} {'CONNECTION':10} LAST SEEN")
+    print(f"{'DEVICE':32} {'STATE':9} {'CONNECTION':10} {'LAST SEEN':19} TAGS")
     for d in devices:
         print(f"{d.id:32} {'enabled' if d.enabled else 'disabled':9} "
-              f"{'online' if d.online and running else 'offline':10} {_when(d.last_seen)}")
+              f"{'online' if d.online and running else 'offline':10} {_when(d.last_seen):19} {_tags_text(d.tags)}")
     return 0
 
 
@@ -365,23 +415,62 @@ def device_rotate(args) -> int:
 
 # -- activity log --------------------------------------------------------------------------------
 
-def show_logs(args) -> int:
+FOLLOW_POLL = 0.5      # s between two looks for new rows in 'logs --follow'
+FOLLOW_BATCH = 1000    # rows read per look
+
+
+def show_logs(args):
+    """``devstreams logs``: the newest matching rows; with --follow, then the new ones as they come."""
     if args.limit < 1:
         raise ConfigError("--limit must be at least 1")
-    entries = _registry(args).activity(device=args.device, limit=args.limit)
-    if args.json:
-        for entry in entries:
-            print(json.dumps(entry))
-        return 0
-    for e in entries:
-        when = _when(e["time"])
-        if e["kind"] == "request":
-            detail = f"{e['outcome']:12} {e['latency_ms']:8.1f} ms"
-        else:
-            detail = (f"{'closed':12} {e['duration_s']:8.1f} s  to-device {e['bytes_to_device']} B, "
-                      f"to-service {e['bytes_to_service']} B")
-        reason = f"  ({e['reason']})" if e["reason"] else ""
-        print(f"{when}  {e['kind']:7}  {e['device']:24} {e['name']:12} {detail}{reason}")
+    since = timespec.since(args.since, time.time()) if args.since is not None else None
+    registry = _registry(args)
+    query = {"device": args.device, "operator": args.operator, "since": since}
+    if args.follow:
+        return _follow_logs(registry, args, query)
+    for entry in registry.activity(limit=args.limit, **query):
+        print(_log_line(entry, args.json))
     return 0
 
 
+async def _follow_logs(registry, args, query: dict) -> int:
+    """Print the existing rows, then poll for rows after the last one printed, until SIGINT/SIGTERM.
+
+    The signal handlers go in before the first row is printed, so whoever reads our
+    output can stop us with SIGTERM from then on and gets exit status 0.
+    """
+    import asyncio
+    stop = asyncio.ensure_future(until_stopped())
+    await asyncio.sleep(0)   # until_stopped() has installed its handlers
+    try:
+        last = 0
+        rows = registry.activity(limit=args.limit, **query)
+        while not stop.done():
+            for entry in rows:
+                print(_log_line(entry, args.json))
+                last = max(last, entry["seq"])
+            sys.stdout.flush()
+            if len(rows) < FOLLOW_BATCH:
+                await asyncio.wait([stop], timeout=FOLLOW_POLL)
+            if stop.done():
+                break
+            rows = registry.activity(limit=FOLLOW_BATCH, after_seq=last, **query)
+    finally:
+        if not stop.done():
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop
+    return 0
+
+
+def _log_line(e: dict, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(e)
+    when = _when(e["time"])
+    if e["kind"] == "request":
+        detail = f"{e['outcome']:12} {e['latency_ms'] or 0:8.1f} ms"
+    else:
+        detail = (f"{'closed':12} {e['duration_s'] or 0:8.1f} s  to-device {e['bytes_to_device']} B, "
+                  f"to-service {e['bytes_to_service']} B")
+    reason = f"  ({e['reason']})" if e["reason"] else ""
+    return f"{when}  {e['kind']:7}  {e['operator'] or '-':16} {e['device']:24} {e['name']:12} {detail}{reason}"

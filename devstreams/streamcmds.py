@@ -26,7 +26,7 @@ def register(groups, common) -> None:
         dest="streams_command", metavar="COMMAND")
     streams.required = True
     listing = streams.add_parser("list", parents=[common, data],
-                                 help="open streams: id, device, stream name, age, bytes each way, gateway")
+                                 help="open streams: id, operator, device, stream name, age, bytes each way, gateway")
     listing.add_argument("--json", action="store_true", help="a JSON array with full stream ids")
     listing.set_defaults(run=streams_list)
     close = streams.add_parser("close", parents=[common, data],
@@ -79,12 +79,13 @@ def streams_list(args) -> int:
         print(json.dumps([{"streamId": r["stream_id"], "device": r["device"], "name": r["name"],
                            "state": r["state"], "ageSeconds": round(now - r["created"], 1),
                            "bytesToDevice": r["bytes_to_device"], "bytesToService": r["bytes_to_service"],
-                           "gateway": r["gateway"], "service": r["service"]} for r in rows], indent=2))
+                           "gateway": r["gateway"], "service": r["service"],
+                           "operator": r["operator"]} for r in rows], indent=2))
         return 0
-    print(f"{'STREAM':12}  {'DEVICE':24} {'NAME':12} {'STATE':8} {'AGE':>6} {'TO DEVICE':>10} "
+    print(f"{'STREAM':12}  {'OPERATOR':16} {'DEVICE':24} {'NAME':12} {'STATE':8} {'AGE':>6} {'TO DEVICE':>10} "
           f"{'TO SERVICE':>10}  GATEWAY")
     for r in rows:
-        print(f"{r['stream_id'][:12]:12}  {r['device']:24} {r['name']:12} {r['state']:8} "
+        print(f"{r['stream_id'][:12]:12}  {r['operator'] or '-':16} {r['device']:24} {r['name']:12} {r['state']:8} "
               f"{_age(now - r['created']):>6} {_size(r['bytes_to_device']):>10} "
               f"{_size(r['bytes_to_service']):>10}  {r['gateway'] or '-'}")
     return 0

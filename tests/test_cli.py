@@ -88,7 +88,7 @@ def test_hub_up_show_connection_string_and_clean_shutdown(data_dir):
             assert mode == 0o600, f"{secret} is {oct(mode)}"
 
         svc_cs = cli("hub", "connection-string", "--data-dir", data_dir).stdout.strip()
-        assert svc_cs.startswith(f"HostName=hub.example;MqttPort={shown['mqttPort']};SharedAccessKeyName=service;")
+        assert svc_cs.startswith(f"HostName=hub.example;MqttPort={shown['mqttPort']};SharedAccessKeyName=admin;")
         dev_cs = cli("device", "add", "d1", "--data-dir", data_dir).stdout.strip()
         assert dev_cs.split(";SharedAccessKey=")[1] != svc_cs.split(";SharedAccessKey=")[1]
     finally:

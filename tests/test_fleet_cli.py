@@ -75,10 +75,13 @@ def test_reader_ids_comments_blank_lines_and_json_lines():
     (b'{"tags": {}}', "without \"device_id\""),
     (b'{"device_id": "pump-9", "site": "x"}', "unknown field 'site'"),
     (b'{"device_id": "bad id"}', "invalid device ID 'bad id'"),
-    (b'{"device_id": "pump-9", "tags": {"site": "plant-3"}}', "tags are not supported yet"),
+    (b'{"device_id": "pump-9", "tags": {"site now": "plant-3"}}', "invalid tag key 'site now'"),
+    (b'{"device_id": "pump-9", "tags": {"site": ""}}', "invalid tag value ''"),
+    (b'{"device_id": "pump-9", "tags": {' + b", ".join(b'"k%d": "v"' % n for n in range(33)) + b'}}',
+     "at most 32 tags"),
     (b'{"device_id": "pump-9", "tags": {"site": 3}}', "\"tags\" must be an object of string values"),
     (b'{"device_id": "pump-9", "tags": ["site"]}', "\"tags\" must be an object of string values"),
-    (b'{"device_id": "pump-9", "tags": {"s": "' + b"v" * 300 + b'"}}', "must be an object of string values"),
+    (b'{"device_id": "pump-9", "tags": {"s": "' + b"v" * 300 + b'"}}', "invalid tag value"),
     (b"\xff\xfepump", "not UTF-8"),
     (b"p" * (MAX_LINE_BYTES + 1), f"longer than {MAX_LINE_BYTES} bytes"),
     (b"[" * 4000, "nested too deeply"),
@@ -129,7 +132,7 @@ BAD_LINES = [
     ("duplicate", "good-1", "device 'good-1' is already on line 2"),
     ("registered", "old-1", "device 'old-1' is already registered"),
     ("malformed JSON", '{"device_id": "good-9",', "malformed JSON"),
-    ("tags", '{"device_id": "good-9", "tags": {"site": "plant-3"}}', "tags are not supported yet"),
+    ("tags", '{"device_id": "good-9", "tags": {"site": "plant/3"}}', "invalid tag value 'plant/3'"),
 ]
 
 
@@ -158,10 +161,16 @@ def test_import_from_stdin_with_and_without_tags(tmp_path):
     assert [r["device_id"] for r in rows] == ["pump-1", "pump-2", "pump-3", "pump-4", "pump-5"]
     check_connection_strings(rows, data_dir)
 
-    tagged = '{"device_id": "pump-6"}\n{"device_id": "pump-7", "tags": {"site": "plant-3"}}\n'
-    error = one_line_error(cli("device", "import", "-", "--data-dir", str(data_dir), input=tagged))
-    assert "stdin, line 2: device tags are not supported yet" in error
-    assert set(registered(data_dir)) == {f"pump-{n}" for n in range(1, 6)}
+    tagged = '{"device_id": "pump-6"}\n{"device_id": "pump-7", "tags": {"site": "plant-3", "kind": "pump"}}\n'
+    rows += imported(cli("device", "import", "-", "--data-dir", str(data_dir), input=tagged))
+    check_connection_strings(rows, data_dir)
+    shown = json.loads(cli("device", "show", "pump-7", "--json", "--data-dir", str(data_dir)).stdout)
+    assert shown["tags"] == {"site": "plant-3", "kind": "pump"}
+    assert json.loads(cli("device", "show", "pump-6", "--json", "--data-dir", str(data_dir)).stdout)["tags"] == {}
+    bad_tag = '{"device_id": "pump-8"}\n{"device_id": "pump-9", "tags": {"site": "plant 3"}}\n'
+    error = one_line_error(cli("device", "import", "-", "--data-dir", str(data_dir), input=bad_tag))
+    assert "stdin, line 2: invalid tag value 'plant 3'" in error
+    assert set(registered(data_dir)) == {f"pump-{n}" for n in range(1, 8)}
 
     assert "no device IDs in stdin" in one_line_error(
         cli("device", "import", "-", "--data-dir", str(data_dir), input="# nobody\n"))
