@@ -38,6 +38,7 @@ class _Meeting:
         self.sockets: dict[Side, RelayConnection] = {}
         self.paired = asyncio.Event()
         self.done = asyncio.Event()
+        self.service_host = ""   # the service side's address (for the audit log), taken when it arrives
 
 
 class Gateway:
@@ -143,6 +144,8 @@ class Gateway:
         self._pairing.attach(entry, side)
         meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
         meeting.sockets[side] = ws
+        if side is Side.SERVICE:
+            meeting.service_host = _host_of(ws.remote_address)
         if len(meeting.sockets) == 1:
             self.events.emit(StreamOpened(entry.stream_id))
             await self._wait_for_peer(entry, side, ws, meeting)
@@ -186,8 +189,7 @@ class Gateway:
         if not self._pairing.finish(entry, time.time()):
             return
         meeting = self._meetings.pop(entry.stream_id, None)
-        service = meeting.sockets.get(Side.SERVICE) if meeting is not None else None
-        service_host = _host_of(service.remote_address) if service is not None else ""
+        service_host = meeting.service_host if meeting is not None else ""
         record.close_reason = entry.revoked or record.close_reason
         log.info("stream %s ended after %.1f s: %s (to device %d B, to service %d B)", entry.stream_id[:8],
                  record.duration, record.close_reason, record.bytes_to_device, record.bytes_to_service)

@@ -321,7 +321,7 @@ def test_open_stream_keeps_its_slot_until_the_gateway_closes_it():
     assert core.timer((NO_SHOW_TIMER, sid), now=500) == [] and core.open_streams == 1, "no no-show once open"
     acts = core.stream_ended(stream_id=sid, device="pump-7", name="ssh", reason="closed", bytes_to_device=5,
                              bytes_to_service=7, duration=1.23456)
-    assert of(acts, Emit) == [Emit(StreamClosed(sid, "pump-7", "ssh", "closed", 5, 7, 1.235))]
+    assert of(acts, Emit) == [Emit(StreamClosed(sid, "pump-7", "ssh", "closed", 5, 7, 1.235, operator="admin"))]
     assert core.open_streams == 0 and core.state(sid) is None
 
 

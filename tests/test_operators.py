@@ -185,7 +185,7 @@ def test_an_expiring_operator_is_cut_off_when_it_expires(hub, tmp_path):
                         await stream.recv()
                         await asyncio.sleep(0.05)
                 assert "operator alice has expired" in closed.value.reason
-            with pytest.raises(UnauthorizedError, match="expired"):
+            with pytest.raises(UnauthorizedError, match="operator alice exists on the hub, is enabled and has not expired"):
                 async with ServiceClient(alice_cs, ca_file=hub.ca_file) as again:
                     await again.create_stream("pump-7", "echo")
         run(main())

@@ -57,7 +57,7 @@ from devstreams.transport.proxy import Proxy, ProxyTunnelError, open_tunnel
 from devstreams.wire.errors import HubUnavailableError, ProxyError, UnauthorizedError
 from devstreams.wire.frontdoor import MQTT_WS_PATH
 from devstreams.wire.throttle import LogLimiter
-from devstreams.wire.topics import device_notice
+from devstreams.wire.topics import SERVICE_PREFIX, device_notice
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,14 @@ class MqttSession:
         except Exception:
             log.exception("error in MQTT connect handler")
 
+    def _who_must_exist(self) -> str:
+        """What the hub must still admit for this login to work (MQTT 3.1.1 CONNACK has no reason text)."""
+        if self._username.startswith(SERVICE_PREFIX):
+            name = self._username[len(SERVICE_PREFIX):]
+            return (f"that operator {name} exists on the hub, is enabled and has not expired "
+                    f"('devstreams operator show {name}' on the hub)")
+        return "that the device is registered and enabled"
+
     def _connect_refused(self, reason_code) -> None:
         value = getattr(reason_code, "value", 0)
         if value in AUTH_REFUSED and self._background:
@@ -365,7 +373,7 @@ class MqttSession:
                           reason_code)
         elif value in AUTH_REFUSED:
             msg = (f"the {self.peer} refused the credentials of {self.client_id!r} ({reason_code}): "
-                   "check the connection string and that the device is registered and enabled")
+                   f"check the connection string and {self._who_must_exist()}")
             log.error("%s", msg)
             if not self.ever_connected:
                 self._post(self._settle, UnauthorizedError(msg))
