@@ -25,16 +25,17 @@ from typing import Protocol
 
 from devstreams.wire.messages import Outcome
 
-TAG_PREFIX = "tag="
+from .registry import TAG_SCOPE_PREFIX
 
 
-class OperatorLike(Protocol):
+class OperatorLike(Protocol):   # broker.registry.Operator
     name: str
     key: bytes
     enabled: bool
-    expires: float | None
     devices: tuple[str, ...]
     streams: tuple[str, ...]
+
+    def expired(self, now: float) -> bool: ...
 
 
 def key_digest(key: bytes | None) -> bytes:
@@ -47,8 +48,8 @@ def device_in_scope(patterns: tuple[str, ...], device_id: str, tags: Mapping[str
     if not patterns:
         return True
     for pattern in patterns:
-        if pattern.startswith(TAG_PREFIX):
-            key, _, value = pattern[len(TAG_PREFIX):].partition("=")
+        if pattern.startswith(TAG_SCOPE_PREFIX):
+            key, _, value = pattern[len(TAG_SCOPE_PREFIX):].partition("=")
             if tags.get(key) == value:
                 return True
         elif fnmatch.fnmatchcase(device_id, pattern):
@@ -66,7 +67,7 @@ def standing(operator: OperatorLike | None, name: str, wall: float) -> tuple[Out
         return Outcome.UNAUTHORIZED, f"operator {name} does not exist on this hub"
     if not operator.enabled:
         return Outcome.UNAUTHORIZED, f"operator {name} is disabled"
-    if operator.expires is not None and wall >= operator.expires:
+    if operator.expired(wall):
         return Outcome.UNAUTHORIZED, f"operator {name} has expired"
     return None
 

@@ -20,7 +20,6 @@ add`` …) fails with :class:`DiskFullError`, one line that says "disk full".
 """
 
 import errno
-import fnmatch
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 
 ADMIN_OPERATOR = "admin"           # built in: every device, every stream; 'hub connection-string' prints it
 LEGACY_ADMIN_NAMES = ("service",)  # the previous release's one policy: its connection strings stay admin's
-SERVICE_POLICY = ADMIN_OPERATOR    # the old name of the hub's own policy (kept for callers of earlier releases)
 KEY_BYTES = 32
 
 TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,60}$")   # tag keys and values alike
@@ -189,12 +187,6 @@ class Operator:
         """Whether the operator's key admits a login at wall-clock time ``now``."""
         return self.enabled and not self.expired(now)
 
-    def allows_device(self, device_id: str, tags: dict[str, str] | None = None) -> bool:
-        return device_in_scope(self.devices, device_id, tags or {})
-
-    def allows_stream(self, name: str) -> bool:
-        return not self.streams or name in self.streams
-
     def __repr__(self) -> str:  # keep keys out of logs
         return f"Operator(name={self.name!r}, enabled={self.enabled}, devices={self.devices}, streams={self.streams})"
 
@@ -245,21 +237,6 @@ def check_scope_entry(entry: str) -> str:
         raise ConfigError(f"invalid device scope {shown!r}: give a device-ID glob (letters, digits, '.', '_', "
                           "'-' and the wildcards * ? [...]), e.g. pump-*, or tag=KEY=VALUE")
     return entry
-
-
-def device_in_scope(scope: Iterable[str], device_id: str, tags: dict[str, str]) -> bool:
-    """Whether a device (its ID and tags) is within an operator's device scope (() = every device)."""
-    scope = tuple(scope)
-    if not scope:
-        return True
-    for entry in scope:
-        if entry.startswith(TAG_SCOPE_PREFIX):
-            key, _, value = entry[len(TAG_SCOPE_PREFIX):].partition("=")
-            if tags.get(key) == value:
-                return True
-        elif fnmatch.fnmatchcase(device_id, entry):
-            return True
-    return False
 
 
 def _tags_from(text) -> dict[str, str]:

@@ -272,3 +272,25 @@ def test_raw_client_with_alices_key_cannot_read_bobs_answers_or_ask_as_bob(tmp_p
     finally:
         hub.stop()
 
+
+
+@pytest.mark.timeout(60)
+def test_retagging_a_device_out_of_scope_ends_that_operators_streams(hub, tmp_path):
+    bob_cs = add_operator(hub, "bob", "--devices", "tag=site=plant-3")
+    with agent(hub, tmp_path, "pump-7", "--echo"):
+        cli_ok(hub, "device", "tag", "pump-7", "site=plant-3")
+        async def main():
+            async with ServiceClient(bob_cs, ca_file=hub.ca_file) as bob:
+                stream = await echo_once(bob, "pump-7")
+                await asyncio.to_thread(cli_ok, hub, "device", "tag", "pump-7", "site=plant-4")
+                started = time.monotonic()
+                with pytest.raises(StreamClosedError) as closed:
+                    while time.monotonic() - started < 10:
+                        await stream.send(b"x")
+                        await stream.recv()
+                assert closed.value.code == CLOSE_REVOKED
+                assert "operator bob may no longer open streams to pump-7" in closed.value.reason
+                assert time.monotonic() - started < REVOKE_DEADLINE
+                with pytest.raises(ForbiddenError):
+                    await bob.create_stream("pump-7", "echo")
+        run(main())

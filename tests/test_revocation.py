@@ -142,7 +142,7 @@ def test_rotating_the_service_key_ends_running_proxies_streams(hub, tmp_path):
             answer = b""
         assert answer == b"", "the proxy opened a new stream with the rotated-out key"
         assert hub.hub.controller.open_streams == 0
-    assert "service key rotated" in " ".join(str(e["reason"]) for e in hub.registry().activity())
+    assert "operator admin's key was rotated" in " ".join(str(e["reason"]) for e in hub.registry().activity())
 
 
 @pytest.mark.timing
