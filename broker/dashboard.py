@@ -164,7 +164,7 @@ class HubWeb:
         hub = self.hub
         out: dict = {}
         if hub.registry is not None:
-            out["devices"] = len(hub.registry.all())
+            out["devices"] = hub.registry.count()
         if hub.controller is not None:
             out["devices_online"] = len(hub.controller.online_devices)
             out["open_streams"] = hub.controller.open_streams

@@ -70,17 +70,14 @@ def device_row(device, online: set[str]) -> dict:
 def device_page(devices: list, online: set[str], query: str = "", page: int = 1, size: int = 50) -> dict:
     """One page of the devices matching ``query`` (substring of the id or of a tag ``k=v``), online first."""
     q = (query or "")[:MAX_FILTER].strip().lower()
-    rows = []
-    for device in devices:
-        row = device_row(device, online)
-        if q and q not in row["id"].lower() and not any(q in f"{k}={v}".lower() for k, v in row["tags"].items()):
-            continue
-        rows.append(row)
-    rows.sort(key=lambda r: (not r["online"], r["id"]))
-    pages = max(1, math.ceil(len(rows) / size))
+    if q:
+        devices = [d for d in devices if q in d.id.lower()
+                   or any(q in f"{k}={v}".lower() for k, v in tags_of(d).items())]
+    devices = sorted(devices, key=lambda d: (d.id not in online, d.id))
+    pages = max(1, math.ceil(len(devices) / size))
     page = min(max(1, page), pages)
-    return {"rows": rows[(page - 1) * size: page * size], "page": page, "pages": pages, "total": len(rows),
-            "query": q}
+    rows = [device_row(d, online) for d in devices[(page - 1) * size: page * size]]   # only this page's rows
+    return {"rows": rows, "page": page, "pages": pages, "total": len(devices), "query": q}
 
 
 def page_number(text: str | None) -> int:

@@ -235,10 +235,16 @@ def test_an_expired_login_link_is_refused(tmp_path):
         hub.stop()
 
 
-def test_dashboard_url_needs_a_running_hub(tmp_path):
+def test_dashboard_url_needs_a_running_hub_and_hub_show_names_the_urls(tmp_path):
     HubThread(tmp_path / "hub").start().stop()
     result = cli("hub", "dashboard-url", "--data-dir", str(tmp_path / "hub"))
     assert result.returncode != 0 and "no hub runs" in result.stderr and result.stderr.count("\n") == 1
+    (tmp_path / "hub" / "hub.toml").write_text("gateway_port = 9443\n")
+    shown = json.loads(cli("hub", "show", "--data-dir", str(tmp_path / "hub")).stdout)
+    assert shown["dashboard"] == "https://localhost:9443/" and shown["metrics"] == "https://localhost:9443/metrics"
+    (tmp_path / "hub" / "hub.toml").write_text('gateway_urls = ["wss://gw1:8443"]\n')
+    shown = json.loads(cli("hub", "show", "--data-dir", str(tmp_path / "hub")).stdout)
+    assert shown["dashboard"] is None and shown["metrics"] is None
 
 
 @pytest.mark.timeout(60)

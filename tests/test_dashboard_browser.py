@@ -102,9 +102,13 @@ def test_dashboard_in_chromium_login_live_stream_close_and_refusal(tmp_path, bro
             alert.accept()
             # the client's stream ends (connect exits with the reason), and the row goes away
             started = time.monotonic()
-            _, err = client.communicate(timeout=15)
+            client.wait(timeout=15)          # stdin stays open: only the close can end it
+            err = client.stderr.read()
             print(f"client ended {time.monotonic() - started:.2f} s after the click: {err.decode().strip()}")
-            assert client.returncode != 0 and b"closed by an operator" in err
+            assert client.returncode != 0 and b"closed by an operator" in err, err
+            client.stdin.close()
+            client.stdout.close()
+            client.stderr.close()
             client = None
             wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#streams tbody tr"))
             assert browser.execute_script("return window.notReloaded === true;")

@@ -49,25 +49,36 @@
     svg.appendChild(title);
   }
 
+  // Rows are kept per stream id and updated in place: a Close button is never replaced under the pointer.
+  function streamRow(s) {
+    const tr = document.createElement("tr");
+    tr.dataset.stream = s.stream_id;
+    for (let i = 0; i < 7; i++) tr.appendChild(document.createElement("td"));
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "close";
+    button.textContent = "Close";
+    button.addEventListener("click", () => {
+      if (!confirm("Close stream " + s.name + " to " + s.device + "? Both sides are disconnected.")) return;
+      post("/api/streams/" + encodeURIComponent(s.stream_id) + "/close").then(() => { refresh(); loadActivity(); });
+    });
+    tr.appendChild(document.createElement("td")).appendChild(button);
+    return tr;
+  }
   function showStreams(rows) {
     const body = $("streams").tBodies[0];
-    body.textContent = "";
-    for (const s of rows) {
-      const tr = document.createElement("tr");
-      tr.dataset.stream = s.stream_id;
-      cell(tr, s.device); cell(tr, s.name); cell(tr, s.operator); cell(tr, s.state);
-      cell(tr, Math.round(s.age_s) + " s"); cell(tr, bytes(s.bytes_to_device)); cell(tr, bytes(s.bytes_to_service));
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "close";
-      button.textContent = "Close";
-      button.addEventListener("click", () => {
-        if (!confirm("Close stream " + s.name + " to " + s.device + "? Both sides are disconnected.")) return;
-        post("/api/streams/" + encodeURIComponent(s.stream_id) + "/close").then(refresh);
-      });
-      tr.appendChild(document.createElement("td")).appendChild(button);
-      body.appendChild(tr);
-    }
+    const existing = new Map();
+    for (const tr of Array.from(body.rows)) existing.set(tr.dataset.stream, tr);
+    rows.forEach((s, index) => {
+      let tr = existing.get(s.stream_id);
+      existing.delete(s.stream_id);
+      if (!tr) tr = streamRow(s);
+      const texts = [s.device, s.name, s.operator, s.state, Math.round(s.age_s) + " s",
+                     bytes(s.bytes_to_device), bytes(s.bytes_to_service)];
+      texts.forEach((text, i) => { if (tr.cells[i].textContent !== text) tr.cells[i].textContent = text; });
+      if (body.rows[index] !== tr) body.insertBefore(tr, body.rows[index] || null);
+    });
+    for (const tr of existing.values()) tr.remove();
   }
 
   function refresh() {
@@ -121,5 +132,10 @@
 
   fillTimes(document);
   refresh(); loadActivity();
-  setInterval(() => { refresh(); loadDevices(); loadActivity(); }, refreshMs);
+  // Streams and charts every refresh; the device list and activity (database reads) every fifth.
+  let tick = 0;
+  setInterval(() => {
+    refresh();
+    if (++tick % 5 === 0) { loadDevices(); loadActivity(); }
+  }, refreshMs);
 })();

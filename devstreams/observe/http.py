@@ -103,12 +103,17 @@ class HttpServer:
             self._tasks.discard(task)
             writer.close()
 
-    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader):
+    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader, head: bool = False):
+        """The next h11 event.  ``head``: reading a request line + headers, which may not exceed
+        ``max_header``: h11 bounds only an *incomplete* event, so a whole oversized head arriving
+        in one read would pass; reading no more than the bound leaves it incomplete, and h11
+        refuses it (431)."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await asyncio.wait_for(reader.read(65536), self.request_timeout)
+            size = max(1, self.max_header + 1 - len(conn.trailing_data[0])) if head else 65536
+            data = await asyncio.wait_for(reader.read(size), self.request_timeout)
             conn.receive_data(data)
 
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response,
@@ -130,7 +135,7 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header)
         while True:
             try:
-                event = await self._next(conn, reader)
+                event = await self._next(conn, reader, head=True)
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
