@@ -149,8 +149,9 @@ def device_rows_html(page: dict) -> str:
     out = []
     for r in page["rows"]:
         tags = " ".join(f"{k}={v}" for k, v in sorted(r["tags"].items()))
+        status = "online" if r["online"] else "offline" if r["enabled"] else "disabled"
         out.append(f'<tr data-device="{_e(r["id"])}"><td>{_e(r["id"])}</td>'
-                   f'<td class="{"on" if r["online"] else "off"}">{"online" if r["online"] else "offline"}</td>'
+                   f'<td class="{"on" if r["online"] else "off"}">{status}</td>'
                    f'<td class="time" data-t="{_e(r["last_seen"] or "")}"></td><td>{_e(tags)}</td></tr>')
     return "".join(out)
 
