@@ -306,3 +306,27 @@ def test_standalone_gateway_refuses_a_bad_metrics_token_file(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "metrics token" in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hub", ["mosquitto"], indirect=True)
+def test_hub_metrics_on_an_external_broker(hub):
+    """The same counters from the controller's and the gateway's sinks; connections by role are the
+    broker's to tell (no gate here), so that family is absent rather than wrong."""
+    token = cli("hub", "metrics-token", "--data-dir", str(hub.data_dir)).stdout.strip()
+
+    async def main():
+        async with DeviceAgent(hub.add_device("ext-1"), echo, ca_file=hub.ca_file), \
+                ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as svc:
+            await wait_for(lambda: "ext-1" in hub.hub.controller.online_devices, what="online")
+            stream = await (await svc.create_stream("ext-1", "echo")).open()
+            await stream.send(b"z" * 100)
+            assert await stream.recv() == b"z" * 100
+            await stream.close()
+            await wait_for(lambda: hub.hub.controller.open_streams == 0, what="closed")
+    run(main())
+    found = scrape(hub, token)
+    assert value(found, "devstreams_stream_requests_total", outcome="accepted") == 1
+    assert value(found, "devstreams_device_presence_changes_total", state="online") == 1
+    assert value(found, "devstreams_stream_ends_total", reason="closed") == 1
+    assert not any(name == "devstreams_mqtt_connections" for name, _ in found)
