@@ -29,8 +29,10 @@ from devstreams.wire.frontdoor import Refusal, Route, Sniffer
 log = logging.getLogger(__name__)
 
 MAX_QUERY_FIELDS = 16
-REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-           414: "URI Too Long", 501: "Not Implemented", 503: "Service Unavailable"}
+REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+           414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 503: "Service Unavailable"}
 
 
 @dataclass
