@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 from importlib import resources
@@ -32,6 +31,7 @@ from devstreams.observe.metrics import CONTENT_TYPE, Metrics, StateCollector
 from devstreams.wire.errors import ConfigError
 from devstreams.wire.events import StreamClosed
 from devstreams.wire.frontdoor import Route as DoorRoute
+from devstreams.wire.topics import Role
 
 from . import webauth, webview
 from .datadir import write_private
@@ -140,6 +140,10 @@ class HubWeb:
         """With the controller made (before it connects): count its events, sample the charts."""
         self.hub.controller.events.subscribe(self.metrics.on_event)
         self._sampler = asyncio.ensure_future(self._sample())
+        where = self.endpoints()
+        if where["dashboard"]:
+            log.info("dashboard on %s (log in: devstreams hub dashboard-url), metrics on %s (bearer token: "
+                     "devstreams hub metrics-token)", where["dashboard"], where["metrics"])
 
     async def stop(self) -> None:
         if self._sampler is not None:
@@ -173,7 +177,6 @@ class HubWeb:
                                  sum(r["bytes_to_service"] or 0 for r in rows))
         gate = getattr(hub.broker, "gate", None)
         if gate is not None:
-            from devstreams.wire.topics import Role
             out["connections"] = {role.value: len(gate.connected(role)) for role in Role}
         return out
 

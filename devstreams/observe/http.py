@@ -17,6 +17,7 @@ Everything is bounded: request line + headers (``max_header_bytes``), body
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -243,7 +244,6 @@ def bearer_ok(header: str | None, token: str) -> bool:
     """``Authorization: Bearer <token>`` names ``token`` (constant-time; an empty token never matches)."""
     if not token or not header or not header.startswith("Bearer "):
         return False
-    import hmac
     return hmac.compare_digest(header[7:].strip().encode("utf-8", "replace"), token.encode("utf-8"))
 
 
