@@ -65,11 +65,13 @@ from amqtt.mqtt.publish import PublishPacket
 from devstreams.transport.tls import release_bio_buffers
 from devstreams.wire import sas
 from devstreams.wire.errors import TokenError
+from devstreams.wire.events import EventSink, LoginRefused
 from devstreams.wire.throttle import LogLimiter
 from devstreams.wire.topics import CONTROLLER_USER, Role, device_notice
 
 from .amqtt_fixes import WaiterList
-from .auth import Authenticator, AuthRefused, Identity
+from .auth import (CONNACK_BAD_CREDENTIALS, CONNACK_IDENTIFIER_REJECTED, CONNACK_NOT_AUTHORIZED, Authenticator,
+                   AuthRefused, Identity)
 from .limits import TokenBucket
 from .packetguard import PacketGuard, check_will
 
@@ -356,6 +358,11 @@ class _Live:
     since: float = field(default_factory=time.monotonic)
 
 
+# CONNACK return codes of refused logins -> the label metrics count them under.
+AUTH_REFUSAL_LABELS = {CONNACK_BAD_CREDENTIALS: "bad-credentials", CONNACK_NOT_AUTHORIZED: "not-authorized",
+                       CONNACK_IDENTIFIER_REJECTED: "identifier-rejected"}
+
+
 class Gate:
     def __init__(self, broker: Broker, authenticator: Authenticator, *, max_connect_bytes: int = 8192,
                  connect_packet_timeout: float = 10.0, max_connections: int = 10000,
@@ -392,6 +399,11 @@ class Gate:
         # initial 256 KiB read buffer, OpenSSL's handshake state) that glibc keeps: the hub trims
         # the heap after logins (broker/memory.py), which takes an idle device from 62 to 48 KiB.
         self.accepted = 0
+        # Refused logins go to this sink as LoginRefused (the hub's metrics subscribe): no counters here.
+        self.events = EventSink()
+
+    def _refused(self, reason: str) -> None:
+        self.events.emit(LoginRefused(reason))
 
     def app_protocol(self) -> asyncio.StreamReaderProtocol:
         """The protocol of one MQTT connection once TLS is up: what the single port hands over."""
@@ -532,6 +544,7 @@ class Gate:
         try:
             if not self._make_room():
                 log.warning("refusing %s: %d connections is the limit", peer, self._max_connections)
+                self._refused("connection-limit")
                 writer.transport.abort()
                 return
             try:
@@ -543,6 +556,7 @@ class Gate:
                 return
             except (ValueError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
                 log.info("refusing %s: bad CONNECT (%s)", peer, exc)
+                self._refused("bad-connect")
                 writer.transport.abort()
                 return
         finally:
@@ -552,6 +566,7 @@ class Gate:
         release_tls_buffers(writer)
         client_id = packet.client_id or ""
         if not self._admit(packet):
+            self._refused("login-rate")
             await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE)
             return
         if packet.will_flag:
@@ -559,12 +574,14 @@ class Gate:
                                   self._max_retained_bytes)
             if bad_will:
                 log.info("refusing client %r from %s: %s", client_id, peer, bad_will)
+                self._refused("bad-will")
                 writer.transport.abort()
                 return
         try:
             identity = self._auth.authenticate(client_id, packet.username, packet.password)
         except AuthRefused as refused:
             log.info("refusing client %r from %s: %s", client_id, peer, refused.reason)
+            self._refused(AUTH_REFUSAL_LABELS.get(refused.code, "not-authorized"))
             await self._refuse(writer, refused.code)
             return
         live = _Live(identity, packet.password, writer, task)
@@ -574,6 +591,7 @@ class Gate:
         try:
             if old is not None:
                 if not await self._take_over(client_id, old, peer):
+                    self._refused("takeover-timeout")
                     await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE)
                     return
                 if self._live.get(client_id) is not live or writer.is_closing():

@@ -28,6 +28,7 @@ from . import datadir, pki
 from .auth import Authenticator
 from .backends import EmbeddedBroker, ExternalBroker
 from .controller import StreamController
+from .dashboard import HubWeb
 from .frontdoor import serve_front_door
 from .limits import refresh_after
 from .memory import FreezeRule, TrimRule, release_free_memory
@@ -53,6 +54,7 @@ class Hub:
         self.front_door: asyncio.AbstractServer | None = None
         self._routes: dict[Route, Callable] = {}
         self._mqtt_ws: MqttWebSocketEndpoint | None = None
+        self.web = HubWeb(self)  # /metrics and the dashboard (broker/dashboard.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Hub:
                 self._routes.update({Route.MQTT: gate.app_protocol, Route.MQTT_WS: self._mqtt_ws.protocol_factory})
             if not s.gateway_urls:
                 await self._start_gateway(signing_key, server_ssl)
+            self.web.attach(self._routes)
             if self.front_door is not None:
                 await self.front_door.start_serving()
             host, port = self.broker.controller_address
@@ -93,6 +96,7 @@ class Hub:
                 s, self.registry, controller_key=controller_key, signing_key=signing_key,
                 mqtt_host=host, mqtt_port=port, ssl_context=client_context(s.broker_ca_file or self.tls.ca_cert),
                 gateways=self.gateway_urls, shared=self.broker.shared, peer=self.broker.peer)
+            self.web.start()
             if self.external:
                 self.broker.publish = self.controller.publish
                 await self.controller.start(timeout=None)  # the broker may come later: logged and retried
@@ -138,6 +142,7 @@ class Hub:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.web.stop()
         if self.controller is not None:
             await self.controller.stop()
         if self.gateway is not None:
@@ -185,7 +190,7 @@ class Hub:
                 "mqttPort": self.mqtt_port, "streamingEndpoints": self.gateway_urls(),
                 "caFile": str(self.tls.ca_cert) if self.tls else None, "dataDir": str(self.data_dir),
                 "broker": self.settings.broker_url or "embedded", "authHook": self._hook_url(),
-                "singlePort": self._single_port()}
+                "singlePort": self._single_port()} | self.web.endpoints()
 
     def _single_port(self) -> dict | None:
         """With ``--port``: the one endpoint and what it serves (docs/protocol.md, 'One port')."""

@@ -80,6 +80,16 @@ class HubSettings:
     auth_hook_request_timeout: float = 10.0  # s; a hook connection silent this long (mid-request or idle) is closed
     auth_hook_max_connections: int = 64   # auth hook connections at once (a broker keeps one or a few)
     auth_hook_client_timeout: float = 2.0  # s; longest the Mosquitto plugin waits for one hook answer, then denies
+    # Dashboard and /metrics (HTTPS on the gateway's port, or the single port).
+    dashboard_login_ttl: float = 300.0    # s; a 'hub dashboard-url' link works once, within this
+    dashboard_session_ttl: float = 43200.0  # s; a dashboard login lasts this long (sessions end when the hub restarts)
+    dashboard_max_sessions: int = 64      # dashboard sessions at once; beyond it the oldest is logged out
+    dashboard_page_size: int = 50         # devices per page of the dashboard's list (at most 500)
+    dashboard_refresh: float = 2.0        # s; how often an open dashboard page asks for fresh numbers
+    dashboard_chart_interval: float = 10.0  # s; one point of the streams/throughput charts per this (they keep 360 points)
+    http_max_header_bytes: int = 8192     # largest request line + headers of /metrics and dashboard requests
+    http_max_body_bytes: int = 16384      # largest request body of a dashboard request
+    http_max_connections: int = 64        # /metrics and dashboard connections at once
 
     def advertised_host(self) -> str:
         return self.hosts[0] if self.hosts else "localhost"
@@ -145,12 +155,14 @@ def validate(s: HubSettings) -> HubSettings:
                  "gateway_open_timeout", "service_requests_per_second", "session_expiry_check_interval",
                  "open_streams_refresh", "open_streams_cpu_share", "memory_full_collect_interval", "disk_error_log_interval", "takeover_timeout", "max_logins_per_second",
                  "memory_trim_interval",
-                 "auth_hook_request_timeout", "auth_hook_client_timeout"):
+                 "auth_hook_request_timeout", "auth_hook_client_timeout", "dashboard_login_ttl",
+                 "dashboard_session_ttl", "dashboard_refresh", "dashboard_chart_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name} must be greater than 0")
     for name in ("max_concurrent_streams", "new_streams_burst", "max_pending_per_device", "max_connections",
                  "activity_retention_days", "gateway_max_queue", "gateway_write_limit", "service_requests_burst",
-                 "max_packet_bytes", "max_unauthenticated_connections", "logins_burst", "listen_backlog", "auth_hook_max_connections"):
+                 "max_packet_bytes", "max_unauthenticated_connections", "logins_burst", "listen_backlog", "auth_hook_max_connections",
+                 "dashboard_max_sessions", "dashboard_page_size", "http_max_connections"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1")
     if s.open_streams_cpu_share > 1:
@@ -174,6 +186,10 @@ def validate(s: HubSettings) -> HubSettings:
         raise ConfigError("setting auth_hook_max_body_bytes must be at least 1024")
     if s.auth_hook_max_header_bytes < 1024:
         raise ConfigError("setting auth_hook_max_header_bytes must be at least 1024")
+    if s.dashboard_page_size > 500:  # a page's HTML must stay small whatever the fleet's size
+        raise ConfigError("setting dashboard_page_size must be at most 500")
+    if s.http_max_header_bytes < 1024 or s.http_max_body_bytes < 1024:
+        raise ConfigError("settings http_max_header_bytes and http_max_body_bytes must be at least 1024")
     if not s.auth_hook_bind.strip() or any(c.isspace() for c in s.auth_hook_bind):
         raise ConfigError("setting auth_hook_bind must be an address such as 127.0.0.1")
     for name in ("mqtt_port", "gateway_port", "advertised_mqtt_port", "auth_hook_port"):

@@ -51,6 +51,9 @@ def register(groups, common) -> None:
                          "another machine; default: the hub running on --data-dir, if any")
     up.add_argument("--ca-file", default=None, help="the hub's CA, for --hub (default: <data-dir>/tls/ca.pem)")
     add_proxy_arguments(up)  # for the MQTT reporter's connection to the hub
+    up.add_argument("--metrics-token-file", default=None,
+                    help="serve Prometheus /metrics on this gateway's port to clients that send "
+                         "'Authorization: Bearer <the token in this file>' (default: no /metrics)")
     up.add_argument("--name", default=None, help="this gateway's name in reports (default: from its port)")
     up.set_defaults(run=gateway_up, default_log_level="info")
 
@@ -142,6 +145,12 @@ async def gateway_up(args) -> int:
     if args.public_url and not args.public_url.startswith("wss://"):
         raise ConfigError("--public-url must start with wss://")
     settings = GatewaySettings(**_limits(args, data), host=args.bind, port=args.port, public_url=args.public_url)
+    metrics_token = None
+    if args.metrics_token_file:
+        metrics_token = _read(Path(args.metrics_token_file), "metrics token").decode("utf-8", "replace").strip()
+        if len(metrics_token) < 16 or not metrics_token.isprintable() or " " in metrics_token:
+            raise ConfigError(f"{args.metrics_token_file}: a metrics token is 16 or more printable characters "
+                              "without spaces (e.g. the output of 'devstreams hub metrics-token')")
     if args.hub:
         _hub_address(args.hub)  # refuse a bad address before listening
     if args.proxy:
@@ -153,6 +162,9 @@ async def gateway_up(args) -> int:
         log.warning("no hub runs on %s and no --hub given: streams will not be reported (no activity log, "
                     "no slot accounting); start the hub first or pass --hub HOST:PORT", data)
     gateway = Gateway(settings, key, _server_ssl(args, data))
+    if metrics_token:  # /metrics on this gateway's port, behind that bearer token
+        from streamgw.metrics import serve_metrics
+        serve_metrics(gateway, metrics_token)
     try:
         await gateway.start()
     except OSError as exc:
@@ -167,6 +179,8 @@ async def gateway_up(args) -> int:
         await until_stopped()
     finally:
         await gateway.stop()
+        if gateway.http is not None:
+            await gateway.http.stop()
         if reporter is not None:
             await reporter.stop()
     return 0

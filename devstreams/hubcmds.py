@@ -74,6 +74,7 @@ def register(groups, common) -> None:
     cs.add_argument("--rotate", action="store_true",
                     help="make a new key for the built-in admin operator first (the old one stops working)")
     cs.set_defaults(run=hub_connection_string)
+    from .observecmds import register as register_observe; register_observe(hub, [common, data])  # noqa: E702
 
     device = groups.add_parser("device", help="manage registered devices").add_subparsers(
         dest="device_command", metavar="COMMAND")
@@ -270,6 +271,9 @@ def hub_show(args) -> int:
                 "mqttPort": mqtt_port, "streamingEndpoints": gateways,
                 "caFile": str(path / "tls" / "ca.pem"), "dataDir": str(path), "running": False,
                 "singlePort": {"endpoint": f"{host}:{settings.port}"} if single else None}
+        web = settings.port if single else None if settings.gateway_urls else settings.gateway_port
+        info |= ({"dashboard": f"https://{host}:{web}/", "metrics": f"https://{host}:{web}/metrics"} if web is not None
+                 else {"dashboard": None, "metrics": None})
         if datadir.running_hub(path) is not None:  # locked, endpoints not written yet: still starting
             info |= {"running": True, "starting": True}
     print(json.dumps(info, indent=2))

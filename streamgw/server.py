@@ -18,11 +18,14 @@ from websockets.http11 import Request, Response
 
 from devstreams.wire import streamtoken
 from devstreams.wire.errors import TokenError
-from devstreams.wire.events import EventSink, StreamClosed, StreamOpened
+from devstreams.wire.events import EventSink, GatewayRefused, StreamClosed, StreamOpened
+from devstreams.wire.frontdoor import Route
 from devstreams.wire.messages import GatewayControl
 from devstreams.wire.streamproto import CLOSE_GOING_AWAY, CLOSE_PEER_TIMEOUT, CLOSE_REVOKED, stream_id_from_path
 from devstreams.wire.streamtoken import Side
 from devstreams.transport.glibc import heap_for_read_buffers
+from devstreams.observe.http import HttpServer, RoutingProtocol
+from devstreams.observe.metrics import gateway_refusal_label
 
 from .pairing import Pairing, Refusal, StreamEntry
 from .relay import RelayConnection, StreamRecord, close_within, relay
@@ -55,6 +58,9 @@ class Gateway:
         self._server: Server | None = None
         self.port = 0
         self.public_url = settings.public_url or ""
+        # Plain HTTP on this gateway's own listener (/metrics; the hub's dashboard): set before start().
+        # Without it only stream upgrades are served there.
+        self.http: HttpServer | None = None
 
     async def start(self, listener: asyncio.Server | None = None) -> None:
         """Listen on the settings' host and port, or serve what ``listener`` hands over.
@@ -71,13 +77,20 @@ class Gateway:
                               open_timeout=s.open_timeout)
         if listener is None:
             tls = {"ssl": self._ssl, "ssl_handshake_timeout": s.open_timeout} if self._ssl else {}
-            listener = await asyncio.get_running_loop().create_server(self.protocol_factory, s.host, s.port,
+            listener = await asyncio.get_running_loop().create_server(self._routing_protocol, s.host, s.port,
                                                                       backlog=s.listen_backlog, **tls)
         self._server.wrap(listener)
         self.port = listener.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")
         log.info("gateway listening on %s:%s as %s", s.host, self.port, self.public_url)
+
+    def _routing_protocol(self) -> RoutingProtocol:
+        """A connection on our own listener: a stream upgrade, or HTTP (devstreams.observe.http)."""
+        routes = {Route.STREAMS: self.protocol_factory}
+        if self.http is not None:
+            routes[Route.HTTP] = self.http.protocol_factory
+        return RoutingProtocol(routes, self.settings.open_timeout)
 
     def protocol_factory(self) -> RelayConnection:
         """The protocol of one stream WebSocket (what websockets' ``serve`` would build)."""
@@ -112,20 +125,25 @@ class Gateway:
     def _check(self, connection: ServerConnection, request: Request) -> Response | None:
         stream_id = stream_id_from_path(request.path)
         if stream_id is None:
-            return connection.respond(HTTPStatus.NOT_FOUND, "not a stream URL: expected /streams/<id>\n")
+            return self._refuse(connection, HTTPStatus.NOT_FOUND, "not a stream URL: expected /streams/<id>")
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing Authorization: Bearer <token>\n")
+            return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "missing Authorization: Bearer <token>")
         try:
             claims = streamtoken.verify(self._key, header[7:].strip(), audience=self.public_url,
                                         stream_id=stream_id)
             self._pairing.reserve(claims, connection, time.time())
         except (TokenError, Refusal) as exc:
             log.info("refused a socket for stream %s: %s", stream_id[:8], exc)
-            return connection.respond(getattr(exc, "status", 401), f"{exc}\n")
+            return self._refuse(connection, getattr(exc, "status", 401), str(exc))
         # If the upgrade never completes, give the side back after the open timeout.
         asyncio.get_running_loop().call_later(self.settings.open_timeout + 1, self._unclaimed, connection)
         return None
+
+    def _refuse(self, connection: ServerConnection, status: int, reason: str) -> Response:
+        """An HTTP refusal with the reason as body; the sink hears it (metrics count refusals by reason)."""
+        self.events.emit(GatewayRefused(gateway_refusal_label(reason), int(status)))
+        return connection.respond(status, f"{reason}\n")
 
     def _unclaimed(self, connection: ServerConnection) -> None:
         found = self._pairing.find(connection)

@@ -71,3 +71,20 @@ class EventSink:
         if ready:
             log.exception("event subscriber %s failed on %s%s", getattr(subscriber, "__qualname__", subscriber),
                           type(event).__name__, f" ({skipped} more failures not logged)" if skipped else "")
+
+
+@dataclass(frozen=True)
+class LoginRefused:
+    """The hub's gate refused an MQTT connection before or at its login (metrics count these by reason).
+
+    ``reason`` is a short fixed label (``bad-credentials``, ``not-authorized``, ``login-rate``, ...),
+    never the client's own text, so a metric labelled with it stays small.
+    """
+    reason: str
+
+
+@dataclass(frozen=True)
+class GatewayRefused:
+    """A gateway refused a stream socket at its HTTP upgrade (``status`` is the HTTP answer)."""
+    reason: str
+    status: int

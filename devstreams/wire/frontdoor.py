@@ -9,7 +9,9 @@ TLS listener:
   (clients that send no ALPN, e.g. paho by default);
 - streams: an HTTP/1.1 WebSocket upgrade for ``/streams/<id>`` (ALPN ``http/1.1``
   or none), exactly as on the gateway's own port;
-- MQTT over WebSocket: an upgrade for ``/mqtt`` with the subprotocol ``mqtt``.
+- MQTT over WebSocket: an upgrade for ``/mqtt`` with the subprotocol ``mqtt``;
+- plain HTTP (``/metrics``, the dashboard: ``/``, ``/login``, ``/api/...``, ``/static/...``):
+  GET, HEAD or POST, served by ``devstreams.observe.http.HttpServer``.
 
 ``Sniffer`` decides from the negotiated ALPN and the first bytes, without I/O:
 feed it what arrives until it returns a ``Route`` or a ``Refusal``.  It reads at
@@ -37,6 +39,18 @@ class Route(str, Enum):
     MQTT = "mqtt"              # MQTT over TLS
     STREAMS = "streams"        # a stream WebSocket (/streams/<id>)
     MQTT_WS = "mqtt-ws"        # MQTT over WebSocket (/mqtt)
+    HTTP = "http"              # /metrics and the dashboard (HTTP_PATHS, HTTP_PREFIXES)
+
+
+METRICS_PATH = "/metrics"
+HTTP_PATHS = ("/", METRICS_PATH, "/login", "/logout", "/favicon.ico")
+HTTP_PREFIXES = ("/api/", "/static/")
+HTTP_METHODS_SERVED = (b"GET", b"HEAD", b"POST")
+
+
+def is_http_path(path: str) -> bool:
+    """A path of the HTTP endpoints (metrics, dashboard) rather than a WebSocket upgrade."""
+    return path in HTTP_PATHS or path.startswith(HTTP_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,10 @@ def route_for_request_line(line: bytes) -> Route | Refusal:
         return Refusal(400, "malformed HTTP request line", http=True)
     method, target = parts[0], parts[1].decode("ascii", errors="replace")
     path = target.split("?", 1)[0]
+    if is_http_path(path):
+        if method not in HTTP_METHODS_SERVED:
+            return Refusal(405, f"{path[:80]} answers GET, HEAD and POST", http=True)
+        return Route.HTTP
     if method != b"GET":
         return Refusal(405, "only WebSocket upgrades (GET) are served here", http=True)
     if path.startswith(STREAM_PATH_PREFIX):
@@ -97,4 +115,5 @@ def route_for_request_line(line: bytes) -> Route | Refusal:
     if path == MQTT_WS_PATH:
         return Route.MQTT_WS
     return Refusal(404, f"not an endpoint of this hub: {path[:80]!r} "
-                        f"(expected {STREAM_PATH_PREFIX}<id> or {MQTT_WS_PATH})", http=True)
+                        f"(expected {STREAM_PATH_PREFIX}<id>, {MQTT_WS_PATH}, {METRICS_PATH} or the dashboard at /)",
+                   http=True)
