@@ -33,8 +33,9 @@ from devstreams.wire.events import StreamClosed
 from devstreams.wire.frontdoor import Route as DoorRoute
 from devstreams.wire.topics import Role
 
-from . import webauth, webview
+from . import access, webauth, webview
 from .datadir import write_private
+from .registry import ADMIN_OPERATOR
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +82,30 @@ def _prune(folder: Path, now: float, ttl: float) -> None:
             path.unlink(missing_ok=True)
 
 
-def issue_login(data_dir: Path, now: float, ttl: float) -> str:
-    """A new one-time login token (for ``hub dashboard-url``); its ticket is left for the hub."""
+def issue_login(data_dir: Path, now: float, ttl: float, operator: str = ADMIN_OPERATOR) -> str:
+    """A new one-time login token (for ``hub dashboard-url``); its ticket (when, whose view) is left for the hub."""
     folder = _tickets(data_dir)
     _prune(folder, now, ttl)
     token = webauth.new_token()
-    write_private(folder / webauth.ticket_name(token), repr(now).encode())
+    write_private(folder / webauth.ticket_name(token), f"{now!r} {operator}".encode())
     return token
 
 
-def consume_login(data_dir: Path, token: str | None, now: float, ttl: float) -> bool:
-    """Use up ``token``'s ticket: True once, within ``ttl`` of its making; never for a malformed token."""
+def consume_login(data_dir: Path, token: str | None, now: float, ttl: float) -> str | None:
+    """Use up ``token``'s ticket: the operator whose view it opens, once, within ``ttl`` of its making;
+    None for a malformed, unknown, used or expired token."""
     if not webauth.well_formed(token):
-        return False
+        return None
     path = _tickets(data_dir) / webauth.ticket_name(token)
     try:
-        made = float(path.read_text()[:40])
+        made, _, operator = path.read_text()[:120].partition(" ")
         path.unlink()     # the one request that removes it wins; a second use finds nothing
+        made_at = float(made)
     except (OSError, ValueError):
-        return False
-    return webauth.ticket_valid(made, now, ttl)
+        return None
+    if not webauth.ticket_valid(made_at, now, ttl):
+        return None
+    return operator.strip() or ADMIN_OPERATOR
 
 
 # -- the server -----------------------------------------------------------------------------------
@@ -205,6 +210,9 @@ class HubWeb:
             return self._login(request)
         now = time.time()
         session = self.sessions.get(webauth.cookie_value(request.headers.get("cookie")), now)
+        if session is not None and session.read_only and self._operator(session, now) is None:
+            self.sessions.end(session.id)   # the operator was removed, disabled or expired: so is its view
+            session = None
         if where.session and session is None:
             if request.path.startswith("/api/") or request.method == "POST":
                 return Response.text(401, "log in first: open the URL 'devstreams hub dashboard-url' prints")
@@ -221,13 +229,14 @@ class HubWeb:
     def _login(self, request: Request) -> Response:
         s = self.hub.settings
         now = time.time()
-        if not consume_login(self.hub.data_dir, request.query.get("token"), now, s.dashboard_login_ttl):
-            log.info("dashboard: refused a login link (unknown, used or expired)")
+        operator = consume_login(self.hub.data_dir, request.query.get("token"), now, s.dashboard_login_ttl)
+        if operator is None or access.standing(self.hub.registry.operator(operator), operator, now) is not None:
+            log.info("dashboard: refused a login link (unknown, used or expired, or its operator is gone)")
             return self._html(401, webview.message_html(
                 "This login link is not valid", "It was used already, has expired or was never issued. "
                 "Run this on the hub's machine for a new one:"))
-        session = self.sessions.start(now)
-        log.info("dashboard: new session (%d open)", len(self.sessions))
+        session = self.sessions.start(now, scope=self.hub.registry.operator(operator).name)
+        log.info("dashboard: new session for %s (%d open)", session.scope, len(self.sessions))
         return Response(303, b"", headers=[("location", "/"), ("set-cookie", webauth.set_cookie(session.id, s.dashboard_session_ttl)),
                                            ("referrer-policy", "no-referrer")])
 
@@ -237,22 +246,27 @@ class HubWeb:
 
     def _page(self, request, session, arg, now) -> Response:
         s = self.hub.settings
-        devices = self._devices_page(request.query)
+        devices = self._devices_page(request.query, session, now)
         return self._html(200, webview.page_html(csrf=session.csrf, refresh_s=s.dashboard_refresh,
-                                                 summary=self._summary(), devices=devices))
+                                                 summary=self._summary(session, now), devices=devices,
+                                                 view=session.scope, read_only=session.read_only))
 
     def _state(self, request, session, arg, now) -> Response:
-        streams = webview.stream_rows(self.hub.open_streams(), now)
-        return self._json({"summary": self._summary(), "streams": streams, "chart": self.history.series(),
-                           "time": now})
+        rows = self.hub.open_streams()
+        if session.read_only:       # an operator sees its own streams, and not the hub's totals
+            rows = [r for r in rows if r.get("operator") == session.scope]
+        chart = self.history.series() if not session.read_only else []
+        return self._json({"summary": self._summary(session, now), "streams": webview.stream_rows(rows, now),
+                           "chart": chart, "time": now, "read_only": session.read_only})
 
     def _devices(self, request, session, arg, now) -> Response:
-        page = self._devices_page(request.query)
+        page = self._devices_page(request.query, session, now)
         return self._json(page | {"html": webview.device_rows_html(page)})
 
     def _activity(self, request, session, arg, now) -> Response:
         q = request.query
-        rows = self.hub.registry.activity(limit=webview.ACTIVITY_ROWS)
+        rows = self.hub.registry.activity(limit=webview.ACTIVITY_ROWS,
+                                          operator=session.scope if session.read_only else None)
         return self._json({"rows": webview.activity_rows(rows, q.get("device", ""), q.get("operator", ""),
                                                          q.get("outcome", ""))})
 
@@ -267,14 +281,35 @@ class HubWeb:
         self.hub.controller.close_stream(stream_id, "stream closed by an operator (dashboard)")
         return self._json({"closed": stream_id})
 
-    def _summary(self) -> dict:
+    def _summary(self, session, now: float) -> dict:
+        if session.read_only:
+            devices = self._scoped_devices(session, now)
+            online = self.hub.controller.online_devices if self.hub.controller is not None else set()
+            mine = [r for r in self.hub.open_streams() if r.get("operator") == session.scope]
+            return {"devices": len(devices), "online": sum(d.id in online for d in devices),
+                    "open_streams": len(mine)}
         state = self.state()
         return {"devices": state.get("devices", 0), "online": state.get("devices_online", 0),
                 "open_streams": state.get("open_streams", 0)}
 
-    def _devices_page(self, query: dict) -> dict:
+    def _operator(self, session, now: float):
+        """The session's operator while it may still log in (None: removed, disabled, expired)."""
+        operator = self.hub.registry.operator(session.scope)
+        return operator if access.standing(operator, session.scope, now) is None else None
+
+    def _scoped_devices(self, session, now: float) -> list:
+        """The devices a session may see: all for admin, the operator's scope otherwise."""
+        devices = self.hub.registry.all()
+        if not session.read_only:
+            return devices
+        operator = self._operator(session, now)
+        if operator is None:     # gone meanwhile: nothing
+            return []
+        return [d for d in devices if access.device_in_scope(operator.devices, d.id, d.tags)]
+
+    def _devices_page(self, query: dict, session, now: float) -> dict:
         online = self.hub.controller.online_devices if self.hub.controller is not None else set()
-        return webview.device_page(self.hub.registry.all(), online, query.get("q", ""),
+        return webview.device_page(self._scoped_devices(session, now), online, query.get("q", ""),
                                    webview.page_number(query.get("page")), self.hub.settings.dashboard_page_size)
 
     def _static_file(self, name: str) -> Response:

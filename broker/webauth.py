@@ -69,10 +69,15 @@ class Session:
     id: str
     csrf: str
     expires: float
-    scope: str = "admin"   # the seam for operator-scoped views: "admin" sees and closes everything
+    scope: str = "admin"   # the operator whose view this is: "admin" sees and closes everything; any other
+                           # operator sees its own scope (devices, its streams, its activity), read-only
+
+    @property
+    def read_only(self) -> bool:
+        return self.scope != "admin"
 
     def may_close(self, stream_row: dict) -> bool:
-        return self.scope == "admin"
+        return not self.read_only
 
     def csrf_ok(self, header: str | None) -> bool:
         return bool(header) and len(header) <= MAX_TOKEN_LENGTH and hmac.compare_digest(

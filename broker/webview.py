@@ -156,16 +156,21 @@ def device_rows_html(page: dict) -> str:
     return "".join(out)
 
 
-def page_html(*, csrf: str, refresh_s: float, summary: dict, devices: dict) -> str:
+def page_html(*, csrf: str, refresh_s: float, summary: dict, devices: dict, view: str = "admin",
+              read_only: bool = False) -> str:
     """The dashboard, its summary and first page of devices server-rendered; dashboard.js fills the
-    streams, activity and charts at once and keeps everything fresh by polling /api/*."""
+    streams, activity and charts at once and keeps everything fresh by polling /api/*.
+
+    ``view``: whose view (an operator's is read-only: its devices, streams and activity, no Close)."""
+    who = f"operator {view}, read-only" if read_only else "admin"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>devstreams hub</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="csrf-token" content="{_e(csrf)}"><meta name="refresh-ms" content="{int(refresh_s * 1000)}">
+<meta name="read-only" content="{'yes' if read_only else 'no'}">
 <link rel="stylesheet" href="/static/dashboard.css"></head>
 <body>
-<header><h1>devstreams hub</h1><span id="summary">{_e(summary_text(summary))}</span>
+<header><h1>devstreams hub</h1><span id="view">{_e(who)}</span> <span id="summary">{_e(summary_text(summary))}</span>
 <button id="logout" type="button">log out</button></header>
 <section id="charts"><figure><figcaption>open streams (last hour)</figcaption><svg id="chart-streams" viewBox="0 0 300 80" preserveAspectRatio="none"></svg></figure>
 <figure><figcaption>throughput, bytes/s (last hour)</figcaption><svg id="chart-throughput" viewBox="0 0 300 80" preserveAspectRatio="none"></svg></figure></section>

@@ -5,6 +5,7 @@ import time
 
 from broker import datadir
 from broker.dashboard import issue_login, metrics_token
+from broker.registry import ADMIN_OPERATOR, open_registry
 from broker.settings import HubSettings, load, validate
 from devstreams.wire.errors import ConfigError
 
@@ -16,6 +17,9 @@ def register(hub, parents) -> None:
     token.set_defaults(run=hub_metrics_token)
     url = hub.add_parser("dashboard-url", parents=parents,
                          help="print a one-time URL that logs a browser in to the running hub's dashboard")
+    url.add_argument("--operator", default=ADMIN_OPERATOR, metavar="NAME",
+                     help="open that operator's read-only view: its devices, streams and activity (default: "
+                          "admin, which sees and closes everything)")
     url.set_defaults(run=hub_dashboard_url)
 
 
@@ -37,7 +41,11 @@ def hub_dashboard_url(args) -> int:
                           "single port; start it with --port P to serve the dashboard there")
     settings = validate(load(path, HubSettings()))
     ttl = running.get("settings", {}).get("dashboard_login_ttl", settings.dashboard_login_ttl)
-    token = issue_login(path, time.time(), ttl)
+    operator = open_registry(path).require_operator(args.operator)
+    if not operator.active(time.time()):
+        raise ConfigError(f"operator {operator.name} is disabled or expired: 'devstreams operator enable "
+                          f"{operator.name}' or add a new one")
+    token = issue_login(path, time.time(), ttl, operator.name)
     print(f"{dashboard.rstrip('/')}/login?token={token}")
     print(f"(works once, within {ttl:g} s; the hub's certificate is signed by its own CA: {path / 'tls' / 'ca.pem'})",
           file=sys.stderr)

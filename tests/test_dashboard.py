@@ -152,8 +152,8 @@ class Browserless:
         finally:
             conn.close()
 
-    def login(self, data_dir) -> str:
-        result = cli("hub", "dashboard-url", "--data-dir", str(data_dir))
+    def login(self, data_dir, *flags) -> str:
+        result = cli("hub", "dashboard-url", "--data-dir", str(data_dir), *flags)
         assert result.returncode == 0, result.stderr
         url = result.stdout.strip()
         assert url.startswith(f"https://localhost:{self.port}/login?token=")
@@ -220,6 +220,43 @@ def test_login_link_session_csrf_and_closing_a_stream(hub):
     # logging out ends the session
     assert web.request("POST", "/logout", {"X-CSRF-Token": csrf})[0] == 204
     assert web.request("GET", "/api/state")[0] == 401
+
+
+@pytest.mark.timeout(60)
+def test_an_operators_view_shows_only_its_scope_and_is_read_only(hub):
+    alice_cs = cli("operator", "add", "alice", "--devices", "pump-*", "--data-dir", str(hub.data_dir)).stdout.strip()
+    web = Browserless(hub)
+    web.login(hub.data_dir, "--operator", "alice")
+    status, _, page = web.request("GET", "/")
+    assert status == 200 and b"operator alice, read-only" in page and b'name="read-only" content="yes"' in page
+    csrf = csrf_of(page)
+
+    async def main():
+        async with DeviceAgent(hub.add_device("pump-1"), echo, ca_file=hub.ca_file), \
+                DeviceAgent(hub.add_device("cam-1"), echo, ca_file=hub.ca_file), \
+                ServiceClient(alice_cs, ca_file=hub.ca_file) as alice, \
+                ServiceClient(hub.service_cs(), ca_file=hub.ca_file) as admin:
+            await wait_for(lambda: {"pump-1", "cam-1"} <= hub.hub.controller.online_devices, what="online")
+            hers = await (await alice.create_stream("pump-1", "echo")).open()
+            other = await (await admin.create_stream("cam-1", "echo")).open()
+            state = json.loads((await asyncio.to_thread(web.request, "GET", "/api/state"))[2])
+            assert [(r["device"], r["operator"]) for r in state["streams"]] == [("pump-1", "alice")]
+            assert state["summary"] == {"devices": 1, "online": 1, "open_streams": 1} and state["chart"] == []
+            devices = json.loads((await asyncio.to_thread(web.request, "GET", "/api/devices"))[2])
+            assert b"cam-1" not in json.dumps(devices).encode() and "pump-1" in devices["html"]
+            path = f"/api/streams/{state['streams'][0]['stream_id']}/close"
+            status, _, _ = await asyncio.to_thread(web.request, "POST", path, {"X-CSRF-Token": csrf})
+            assert status == 403, "an operator's view is read-only"
+            await hers.close()
+            await other.close()
+            await wait_for(lambda: hub.hub.controller.open_streams == 0, what="both closed")
+            rows = json.loads((await asyncio.to_thread(web.request, "GET", "/api/activity"))[2])["rows"]
+            assert rows and {r["operator"] for r in rows} == {"alice"}, rows
+    run(main())
+    assert cli("operator", "remove", "alice", "--data-dir", str(hub.data_dir)).returncode == 0
+    assert web.request("GET", "/api/state")[0] == 401, "a removed operator's view ends with it"
+    result = cli("hub", "dashboard-url", "--operator", "nobody", "--data-dir", str(hub.data_dir))
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.timeout(60)

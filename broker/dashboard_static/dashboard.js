@@ -3,6 +3,7 @@
 "use strict";
 (function () {
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const readOnly = document.querySelector('meta[name="read-only"]').content === "yes";
   const refreshMs = Number(document.querySelector('meta[name="refresh-ms"]').content) || 2000;
   const $ = (id) => document.getElementById(id);
   let devicePage = 1;
@@ -54,6 +55,10 @@
     const tr = document.createElement("tr");
     tr.dataset.stream = s.stream_id;
     for (let i = 0; i < 7; i++) tr.appendChild(document.createElement("td"));
+    if (readOnly) {                 // an operator's view: no Close (the hub refuses it anyway)
+      tr.appendChild(document.createElement("td"));
+      return tr;
+    }
     const button = document.createElement("button");
     button.type = "button";
     button.className = "close";
