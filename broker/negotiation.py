@@ -216,6 +216,13 @@ class RequestAnswered:
 
 
 @dataclass(frozen=True)
+class FloodRefused:
+    """A request refused over its connection's rate (``service_requests_per_second``): counted, not logged."""
+
+    operator: str
+
+
+@dataclass(frozen=True)
 class DevicePresence:
     device: str
     online: bool
@@ -225,7 +232,7 @@ class DevicePresence:
 
 @dataclass(frozen=True)
 class Emit:
-    event: RequestAnswered | StreamClosed | DevicePresence
+    event: RequestAnswered | StreamClosed | DevicePresence | FloodRefused
 
 
 @dataclass(frozen=True)
@@ -289,7 +296,7 @@ class Negotiation:
 
     def refuse_flood(self, service: topics.Service, rid: str | None, now: float) -> list[Action]:
         """Over this connection's rate: answer LIMIT at once, no database work, one log line a minute."""
-        actions: list[Action] = []
+        actions: list[Action] = [Emit(FloodRefused(service.policy))]
         if rid:
             s = self._settings
             actions.append(Answer(service, msg.ServiceResponse(

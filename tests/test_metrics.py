@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.limits import StreamSlots
-from broker.negotiation import DevicePresence, RequestAnswered
+from broker.negotiation import DevicePresence, FloodRefused, RequestAnswered
 from device_agent import DeviceAgent
 from helpers import REPO, HubThread, RawClient, cli, run, wait_for
 from service_client import ServiceClient
@@ -62,6 +62,10 @@ def test_labels_are_a_small_fixed_set_whatever_the_reason_text():
     assert limit_label(slots.full_text(["wss://g"])) == "gateway_capacity"
     assert limit_label("the hub's limit of 200 new streams per second is reached; retry shortly") == \
         "max_new_streams_per_second"
+    assert limit_label("operator carol's limit of 1 concurrent streams is reached; close one first") == \
+        "operator_max_streams"
+    assert limit_label("operator dave's limit of 2 new streams per second is reached; retry shortly") == \
+        "operator_max_new_streams_per_second"
     assert gateway_refusal_label("stream token has expired: create a new stream") == "token-expired"
     assert gateway_refusal_label("missing Authorization: Bearer <token>") == "missing-token"
     assert gateway_refusal_label("the gateway's limit of 3 streams is reached") == "gateway-limit"
@@ -82,12 +86,14 @@ def test_events_move_the_counters_and_state_is_read_at_scrape_time():
     m.on_event(GatewayRefused("token-expired", 401))
     m.on_event(DevicePresence("d", True))
     m.on_event(DevicePresence("d", False, known=False))   # a stale retained 'offline': not a change
+    m.on_event(FloodRefused("admin"))                    # over a connection's request rate
     m.on_event(object())                                  # unknown events are ignored
     found = samples(m.text().decode())
     assert value(found, "devstreams_stream_requests_total", outcome="accepted") == 1
     assert value(found, "devstreams_stream_requests_total", outcome="limit") == 1
     assert value(found, "devstreams_stream_requests_total", outcome="not-found") == 1
     assert value(found, "devstreams_limit_refusals_total", limit="max_concurrent_streams") == 1
+    assert value(found, "devstreams_limit_refusals_total", limit="service_requests_per_second") == 1
     assert value(found, "devstreams_stream_setup_seconds_count") == 1
     assert value(found, "devstreams_stream_setup_seconds_bucket", le="0.025") == 1
     assert value(found, "devstreams_streams_opened_total") == 1

@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from broker.negotiation import (NO_SHOW_TIMER, RESPONSE_TIMER, Answer, Cancel, CloseStreams, DevicePresence, Emit,
+                                FloodRefused,
                                 Negotiation, PublishToDevice, RequestAnswered, Schedule, State, StreamClosed)
 from broker.registry import Device, Operator
 from broker.settings import HubSettings
@@ -285,11 +286,11 @@ def test_per_service_connection_rate_limit():
     assert core.within_rate(SVC, 0) and core.within_rate(SVC, 0) and not core.within_rate(SVC, 0)
     assert core.within_rate("svc:other", 0), "another connection has its own budget"
     acts = core.refuse_flood(SVC, "r9", 0)
-    assert acts == [Answer(SVC, msg.ServiceResponse(
+    assert acts == [Emit(FloodRefused("admin")), Answer(SVC, msg.ServiceResponse(
         rid="r9", outcome=Outcome.LIMIT,
         reason=("this connection's limit of 1 stream requests per second (burst 2, service_requests_per_second) "
                 "is reached; retry shortly")))], "answered, but no activity-log row"
-    assert core.refuse_flood(SVC, None, 0) == []
+    assert core.refuse_flood(SVC, None, 0) == [Emit(FloodRefused("admin"))], "counted (metrics) even unanswered"
     assert core.within_rate(SVC, 1.0)
 
 

@@ -37,6 +37,8 @@ _CLOSE_REASONS = [
     (r"closed by an operator|disabled|removed|key rotated|revoked|rotated", "revoked"),
 ]
 _LIMITS = [
+    (r"^operator \S+'s limit of \S+ concurrent streams", "operator_max_streams"),
+    (r"^operator \S+'s limit of \S+ new streams per second", "operator_max_new_streams_per_second"),
     (r"concurrent streams", "max_concurrent_streams"),
     (r"max_pending_per_device", "max_pending_per_device"),
     (r"new streams per second", "max_new_streams_per_second"),
@@ -118,6 +120,8 @@ class Metrics:
                 self.setup_seconds.observe(max(0.0, event.latency_ms / 1000))
             elif outcome == "limit":
                 self.limit_refusals.labels(limit_label(event.reason)).inc()
+        elif kind == "FloodRefused":      # over a connection's request rate: answered, not logged
+            self.limit_refusals.labels("service_requests_per_second").inc()
         elif isinstance(event, StreamClosed):
             self.ends.labels(close_reason_label(event.reason)).inc()
             self.closed_bytes["to_device"] += max(0, event.bytes_to_device or 0)
