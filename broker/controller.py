@@ -54,7 +54,7 @@ from devstreams.transport.mqtt import CONTROL_QOS, MqttSession
 
 from . import negotiation as core
 from .auth import CONTROLLER_RESOURCE
-from .negotiation import KnownStream, Negotiation, StreamBook, key_digest, revocation  # noqa: F401 (re-exported)
+from .negotiation import KnownStream, Negotiation, StreamBook, key_digest  # noqa: F401 (re-exported)
 from .registry import Registry
 from .settings import HubSettings
 

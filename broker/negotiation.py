@@ -124,12 +124,12 @@ def device_revocation(stream: KnownStream, device: Device | None) -> tuple[Outco
     return None
 
 
-def revocation(stream: KnownStream, device: Device | None, operator: "Operator | None",
-               wall: float) -> tuple[Outcome, str] | None:
-    """Why ``stream`` may no longer flow given the registry now, or None."""
-    return device_revocation(stream, device) or access.revocation_of(
-        operator, stream.operator, stream.operator_key, stream.device, device.tags if device else None,
-        stream.name, wall)
+def operator_revocation(stream: KnownStream, device: Device | None, operator: "Operator | None",
+                        wall: float) -> tuple[Outcome, str] | None:
+    """Why ``stream`` may no longer flow because of its operator (removed, disabled, re-keyed, expired,
+    or the device left its scope), or None (ends this operator's streams only)."""
+    return access.revocation_of(operator, stream.operator, stream.operator_key, stream.device,
+                                device.tags if device else None, stream.name, wall)
 
 
 @dataclass
@@ -163,7 +163,7 @@ class StreamBook:
             if why is not None:
                 found.append((stream, *why, True))
                 continue
-            why = revocation(stream, device, operators.get(stream.operator), wall)
+            why = operator_revocation(stream, device, operators.get(stream.operator), wall)
             if why is not None:
                 found.append((stream, *why, False))
         return found
