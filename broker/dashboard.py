@@ -21,20 +21,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from importlib import resources
 from pathlib import Path
 
 from devstreams.observe.http import HttpServer, Request, Response, metrics_answer
 from devstreams.observe.metrics import CONTENT_TYPE, Metrics, StateCollector
-from devstreams.wire.errors import ConfigError
 from devstreams.wire.events import StreamClosed
 from devstreams.wire.frontdoor import Route as DoorRoute
 from devstreams.wire.topics import Role
 
 from . import access, webauth, webview
-from .datadir import write_private
+from .datadir import bearer_token, write_private
 from .registry import ADMIN_OPERATOR
 
 log = logging.getLogger(__name__)
@@ -51,16 +49,7 @@ SECURITY_HEADERS = [("content-security-policy", "default-src 'self'; script-src 
 
 def metrics_token(data_dir: Path) -> str:
     """The bearer token of ``/metrics``: 43 URL-safe characters in keys/metrics.token (0600), made on first use."""
-    path = Path(data_dir) / "keys" / METRICS_TOKEN_FILE
-    if not path.exists():
-        write_private(path, secrets.token_urlsafe(32).encode("ascii"))
-    try:
-        token = path.read_text("ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path} ({exc}): remove it to make a new one") from None
-    if len(token) < 16 or not token.isprintable() or " " in token:
-        raise ConfigError(f"{path} is damaged: remove it to make a new one")
-    return token
+    return bearer_token(Path(data_dir) / "keys" / METRICS_TOKEN_FILE, min_length=16)
 
 
 def _tickets(data_dir: Path) -> Path:

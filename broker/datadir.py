@@ -101,14 +101,18 @@ def hook_token(path: Path) -> str:
     A broker (the Mosquitto plugin, EMQX) sends it with every hook call; printable ASCII with
     no newline, so it can be pasted into a broker's config and read back from the file as is.
     """
-    token_path = hook_token_path(path)
+    return bearer_token(hook_token_path(path))
+
+
+def bearer_token(token_path: Path, min_length: int = 32) -> str:
+    """A bearer token kept in a file: 43 URL-safe characters, 0600, made on first use; one line if damaged."""
     if not token_path.exists():
         write_private(token_path, secrets.token_urlsafe(32).encode("ascii"))
     try:
         token = token_path.read_text("ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {token_path} ({exc}): remove it to make a new one") from None
-    if len(token) < 32 or not token.isprintable() or " " in token:
+    if len(token) < min_length or not token.isprintable() or " " in token:
         raise ConfigError(f"{token_path} is damaged: remove it to make a new one")
     return token
 

@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 STREAM_TLS_READ_BUFFER = 256 * 1024   # asyncio's own default (sslproto.SSLProtocol.max_size)
-REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 414: "URI Too Long",
-           501: "Not Implemented"}
 
 
 def front_door_context(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -90,10 +88,7 @@ class FrontDoor(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         log.info("refused a connection from %s on the single port: %s", peer, refusal.reason)
         if refusal.http:
-            body = f"{refusal.reason}\n".encode()
-            transport.write(f"HTTP/1.1 {refusal.status} {REASONS.get(refusal.status, 'Error')}\r\n"
-                            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-                            f"Connection: close\r\n\r\n".encode() + body)
+            transport.write(refusal.http_answer())
             transport.close()
         else:
             transport.abort()

@@ -25,15 +25,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 
-from devstreams.wire.frontdoor import Refusal, Route, Sniffer
+from devstreams.wire.frontdoor import Refusal, Route, Sniffer, status_phrase
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_FIELDS = 16
-REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-           414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           501: "Not Implemented", 503: "Service Unavailable"}
 
 
 @dataclass
@@ -127,7 +123,7 @@ class HttpServer:
         if close:
             headers.append(("connection", "close"))
         out = conn.send(h11.Response(status_code=response.status, headers=headers,
-                                     reason=REASONS.get(response.status, "").encode()))
+                                     reason=status_phrase(response.status).encode()))
         if not head:
             out += conn.send(h11.Data(data=response.body))
         out += conn.send(h11.EndOfMessage())
@@ -220,10 +216,7 @@ class RoutingProtocol(asyncio.Protocol):
         self._cancel()
         transport, self._transport = self._transport, None
         if refusal.http:
-            body = f"{refusal.reason}\n".encode()
-            transport.write(f"HTTP/1.1 {refusal.status} {REASONS.get(refusal.status, 'Error')}\r\n"
-                            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-                            f"Connection: close\r\n\r\n".encode() + body)
+            transport.write(refusal.http_answer())
             transport.close()
         else:
             transport.abort()

@@ -21,6 +21,7 @@ most ``limit`` bytes (the request line of an upgrade; MQTT needs one byte).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from enum import Enum
 
 from .streamproto import STREAM_PATH_PREFIX
@@ -60,6 +61,21 @@ class Refusal:
     status: int
     reason: str
     http: bool
+
+    def http_answer(self) -> bytes:
+        """The whole HTTP/1.1 answer an HTTP client gets (the connection closes after it)."""
+        body = f"{self.reason}\n".encode()
+        return (f"HTTP/1.1 {self.status} {status_phrase(self.status)}\r\n"
+                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode() + body
+
+
+def status_phrase(status: int) -> str:
+    """The reason phrase of an HTTP status (the standard library's table)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 @dataclass
