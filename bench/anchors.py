@@ -187,11 +187,28 @@ def run_paths(rig, sizes: AnchorSizes, log) -> dict:
     if not STUNNEL:
         log(MISSING_STUNNEL)
         result["skipped"].append(MISSING_STUNNEL)
+    result["negotiated"] = negotiated(rig, log)
     for name, port in rig.ports.items():
         log(f"[{name}] anchors: bulk {sizes.bulk_bytes >> 20} MiB x{sizes.repeats}, iperf3 {sizes.iperf_seconds:g} s ...")
         group = CpuGroup(rig.relays[name]) if rig.relays.get(name) else None
         result["paths"][name] = measure_path(name, port, rig.iperf_ports.get(name), group, sizes, log)
     return result
+
+
+def negotiated(rig, log) -> dict:
+    """The TLS suite on each devstreams hop: a devstreams client context (as the proxy and the agent
+    use) handshaking with the running hub's gateway and MQTT listeners."""
+    import urllib.parse
+
+    from .procs import wait_file_json
+    from .tlsciphers import probe
+    info = wait_file_json(rig.data / "hub.json", rig.hub_proc)
+    gateway = urllib.parse.urlsplit(info["streamingEndpoints"][0])
+    out = {"gateway (proxy -> hub, agent -> hub)": probe("127.0.0.1", gateway.port, rig.ca),
+           "mqtt (agent, service -> hub)": probe("127.0.0.1", info["mqttPort"], rig.ca)}
+    for hop, c in out.items():
+        log(f"[devstreams] {hop}: {c['version']} {c['cipher']}")
+    return out
 
 
 def verdicts(a: dict) -> dict:
@@ -235,6 +252,8 @@ def markdown(a: dict) -> list[str]:
             " (" + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "total") + ")" if len(cpu) > 2 else "")
         out.append(f"| {LABELS.get(name, name)} | {cells[0]} | {cells[1]} | {p['bulk_MBps']:.0f} | "
                    f"{p['pingpong_p50_ms']:.3f} ms | {cpu_text} |")
+    for hop, c in a.get("negotiated", {}).items():
+        out.append(f"\ndevstreams TLS, {hop}: {c['version']} {c['cipher']}.")
     for reason in a.get("skipped", []):
         out.append(f"\n{reason}")
     v = verdicts(a)
