@@ -21,6 +21,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,16 +95,25 @@ def iperf3_server(procs, port: int) -> subprocess.Popen:
     return proc
 
 
-def iperf3(port: int, seconds: float, streams: int) -> dict:
-    """One iperf3 client run through ``port``; MB/s as the server received them."""
+def iperf3(port: int, seconds: float, streams: int, busy_wait: float = 15.0) -> dict:
+    """One iperf3 client run through ``port``; MB/s as the server received them.
+
+    iperf3's server takes one test at a time and, behind a relay, may still be closing the last
+    one's connections when the next client arrives ("the server is busy"): then wait and retry.
+    """
     cmd = [IPERF3, "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-P", str(streams), "--json"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    try:
-        data = json.loads(result.stdout)
-    except ValueError:
-        raise RuntimeError(f"iperf3 gave no JSON (exit {result.returncode}): {result.stderr[-500:]}") from None
-    if "error" in data:
-        raise RuntimeError(f"iperf3 through port {port}: {data['error']}")
+    deadline = time.monotonic() + busy_wait
+    while True:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        try:
+            data = json.loads(result.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 gave no JSON (exit {result.returncode}): {result.stderr[-500:]}") from None
+        if "error" not in data:
+            break
+        if "busy" not in data["error"] or time.monotonic() > deadline:
+            raise RuntimeError(f"iperf3 through port {port}: {data['error']}")
+        time.sleep(0.2)
     received = data["end"]["sum_received"]
     return {"MBps": received["bits_per_second"] / 8 / 1e6, "bytes": received["bytes"],
             "seconds": received["seconds"], "streams": streams}
