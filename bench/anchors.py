@@ -298,9 +298,11 @@ def write(results: dict, directory: Path, stem: str) -> list[Path]:
     files = [directory / f"{stem}.json", directory / f"{stem}.md"]
     files[0].write_text(json.dumps(results, indent=2) + "\n")
     load = " / ".join(f"{x:.1f}" for x in results["load_average_before"])
+    after = " / ".join(f"{x:.1f}" for x in results["load_average_after"])
     files[1].write_text("\n".join([
         f"# devstreams anchors, {results['date']}", "",
         f"{results['cores']} cores, {results['machine']}; everything on loopback in one run; "
-        f"load average before the run {load} (other work on the machine makes the numbers noisy).", "",
+        f"load average (1 / 5 / 15 min) before the run {load}, after it {after}: other work on the "
+        "machine makes the numbers noisy; each row's runs are in the .json.", "",
         *markdown(results["anchors"]), ""]))
     return files

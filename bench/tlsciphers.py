@@ -212,6 +212,7 @@ def run(sizes: TlsSizes, log=print) -> dict:
 def markdown(r: dict) -> list[str]:
     s = r["sizes"]
     load = " / ".join(f"{x:.1f}" for x in r["load_average_before"])
+    load += "; after " + " / ".join(f"{x:.1f}" for x in r["load_average_after"])
     out = [f"# TLS ciphers on this CPU, {r['date']}", "",
            f"{r['cpu']} ({r['cores']} cores), AES-NI: {'yes' if r['aes_ni'] else 'no'}; {r['openssl']}; "
            f"{r['machine']}; load average before {load}.", "",
