@@ -197,21 +197,37 @@ def test_anchor_verdicts_are_ratios_to_ssh():
     assert "not measured" in text and "bulk_8" not in anchors.verdicts(a)
 
 
-def test_cpu_group_counts_a_process_and_its_children(tmp_path):
-    """A relay that forks (sshd): the child's CPU time counts, live or reaped."""
+def test_cpu_group_counts_a_process_and_its_children():
+    """A relay that forks (sshd): a child's CPU time counts while it runs and after it was reaped."""
     from bench.anchors import CpuGroup
-    code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'sum(range(3_000_000))']); input()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
+    code = ("import subprocess, sys\n"
+            "input()\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n'\n"
+            "    'while time.process_time() - t < 0.3: pass\\nimport sys\\nsys.stdin.read()'], stdin=subprocess.PIPE)\n"
+            "print(child.pid, flush=True)\n"
+            "input()\n"
+            "child.communicate(b'')\n"
+            "print('reaped', flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        group = CpuGroup({"parent": [proc.pid]})
-        first = group.snapshot()["parent"]
+        group = CpuGroup({"relay": [proc.pid]})
+        before = group.snapshot()["relay"]
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        child = psutil.Process(int(proc.stdout.readline()))
         import time
-        deadline = time.monotonic() + 20
-        while not psutil.Process(proc.pid).cpu_times().children_user and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while sum(child.cpu_times()[:2]) < 0.3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        # the reaped child's seconds appear in the parent's children_* and so in the group's sum
-        assert group.snapshot()["parent"] > first >= 0
-        assert psutil.Process(proc.pid).cpu_times().children_user > 0
+        live = group.snapshot()["relay"]
+        assert live - before >= 0.25  # the live child's seconds, read from the child itself
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "reaped"
+        # gone from the tree now: its seconds come from the parent's children_* times
+        assert group.snapshot()["relay"] - before >= 0.25
+        assert not psutil.Process(proc.pid).children()
     finally:
         proc.stdin.close()
         proc.wait(10)
