@@ -18,6 +18,7 @@ included), divided by the GB moved.
 """
 
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -148,7 +149,7 @@ class StunnelChain:
         for label, lines in sections.items():
             conf = directory / f"{label}.conf"
             log = directory / f"{label}.log"
-            conf.write_text("\n".join(["foreground = yes", "pid =", f"output = {log}", "debug = 4",
+            conf.write_text("\n".join(["foreground = yes", "pid =", f"output = {log}", "debug = 6",
                                        *nodelay, *lines, ""]))
             self.procs[label] = procs.add(subprocess.Popen([STUNNEL, str(conf)], stdout=subprocess.DEVNULL,
                                                            stderr=subprocess.DEVNULL))
@@ -156,6 +157,16 @@ class StunnelChain:
             for line in lines:
                 if line.startswith("accept = "):
                     wait_port(int(line.rsplit(":", 1)[1]), proc=self.procs[label], log=directory / f"{label}.log")
+        self.directory = directory
+
+    def suites(self) -> dict[str, list[str]]:
+        """The TLS suites each hop's client end logged (debug 6): proof that both hops were TLS."""
+        out = {}
+        for hop, label in (("hop 1 (A -> B)", "a"), ("hop 2 (B -> C)", "b")):
+            text = (self.directory / f"{label}.log").read_text(errors="replace")
+            out[hop] = sorted(set(re.findall(r"(TLSv[\d.]+) ciphersuite: (\S+)", text)))
+            out[hop] = [f"{version} {suite}" for version, suite in out[hop]]
+        return out
 
 
 # ---------------------------------------------------------------- one path
@@ -202,6 +213,8 @@ def run_paths(rig, sizes: AnchorSizes, log) -> dict:
         log(f"[{name}] anchors: bulk {sizes.bulk_bytes >> 20} MiB x{sizes.repeats}, iperf3 {sizes.iperf_seconds:g} s ...")
         group = CpuGroup(rig.relays[name]) if rig.relays.get(name) else None
         result["paths"][name] = measure_path(name, port, rig.iperf_ports.get(name), group, sizes, log)
+    if getattr(rig, "stunnel", None) is not None:
+        result["negotiated_stunnel"] = rig.stunnel.suites()
     return result
 
 
@@ -264,6 +277,8 @@ def markdown(a: dict) -> list[str]:
                    f"{p['pingpong_p50_ms']:.3f} ms | {cpu_text} |")
     for hop, c in a.get("negotiated", {}).items():
         out.append(f"\ndevstreams TLS, {hop}: {c['version']} {c['cipher']}.")
+    for hop, suites in a.get("negotiated_stunnel", {}).items():
+        out.append(f"\nstunnel chain TLS, {hop}: {', '.join(suites) or 'none logged'}.")
     for reason in a.get("skipped", []):
         out.append(f"\n{reason}")
     v = verdicts(a)

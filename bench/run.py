@@ -89,7 +89,7 @@ class Rig:
         for name, port in targets.items():
             tunnel, ssh_port = self.sshd.reverse_tunnel(getpass.getuser(), port)
             tunnels[name] = (self.procs.add(tunnel), ssh_port)
-        chain = anchors.StunnelChain(self.procs, self.work / "stunnel", targets) if anchors.STUNNEL else None
+        self.stunnel = chain = anchors.StunnelChain(self.procs, self.work / "stunnel", targets) if anchors.STUNNEL else None
         for _, port in proxies.values():
             wait_port(port)
         self.ports = {"direct": self.target_port, "ssh -R": tunnels["bench"][1]}

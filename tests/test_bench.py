@@ -170,6 +170,9 @@ def test_anchors_quick_measure_every_path_with_iperf3_and_cpu_per_gb(tmp_path):
     assert "cpu_s_per_GB" not in a["paths"]["direct"]
     for hop in a["negotiated"].values():  # both devstreams listeners, through devstreams' own client context
         assert hop["version"] in ("TLSv1.3", "TLSv1.2") and hop["cipher"]
+    # the stunnel chain really is two TLS hops (each hop's client end logged the suite it negotiated)
+    assert set(a["negotiated_stunnel"]) == {"hop 1 (A -> B)", "hop 2 (B -> C)"}
+    assert all(suites and all(x.startswith("TLSv1.") for x in suites) for suites in a["negotiated_stunnel"].values())
     markdown = (tmp_path / "anchors-quick.md").read_text()
     assert "| path | 1 stream MB/s | 8 streams MB/s | bulk MB/s | ping-pong p50 | CPU-s per GB" in markdown
     for row in ("| direct |", "| ssh -R |", "| stunnel chain, 2 TLS hops (C) |", "| devstreams |",
