@@ -19,7 +19,9 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
                             capture_output=True, text=True, timeout=290)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "quick.json").read_text())
-    for name in ("direct", "ssh -R", "devstreams"):
+    names = ["direct", "ssh -R"] + (["stunnel"] if shutil.which("stunnel4") or shutil.which("stunnel") else [])
+    assert list(data["paths"]) == names + ["devstreams"]
+    for name in names + ["devstreams"]:
         path = data["paths"][name]
         assert path["bulk"]["bytes"] == data["sizes"]["bulk_bytes"]
         assert path["concurrent"]["intact"] == path["concurrent"]["connections"], path["concurrent"]["errors"]
