@@ -260,3 +260,22 @@ def test_tls_cipher_measurement_quick(tmp_path):
     for name in expected:
         assert f"| {name} | " in markdown
     assert "devstreams' contexts negotiate today: **TLSv1.3 TLS_" in markdown
+
+
+@pytest.mark.timeout(120)
+def test_anchors_without_iperf3_or_stunnel_skip_those_rows_with_one_line(tmp_path):
+    """On a machine without iperf3 and stunnel (simulated) the anchors still run: one line each says
+    what to install, the iperf3 cells read "not measured", the stunnel row is absent."""
+    code = ("import sys; import bench.anchors as a; a.IPERF3 = a.STUNNEL = None\n"
+            "from bench.__main__ import main\n"
+            f"sys.exit(main(['--anchors', '--quick', '--out', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("iperf3 is not installed (apt-get install iperf3): iperf3 rows skipped") == 1
+    assert result.stderr.count("stunnel is not installed (apt-get install stunnel4)") == 1
+    a = json.loads((tmp_path / "anchors-quick.json").read_text())["anchors"]
+    assert list(a["paths"]) == ["direct", "ssh -R", "devstreams"]
+    assert all("iperf3_1" not in p and p["bulk_MBps"] > 0 for p in a["paths"].values())
+    markdown = (tmp_path / "anchors-quick.md").read_text()
+    assert "| devstreams | not measured | not measured |" in markdown and "| stunnel chain" not in markdown
+    assert "| ping-pong p50, devstreams / ssh -R (<= 2x) |" in markdown
