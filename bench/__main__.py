@@ -1,4 +1,10 @@
-"""``python -m bench [--quick] [--fleet] [--streams [N]] [--out DIR]``: devstreams next to direct TCP and ``ssh -R``.
+"""``python -m bench [--quick] [--anchors] [--tls] [--fleet] [--streams [N]] [--out DIR]``: devstreams next
+to direct TCP, ``ssh -R`` and a stunnel chain.
+
+The full run includes issue 14's anchor rows (iperf3 1 and 8 streams through every path, CPU seconds
+per GB of the relay processes: bench/anchors.py).  ``--anchors`` runs only those (writes
+anchors[-quick].md/json); ``--tls`` only the TLS cipher measurement (bench/tlsciphers.py, writes
+tls[-quick].md/json).
 
 ``--fleet`` runs only the fleet benchmark (bench/fleet.py: 1k .. 10k idle devices, then a hub
 restart, on the embedded broker and on Mosquitto); it takes longer than the rest together,
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from devstreams.wire.errors import DevstreamsError
 
-from . import fleet, gwstreams, report
+from . import anchors, fleet, gwstreams, report, tlsciphers
 from .run import FULL, QUICK, run
 
 
@@ -25,6 +31,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a correctness run in seconds")
+    parser.add_argument("--anchors", action="store_true",
+                        help="only issue 14's anchor rows: iperf3, bulk, ping-pong, CPU-s per GB per path")
+    parser.add_argument("--tls", action="store_true",
+                        help="only the TLS cipher measurement (AES-GCM vs ChaCha20-Poly1305 on this CPU)")
+    parser.add_argument("--stem", help="with --anchors or --tls: the results file name (default anchors / tls)")
     parser.add_argument("--fleet", action="store_true",
                         help="only the fleet benchmark (with --quick: its tiny stages)")
     parser.add_argument("--streams", nargs="?", type=int, const=0, metavar="N",
@@ -35,6 +46,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    if args.anchors or args.tls:
+        try:
+            written = []
+            if args.tls:
+                tls = tlsciphers.run(tlsciphers.TLS_QUICK if args.quick else tlsciphers.TLS_FULL, log=log)
+                written += tlsciphers.write(tls, Path(args.out), args.stem or ("tls-quick" if args.quick else "tls"))
+            if args.anchors:
+                a = anchors.run(anchors.ANCHORS_QUICK if args.quick else anchors.ANCHORS_FULL, log=log)
+                written += anchors.write(a, Path(args.out), args.stem or ("anchors-quick" if args.quick else "anchors"))
+        except KeyboardInterrupt:
+            print("interrupted; all processes stopped", file=sys.stderr)
+            return 130
+        except (RuntimeError, DevstreamsError) as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 1
+        for f in written:
+            if f.suffix == ".md":
+                print(f.read_text())
+        print("written: " + ", ".join(str(f) for f in written), file=sys.stderr)
+        return 0
     try:
         if args.fleet:
             sizes = fleet.FLEET_QUICK if args.quick else fleet.FLEET_FULL
@@ -46,7 +77,8 @@ def main(argv=None) -> int:
             streams = gwstreams.run(sizes, log=log)
         elif not args.fleet:
             results = run(QUICK if args.quick else FULL, log=log,
-                          fleet_sizes=fleet.FLEET_QUICK if args.quick else None)
+                          fleet_sizes=fleet.FLEET_QUICK if args.quick else None,
+                          anchor_sizes=anchors.ANCHORS_QUICK if args.quick else anchors.ANCHORS_FULL)
     except KeyboardInterrupt:
         print("interrupted; all processes stopped", file=sys.stderr)
         return 130

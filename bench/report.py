@@ -67,6 +67,9 @@ def markdown(r: dict) -> str:
         limit = TARGETS.get(name, "")
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         out.append(f"| {name} {('(' + str(limit) + ')') if limit != '' else ''} | {shown} | {'yes' if ok else 'NO'} |")
+    if "anchors" in r:
+        from .anchors import markdown as anchors_markdown
+        out += [""] + anchors_markdown(r["anchors"])
     if "fleet" in r:
         from .fleet import markdown as fleet_markdown
         out += [""] + fleet_markdown(r["fleet"])
@@ -115,10 +118,10 @@ def chart(r: dict, path: Path) -> bool:
         return False
     names = list(r["paths"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar(names, [r["paths"][n]["bulk"]["MBps"] for n in names], color=["#888", "#c63", "#369"])
+    a.bar(names, [r["paths"][n]["bulk"]["MBps"] for n in names], color=["#888", "#c63", "#693", "#369"][:len(names)])
     a.set_ylabel("MB/s (higher is better)")
     a.set_title("bulk throughput, one connection")
-    b.bar(names, [r["paths"][n]["pingpong"]["p50_ms"] for n in names], color=["#888", "#c63", "#369"])
+    b.bar(names, [r["paths"][n]["pingpong"]["p50_ms"] for n in names], color=["#888", "#c63", "#693", "#369"][:len(names)])
     b.set_ylabel("ms (lower is better)")
     b.set_title("64-byte ping-pong p50")
     fig.suptitle(f"devstreams vs ssh -R vs direct ({r['date']}, {r['cores']} cores)")

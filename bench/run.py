@@ -1,8 +1,13 @@
-"""The benchmark: three paths to one target, measured one after another in one run.
+"""The benchmark: four paths to one target, measured one after another in one run.
 
 1. direct       client -> target (loopback TCP: the physical limit here)
 2. ssh -R       client -> sshd's forwarded port -> ssh -> target (the everyday bastion)
-3. devstreams   client -> devstreams proxy -> gateway -> agent -> target (TLS on, default settings)
+3. stunnel      client -> stunnel -> stunnel -> stunnel -> target (two TLS hops through a C relay;
+                bench/anchors.py; left out when stunnel is not installed)
+4. devstreams   client -> devstreams proxy -> gateway -> agent -> target (TLS on, default settings)
+
+Then issue 14's anchor rows on the same processes (bench/anchors.py): iperf3 1 and 8 streams
+through each path and CPU seconds per GB of every relay process.
 """
 
 import getpass
@@ -18,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from . import measure, streams
-from .openssh import Sshd, wait_port
+from . import anchors, measure, streams
+from .openssh import Sshd, free_port, wait_port
 from .procs import Processes, first_line, wait_file_json
 
 DEVICE = "bench-dev"
@@ -43,7 +48,7 @@ QUICK = Sizes(32 << 20, 200, 20, 1 << 20, 20, 2.0, 100, 0.0)
 
 
 class Rig:
-    """All processes of the three paths, started in a temporary directory."""
+    """All processes of the four paths, started in a temporary directory."""
 
     def __init__(self, procs: Processes, work: Path, log):
         self.procs, self.work, self.log = procs, work, log
@@ -51,6 +56,11 @@ class Rig:
         self.mqtt_port = 0  # devices connect to the hub's advertised port unless set
 
     def start(self) -> dict[str, int]:
+        """Every path to the target (and to an iperf3 server when iperf3 is installed).
+
+        Sets ``ports`` (path -> where a client connects), ``iperf_ports`` (path -> its forward to
+        the iperf3 server) and ``relays`` (path -> {process name: pids} for CPU accounting).
+        """
         hub = self.procs.devstreams("hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1",
                                     "--mqtt-port", "0", "--gateway-port", "0")
         self.hub_proc = hub
@@ -60,18 +70,41 @@ class Rig:
         device_cs = self._cli("device", "add", DEVICE)
         target = self.procs.python("-m", "bench.target")
         self.target_port = int(first_line(target, "target"))
-        self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
-                              "--allow", f"bench=127.0.0.1:{self.target_port}", "--max-streams", "2000")
+        targets = {"bench": self.target_port}
+        if anchors.IPERF3:
+            targets["iperf"] = free_port()
+            anchors.iperf3_server(self.procs, targets["iperf"])
+        allow = [a for name, port in targets.items() for a in ("--allow", f"{name}=127.0.0.1:{port}")]
+        agent = self.procs.devstreams("agent", "--connection-string", device_cs, "--ca-file", self.ca, "--echo",
+                                      *allow, "--max-streams", "2000")
         self._wait_online(DEVICE)
-        proxy = self.procs.devstreams("proxy", "--connection-string", self.service_cs, "--ca-file", self.ca,
-                                      "--device", DEVICE, "--stream", "bench", "--port", "0")
-        proxy_port = int(first_line(proxy, "proxy").split(":")[1].split()[0])
+        proxies = {}
+        for name in targets:
+            proxy = self.procs.devstreams("proxy", "--connection-string", self.service_cs, "--ca-file", self.ca,
+                                          "--device", DEVICE, "--stream", name, "--port", "0")
+            proxies[name] = (proxy, int(first_line(proxy, "proxy").split(":")[1].split()[0]))
         self.sshd = Sshd(self.work / "sshd")
-        tunnel, ssh_port = self.sshd.reverse_tunnel(getpass.getuser(), self.target_port)
-        self.procs.add(tunnel)
         self.procs.add(self.sshd.proc)
-        wait_port(proxy_port)
-        return {"direct": self.target_port, "ssh -R": ssh_port, "devstreams": proxy_port}
+        tunnels = {}
+        for name, port in targets.items():
+            tunnel, ssh_port = self.sshd.reverse_tunnel(getpass.getuser(), port)
+            tunnels[name] = (self.procs.add(tunnel), ssh_port)
+        self.stunnel = chain = anchors.StunnelChain(self.procs, self.work / "stunnel", targets) if anchors.STUNNEL else None
+        for _, port in proxies.values():
+            wait_port(port)
+        self.ports = {"direct": self.target_port, "ssh -R": tunnels["bench"][1]}
+        self.iperf_ports = {"direct": targets.get("iperf"), "ssh -R": tunnels.get("iperf", (None, None))[1]}
+        self.relays: dict[str, dict[str, list[int]]] = {
+            "direct": {},
+            "ssh -R": {"sshd": [self.sshd.proc.pid], "ssh": [t.pid for t, _ in tunnels.values()]},
+            "devstreams": {"proxy": [p.pid for p, _ in proxies.values()], "hub": [hub.pid], "agent": [agent.pid]}}
+        if chain is not None:
+            self.ports["stunnel"] = chain.ports["bench"]
+            self.iperf_ports["stunnel"] = chain.ports.get("iperf")
+            self.relays["stunnel"] = {f"stunnel {label.upper()}": [p.pid] for label, p in chain.procs.items()}
+        self.ports["devstreams"] = proxies["bench"][1]
+        self.iperf_ports["devstreams"] = proxies.get("iperf", (None, None))[1]
+        return dict(self.ports)
 
     def _echo_device(self, hub_json: dict) -> None:
         """For rigs that only time stream setup: the hub's CA and service key, and one echo agent online."""
@@ -142,8 +175,9 @@ class Rig:
         return out
 
 
-def run(sizes: Sizes, log=print, fleet_sizes=None) -> dict:
-    """Every path and row; with ``fleet_sizes`` (bench/fleet.py) the fleet stages too, last."""
+def run(sizes: Sizes, log=print, fleet_sizes=None, anchor_sizes: anchors.AnchorSizes | None = None) -> dict:
+    """Every path and row; with ``anchor_sizes`` issue 14's anchor rows (bench/anchors.py) on the same
+    processes; with ``fleet_sizes`` (bench/fleet.py) the fleet stages too, last."""
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
                      "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
                      "sizes": sizes.__dict__, "paths": {}}
@@ -178,6 +212,8 @@ def run(sizes: Sizes, log=print, fleet_sizes=None) -> dict:
                     "hub_rss_after_MiB": hub.memory_info().rss / 2**20, "settle_seconds": sizes.settle_after_bulk}
                 log(f"[devstreams]   hub RSS {rss_before / 2**20:.0f} MiB before the bulk rows, "
                     f"{results['memory_after_bulk']['hub_rss_after_MiB']:.0f} MiB {sizes.settle_after_bulk:g} s after")
+        if anchor_sizes is not None:
+            results["anchors"] = anchors.run_paths(rig, anchor_sizes, log)
         log(f"[devstreams] stream setup x{sizes.setup_streams} ...")
         results["setup"] = streams.setup_times(rig.service_cs, rig.ca, DEVICE, sizes.setup_streams)
         log(f"[devstreams]   p50 {results['setup']['p50_ms']:.1f} ms; new streams for {sizes.rate_seconds:g} s ...")

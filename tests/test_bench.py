@@ -1,6 +1,8 @@
 """The benchmark runs end to end (--quick): every path carries every byte intact. No speed is asserted."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +19,9 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
                             capture_output=True, text=True, timeout=290)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "quick.json").read_text())
-    for name in ("direct", "ssh -R", "devstreams"):
+    names = ["direct", "ssh -R"] + (["stunnel"] if shutil.which("stunnel4") or shutil.which("stunnel") else [])
+    assert list(data["paths"]) == names + ["devstreams"]
+    for name in names + ["devstreams"]:
         path = data["paths"][name]
         assert path["bulk"]["bytes"] == data["sizes"]["bulk_bytes"]
         assert path["concurrent"]["intact"] == path["concurrent"]["connections"], path["concurrent"]["errors"]
@@ -58,6 +62,9 @@ def test_quick_benchmark_is_correct_and_cleans_up(tmp_path):
         assert restart["back_online_seconds"] is not None, restart
         assert restart["connected_at_end"] == restart["registry_online_at_end"] == stages[-1]["devices"]
     assert "## Fleet (issue 10)" in markdown and "back online <= 60 s after a restart" in markdown
+    # issue 14's anchor rows on the same processes (their details: test_anchors_quick_*)
+    assert set(data["anchors"]["paths"]) >= {"direct", "ssh -R", "devstreams"}
+    assert "## Anchors (issue 14)" in markdown
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not leftovers, f"the benchmark left processes behind: {leftovers}"
 
@@ -126,3 +133,149 @@ def test_simulated_streams_compare_every_echoed_byte():
     body = b"\x00\x03a/b" + b"\x00\x09" + b"hello"
     assert parse_publish(0x32, body) == ("a/b", b"hello", 9)
     assert parse_publish(0x30, b"\x00\x03a/b" + b"hello") == ("a/b", b"hello", None)
+
+
+def _need(tool: str, package: str) -> None:
+    """Skip without ``tool`` on a developer's machine; in CI ($CI set) its absence is a failure."""
+    if shutil.which(tool):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{tool} is missing in CI: apt-get install {package}")
+    pytest.skip(f"{tool} is not installed (apt-get install {package})")
+
+
+@pytest.mark.timeout(180)
+def test_anchors_quick_measure_every_path_with_iperf3_and_cpu_per_gb(tmp_path):
+    """``python -m bench --anchors --quick``: iperf3 1 and 8 streams, bulk, ping-pong through direct,
+    ssh -R, the stunnel chain and devstreams; CPU-s per GB of each path's relay processes; the table
+    rows and issue 14's ratios to ssh -R."""
+    _need("iperf3", "iperf3")
+    if not (shutil.which("stunnel4") or shutil.which("stunnel")):
+        _need("stunnel4", "stunnel4")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = subprocess.run([sys.executable, "-m", "bench", "--anchors", "--quick", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = json.loads((tmp_path / "anchors-quick.json").read_text())["anchors"]
+    assert list(a["paths"]) == ["direct", "ssh -R", "stunnel", "devstreams"] and not a["skipped"]
+    for name, p in a["paths"].items():
+        assert p["iperf3_1"]["MBps"] > 0 and p["iperf3_8"]["MBps"] > 0, name
+        assert p["bulk_MBps"] > 0 and p["pingpong_p50_ms"] > 0, name
+    expected = {"ssh -R": {"sshd", "ssh"}, "stunnel": {"stunnel A", "stunnel B", "stunnel C"},
+                "devstreams": {"proxy", "hub", "agent"}}
+    for name, members in expected.items():
+        cpu = a["paths"][name]["cpu_s_per_GB"]
+        assert set(cpu) == members | {"total"}, cpu
+        # every relay process of the path worked for the bytes it moved (a wrong pid would read 0)
+        assert all(cpu[m] > 0 for m in members), (name, cpu)
+        assert abs(cpu["total"] - sum(cpu[m] for m in members)) < 1e-6
+    assert "cpu_s_per_GB" not in a["paths"]["direct"]
+    for hop in a["negotiated"].values():  # both devstreams listeners, through devstreams' own client context
+        assert hop["version"] in ("TLSv1.3", "TLSv1.2") and hop["cipher"]
+    # the stunnel chain really is two TLS hops (each hop's client end logged the suite it negotiated)
+    assert set(a["negotiated_stunnel"]) == {"hop 1 (A -> B)", "hop 2 (B -> C)"}
+    assert all(suites and all(x.startswith("TLSv1.") for x in suites) for suites in a["negotiated_stunnel"].values())
+    markdown = (tmp_path / "anchors-quick.md").read_text()
+    assert "| path | 1 stream MB/s | 8 streams MB/s | bulk MB/s | ping-pong p50 | CPU-s per GB" in markdown
+    for row in ("| direct |", "| ssh -R |", "| stunnel chain, 2 TLS hops (C) |", "| devstreams |",
+                "| iperf3 1 stream, devstreams / ssh -R (>= 1.0x) |", "| iperf3 8 streams, devstreams / ssh -R (>= 1.0x) |",
+                "| ping-pong p50, devstreams / ssh -R (<= 2x) |", "| CPU-s per GB, devstreams / ssh -R (<= 1.2x) |"):
+        assert row in markdown, row
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not leftovers, f"the benchmark left processes behind: {leftovers}"
+
+
+def test_anchor_verdicts_are_ratios_to_ssh():
+    from bench import anchors
+
+    def path(one, eight, p50, cpu):
+        return {"iperf3_1": {"MBps": one}, "iperf3_8": {"MBps": eight}, "bulk_MBps": one,
+                "pingpong_p50_ms": p50, "cpu_s_per_GB": {"x": cpu, "total": cpu}}
+    a = {"sizes": anchors.ANCHORS_QUICK.__dict__, "skipped": [],
+         "paths": {"ssh -R": path(300.0, 260.0, 0.1, 4.0), "devstreams": path(300.0, 250.0, 0.2, 4.9)}}
+    v = anchors.verdicts(a)
+    assert v["bulk_1_vs_ssh"] == (1.0, True) and v["bulk_8_vs_ssh"][1] is False
+    assert v["pingpong_vs_ssh"] == (pytest.approx(2.0), True)
+    assert v["cpu_per_GB_vs_ssh"][1] is False and v["cpu_per_GB_vs_ssh"][0] == pytest.approx(4.9 / 4.0)
+    del a["paths"]["devstreams"]["iperf3_8"]  # iperf3 missing for a path: that row says so, no verdict
+    text = "\n".join(anchors.markdown(a))
+    assert "not measured" in text and "bulk_8" not in anchors.verdicts(a)
+
+
+def test_cpu_group_counts_a_process_and_its_children():
+    """A relay that forks (sshd): a child's CPU time counts while it runs and after it was reaped."""
+    from bench.anchors import CpuGroup
+    code = ("import subprocess, sys\n"
+            "input()\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n'\n"
+            "    'while time.process_time() - t < 0.3: pass\\nimport sys\\nsys.stdin.read()'], stdin=subprocess.PIPE)\n"
+            "print(child.pid, flush=True)\n"
+            "input()\n"
+            "child.communicate(b'')\n"
+            "print('reaped', flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        group = CpuGroup({"relay": [proc.pid]})
+        before = group.snapshot()["relay"]
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        child = psutil.Process(int(proc.stdout.readline()))
+        import time
+        deadline = time.monotonic() + 30
+        while sum(child.cpu_times()[:2]) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        live = group.snapshot()["relay"]
+        assert live - before >= 0.25  # the live child's seconds, read from the child itself
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "reaped"
+        # gone from the tree now: its seconds come from the parent's children_* times
+        assert group.snapshot()["relay"] - before >= 0.25
+        assert not psutil.Process(proc.pid).children()
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_tls_cipher_measurement_quick(tmp_path):
+    """``python -m bench --tls --quick``: each cipher pinned, bytes through memory BIOs and loopback
+    sockets, the suite devstreams negotiates today, AES-NI read from the CPU flags."""
+    result = subprocess.run([sys.executable, "-m", "bench", "--tls", "--quick", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tmp_path / "tls-quick.json").read_text())
+    assert r["negotiated"]["version"] == "TLSv1.3" and r["negotiated"]["cipher"].startswith("TLS_")
+    expected = {"AES-128-GCM": "AES128-GCM", "AES-256-GCM": "AES256-GCM", "ChaCha20-Poly1305": "CHACHA20"}
+    assert set(r["ciphers"]) == set(expected)
+    for name, row in r["ciphers"].items():
+        for kind in ("memory_bio", "socket"):  # the pinned cipher is the one that carried the bytes
+            assert expected[name] in row[kind]["cipher"] and row[kind]["MBps"] > 0, (name, kind, row[kind])
+        assert row["memory_bio"]["cpu_s_per_GB"] > 0
+        if shutil.which("openssl"):
+            assert row["openssl_speed_MBps"] > 0
+    assert r["aes_ni"] in (True, False)
+    markdown = (tmp_path / "tls-quick.md").read_text()
+    for name in expected:
+        assert f"| {name} | " in markdown
+    assert "devstreams' contexts negotiate today: **TLSv1.3 TLS_" in markdown
+
+
+@pytest.mark.timeout(120)
+def test_anchors_without_iperf3_or_stunnel_skip_those_rows_with_one_line(tmp_path):
+    """On a machine without iperf3 and stunnel (simulated) the anchors still run: one line each says
+    what to install, the iperf3 cells read "not measured", the stunnel row is absent."""
+    code = ("import sys; import bench.anchors as a; a.IPERF3 = a.STUNNEL = None\n"
+            "from bench.__main__ import main\n"
+            f"sys.exit(main(['--anchors', '--quick', '--out', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("iperf3 is not installed (apt-get install iperf3): iperf3 rows skipped") == 1
+    assert result.stderr.count("stunnel is not installed (apt-get install stunnel4)") == 1
+    a = json.loads((tmp_path / "anchors-quick.json").read_text())["anchors"]
+    assert list(a["paths"]) == ["direct", "ssh -R", "devstreams"]
+    assert all("iperf3_1" not in p and p["bulk_MBps"] > 0 for p in a["paths"].values())
+    markdown = (tmp_path / "anchors-quick.md").read_text()
+    assert "| devstreams | not measured | not measured |" in markdown and "| stunnel chain" not in markdown
+    assert "| ping-pong p50, devstreams / ssh -R (<= 2x) |" in markdown
