@@ -2,15 +2,16 @@
 
 - ``devstreams hub dashboard-url`` makes a random login token and leaves a *ticket* for
   it in the data dir: a file named ``ticket_name(token)`` (SHA-256 of the token: the
-  token itself is never stored) holding the time it was made.  The hub consumes a ticket
-  by deleting that file (only one request can succeed) and accepts it if
-  ``ticket_valid(made, now, ttl)``.  The file I/O is in broker/dashboard.py.
+  token itself is never stored) holding the time it was made and whose view it opens.  The
+  hub consumes a ticket by deleting that file (only one request can succeed) and accepts it
+  if ``ticket_valid(made, now, ttl)``.  The file I/O is in broker/dashboard.py.
 - A login starts a ``Session``: a random id in a cookie (HttpOnly, Secure,
   SameSite=Strict) and a CSRF token the page sends back in ``X-CSRF-Token`` on every POST.
   Sessions live in the hub's memory only (a restart logs everyone out), at most
   ``max_sessions`` of them (the oldest go first), each for ``ttl`` seconds.
-- ``Session.scope``: what the session may see and do.  Only "admin" exists today; the
-  operator scopes of a later issue slot in here (the dashboard asks ``may_close``).
+- ``Session.scope``: whose view it is.  "admin" sees and closes everything; any other
+  operator (``hub dashboard-url --operator NAME``) sees its own scope and is read-only
+  (the dashboard asks ``read_only`` and ``may_close``).
 """
 
 from __future__ import annotations
