@@ -34,10 +34,23 @@ from dataclasses import dataclass
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
+from devstreams.transport.tls import SlottedSSLProtocol, set_tls_read_buffer
 from devstreams.transport.wslink import LiveServerConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
+STREAM_READ_BUFFER = 256 * 1024   # bytes a stream connection reads at a time (asyncio's SSLProtocol.max_size)
+
+
+class StreamTLSProtocol(SlottedSSLProtocol):
+    """The TLS of the gateway's own listener: asyncio's, small per connection (issue 14).
+
+    Its first read buffer is small: the handshake's records fit, and once the connection
+    is a stream it reads into the gateway's shared 256 KiB buffer (``RelayConnection``).
+    """
+
+    __slots__ = ()
+    max_size = 4 * 1024
 
 
 @dataclass
@@ -64,6 +77,13 @@ class RelayConnection(LiveServerConnection):
     to_service = False       # this side is the device: its frames travel to the service
     held = False             # reading paused because the peer's transport is full
     _binary = True           # the message under way is binary (its continuation frames count as bytes)
+    read_buffer: memoryview | None = None   # the gateway's shared TLS read buffer
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # No read buffer of its own (2 x 256 KiB per stream before; devstreams.transport.tls).
+        if self.read_buffer is not None:
+            set_tls_read_buffer(transport, len(self.read_buffer), shared=self.read_buffer)
 
     def link(self, peer: RelayConnection, record: StreamRecord, to_service: bool) -> None:
         """From now on, relay this side's data frames to ``peer`` (frames queued so far first)."""

@@ -28,7 +28,7 @@ from devstreams.observe.http import HttpServer, RoutingProtocol
 from devstreams.observe.metrics import gateway_refusal_label
 
 from .pairing import Pairing, Refusal, StreamEntry
-from .relay import RelayConnection, StreamRecord, close_within, relay
+from .relay import STREAM_READ_BUFFER, RelayConnection, StreamRecord, StreamTLSProtocol, close_within, relay
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class Gateway:
         self._pairing = Pairing(settings.max_streams)
         self._meetings: dict[str, _Meeting] = {}
         self._server: Server | None = None
+        # The TLS read buffer every stream connection of this gateway reads into (one event loop:
+        # one read at a time; devstreams.transport.tls set_tls_read_buffer): 256 KiB, for bulk.
+        self._read_buffer = memoryview(bytearray(STREAM_READ_BUFFER))
         self.port = 0
         self.public_url = settings.public_url or ""
         # Plain HTTP on this gateway's own listener (/metrics; the hub's dashboard): set before start().
@@ -76,14 +79,24 @@ class Gateway:
         self._server = Server(self._handler, process_request=self._check, server_header="devstreams-gateway",
                               open_timeout=s.open_timeout)
         if listener is None:
-            tls = {"ssl": self._ssl, "ssl_handshake_timeout": s.open_timeout} if self._ssl else {}
-            listener = await asyncio.get_running_loop().create_server(self._routing_protocol, s.host, s.port,
-                                                                      backlog=s.listen_backlog, **tls)
+            loop = asyncio.get_running_loop()
+            factory = self._routing_protocol if self._ssl is None else self._tls_protocol
+            listener = await loop.create_server(factory, s.host, s.port, backlog=s.listen_backlog)
         self._server.wrap(listener)
         self.port = listener.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")
         log.info("gateway listening on %s:%s as %s", s.host, self.port, self.public_url)
+
+    def _tls_protocol(self) -> StreamTLSProtocol:
+        """TLS on our own listener: asyncio's protocol in slots, on any event loop (issue 14).
+
+        What ``create_server(ssl=...)`` would build, but never uvloop's TLS protocol, which
+        keeps a private 256 KiB read buffer per connection (two per stream) and BIOs that
+        cannot be released (devstreams.transport.tls ``SlottedSSLProtocol``).
+        """
+        return StreamTLSProtocol(asyncio.get_running_loop(), self._routing_protocol(), self._ssl, None,
+                                 server_side=True, ssl_handshake_timeout=self.settings.open_timeout)
 
     def _routing_protocol(self) -> RoutingProtocol:
         """A connection on our own listener: a stream upgrade, or HTTP (devstreams.observe.http)."""
@@ -96,10 +109,12 @@ class Gateway:
         """The protocol of one stream WebSocket (what websockets' ``serve`` would build)."""
         s = self.settings
         assert self._server is not None, "start() first"
-        return RelayConnection(ServerProtocol(max_size=s.max_message_bytes), self._server,
-                               ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
-                               close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
-                               max_queue=s.max_queue, write_limit=s.write_limit)
+        connection = RelayConnection(ServerProtocol(max_size=s.max_message_bytes), self._server,
+                                     ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness
+                                     close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
+                                     max_queue=s.max_queue, write_limit=s.write_limit)
+        connection.read_buffer = self._read_buffer
+        return connection
 
     async def stop(self) -> None:
         if self._server is None:
