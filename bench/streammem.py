@@ -49,8 +49,10 @@ def main() -> None:
     ap.add_argument("--by-file", action="store_true", help="group by file instead of file:line")
     ap.add_argument("--loop", choices=("cli", "asyncio"), default="cli",
                     help="cli: the event loop 'devstreams hub up' runs on (uvloop when installed); asyncio: asyncio's own")
+    ap.add_argument("--referrers", metavar="TYPE", help="print what holds three objects of this type (diagnosis)")
     ap.add_argument("--single-port", action="store_true", help="streams through the hub's one TLS port (--port)")
-    ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before measuring")
+    ap.add_argument("--settle", type=float, default=12.0,
+                    help="seconds idle before measuring (the gateway forgets an upgrade's reservation timer after 11 s)")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
@@ -135,6 +137,8 @@ def main() -> None:
             if heap0 and heap2:
                 print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/stream, "
                       f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/stream", flush=True)
+            if args.referrers:
+                _referrers(args.referrers)
             if args.trace:
                 snap1 = tracemalloc.take_snapshot()
                 stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else
@@ -167,6 +171,22 @@ def main() -> None:
                     w.proc.kill()
                     w.proc.wait(5)
             hub.stop()
+
+
+def _referrers(name: str) -> None:
+    """What holds three objects of type ``name`` (and what holds those holders)."""
+    gc.unfreeze()  # the hub freezes survivors after bursts (broker/memory.py)
+    found = [o for o in gc.get_objects() if type(o).__qualname__ == name][-3:]
+    for obj in found:
+        print(f"{name} {id(obj):x}:")
+        for holder in gc.get_referrers(obj):
+            if holder is found:
+                continue
+            desc = type(holder).__qualname__
+            if isinstance(holder, dict):
+                owners = [type(h).__qualname__ for h in gc.get_referrers(holder) if h is not found][:4]
+                desc += f" (keys {list(holder)[:6]}, held by {owners})"
+            print(f"  <- {desc}")
 
 
 def _worker(worker_class, repo: Path, *argv: str):

@@ -35,13 +35,25 @@ log = logging.getLogger(__name__)
 
 
 class _Meeting:
-    """Per stream: the sockets, the moment both are there, and the end of the relay."""
+    """Per stream: the sockets, the moment both are there, and the end of the relay.
+
+    ``paired`` and ``done`` are futures (set once), not ``asyncio.Event``s: an Event keeps an
+    empty deque of about 760 bytes for its waiters (issue 14).
+    """
+
+    __slots__ = ("sockets", "paired", "done", "service_host")
 
     def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
         self.sockets: dict[Side, RelayConnection] = {}
-        self.paired = asyncio.Event()
-        self.done = asyncio.Event()
+        self.paired: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
         self.service_host = ""   # the service side's address (for the audit log), taken when it arrives
+
+    @staticmethod
+    def set(future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_result(None)
 
 
 class Gateway:
@@ -173,6 +185,7 @@ class Gateway:
             await close_within(ws, CLOSE_PEER_TIMEOUT, "stream reservation expired", self.settings.close_timeout)
             return
         entry, side = found
+        ws.handshake_done()
         ws.start_liveness(self.settings.ping_interval, self.settings.ping_timeout)
         self._pairing.attach(entry, side)
         meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
@@ -183,7 +196,7 @@ class Gateway:
             self.events.emit(StreamOpened(entry.stream_id))
             await self._wait_for_peer(entry, side, ws, meeting)
         else:
-            meeting.paired.set()
+            meeting.set(meeting.paired)
             await self._run(entry, meeting)
 
     async def _wait_for_peer(self, entry: StreamEntry, side: Side, ws: RelayConnection,
@@ -196,7 +209,7 @@ class Gateway:
         """
         timeout = self.settings.peer_timeout
         try:
-            await asyncio.wait_for(meeting.paired.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(meeting.paired), timeout)
         except asyncio.TimeoutError:
             peer = side.peer.value
             reason = f"the {peer} did not connect within {timeout:g} s"
@@ -205,7 +218,7 @@ class Gateway:
             self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
                                           started=time.time(), close_reason=reason))
             return
-        await meeting.done.wait()  # the peer's handler relays; keep this socket open till then
+        await meeting.done  # the peer's handler relays; keep this socket open till then
 
     async def _run(self, entry: StreamEntry, meeting: _Meeting) -> None:
         record = StreamRecord(entry.stream_id, entry.device_id, entry.stream_name, started=time.time())
@@ -215,7 +228,7 @@ class Gateway:
             await relay(meeting.sockets[Side.DEVICE], meeting.sockets[Side.SERVICE], record,
                         self.settings.max_lifetime, self.settings.close_timeout)
         finally:
-            meeting.done.set()
+            meeting.set(meeting.done)
             self._end(entry, record)
 
     def _end(self, entry: StreamEntry, record: StreamRecord) -> None:
@@ -261,11 +274,11 @@ class Gateway:
             task = asyncio.ensure_future(close_within(ws, CLOSE_REVOKED, reason, self.settings.close_timeout))
             _closing.add(task)
             task.add_done_callback(_closing.discard)
-        if meeting is None or not meeting.paired.is_set():
+        if meeting is None or not meeting.paired.done():
             # No relay runs: end it here (a waiting side's handler returns once ``done`` is set).
             if meeting is not None:
-                meeting.paired.set()
-                meeting.done.set()
+                meeting.set(meeting.paired)
+                meeting.set(meeting.done)
             self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
                                           started=entry.created, close_reason=reason))
         return True
