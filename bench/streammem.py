@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--by-file", action="store_true", help="group by file instead of file:line")
     ap.add_argument("--loop", choices=("cli", "asyncio"), default="cli",
                     help="cli: the event loop 'devstreams hub up' runs on (uvloop when installed); asyncio: asyncio's own")
+    ap.add_argument("--json", action="store_true", help="a last line 'result {...}' for programs (tests)")
     ap.add_argument("--referrers", metavar="TYPE", help="print what holds three objects of this type (diagnosis)")
     ap.add_argument("--single-port", action="store_true", help="streams through the hub's one TLS port (--port)")
     ap.add_argument("--settle", type=float, default=12.0,
@@ -137,6 +138,11 @@ def main() -> None:
             if heap0 and heap2:
                 print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/stream, "
                       f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/stream", flush=True)
+            result = {"streams": n, "loop": type(hub._loop).__module__, "rss_kib": (rss1 - rss0) / n / 1024,
+                      "rss_trimmed_kib": (rss2 - rss0) / n / 1024, "tasks": (tasks1 - tasks0) / n,
+                      "heap_kib": (heap2[0] - heap0[0]) / n / 1024 if heap0 and heap2 else None}
+            if args.json:
+                print("result " + json.dumps(result), flush=True)
             if args.referrers:
                 _referrers(args.referrers)
             if args.trace:

@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from dataclasses import dataclass
 
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
-from devstreams.transport.tls import SlottedSSLProtocol, set_tls_read_buffer
+from devstreams.transport.tls import SlottedSSLProtocol, bio_capacity, release_bio_buffers, set_tls_read_buffer
 from devstreams.transport.wslink import LiveServerConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
+BIO_KEPT = 16 * 1024   # a memory BIO grown beyond this is given back once the connection is quiet
 STREAM_READ_BUFFER = 256 * 1024   # bytes a stream connection reads at a time (asyncio's SSLProtocol.max_size)
 
 
@@ -50,10 +52,10 @@ class StreamTLSProtocol(SlottedSSLProtocol):
     is a stream it reads into the gateway's shared 256 KiB buffer (``RelayConnection``).
     """
 
-    __slots__ = ()
-    max_size = 4 * 1024
+    __slots__ = ("max_size",)   # (a stream's connection reads 256 KiB at a time: no instance dict for it)
 
     def __init__(self, *args, **kwargs) -> None:
+        self.max_size = 4 * 1024
         super().__init__(*args, **kwargs)
         # asyncio appends to, clears, indexes [0] and deletes [0] of its write backlog, which
         # holds at most the chunk being encrypted (writes go straight on into the outgoing
@@ -79,14 +81,23 @@ class RelayConnection(LiveServerConnection):
 
     Until ``link`` it is an ordinary websockets connection (the handshake, and a
     first side waiting for its peer, queue frames as usual).
+
+    Its own attributes live in slots: websockets' connection already sets about 28
+    instance attributes, and CPython shares an instance dict's keys among the instances
+    of a class only up to 30 keys; beyond them each connection had a dict of its own
+    (about 1.6 KiB; issue 14).
     """
 
-    peer: RelayConnection | None = None
-    record: StreamRecord | None = None
-    to_service = False       # this side is the device: its frames travel to the service
-    held = False             # reading paused because the peer's transport is full
-    _binary = True           # the message under way is binary (its continuation frames count as bytes)
-    read_buffer: memoryview | None = None   # the gateway's shared TLS read buffer
+    __slots__ = ("peer", "record", "to_service", "held", "_binary", "read_buffer")
+
+    def __init__(self, *args, read_buffer: memoryview | None = None, **kwargs) -> None:
+        self.peer: RelayConnection | None = None
+        self.record: StreamRecord | None = None
+        self.to_service = False       # this side is the device: its frames travel to the service
+        self.held = False             # reading paused because the peer's transport is full
+        self._binary = True           # the message under way is binary (its continuation frames count as bytes)
+        self.read_buffer = read_buffer   # the gateway's shared TLS read buffer
+        super().__init__(*args, **kwargs)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -109,6 +120,25 @@ class RelayConnection(LiveServerConnection):
         if self.request is not None:
             self.request.headers.clear()
         self.response = None
+        self.release_tls_buffers()
+
+    def release_tls_buffers(self, above: int = 0) -> int:
+        """Free what OpenSSL's two memory BIOs grew to, if nothing waits in them (issue 14).
+
+        A memory BIO keeps its largest size for good (devstreams.transport.tls
+        ``release_bio_buffers``): after the handshake that is the server's first flight
+        (certificate chain included); after a burst of data, a whole read or write of
+        up to a few hundred KiB.  Called once the WebSocket is open, and by the liveness
+        timer for buffers larger than ``above`` bytes; returns how many were freed.
+        """
+        proto = getattr(self.transport, "_ssl_protocol", None)
+        incoming, outgoing = getattr(proto, "_incoming", None), getattr(proto, "_outgoing", None)
+        if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
+            return 0
+        if above:
+            bios = [b for b in (incoming, outgoing) if (bio_capacity(b) or 0) > above]
+            return release_bio_buffers(*bios) if bios else 0
+        return release_bio_buffers(incoming, outgoing)
 
     def link(self, peer: RelayConnection, record: StreamRecord, to_service: bool) -> None:
         """From now on, relay this side's data frames to ``peer`` (frames queued so far first)."""
@@ -204,6 +234,14 @@ class RelayConnection(LiveServerConnection):
             self.transport.resume_reading()
         if self.liveness is not None:
             self.liveness.resume(self.loop.time())
+
+    def _check_liveness(self) -> None:
+        super()._check_liveness()
+        # Each liveness check (every few seconds) also gives back what a burst of data grew
+        # OpenSSL's memory BIOs to (up to a whole read or write each): a stream that moved
+        # bulk data and then went quiet keeps no such buffers.  Only empty BIOs are touched.
+        if self.protocol.state is State.OPEN:
+            self.release_tls_buffers(above=BIO_KEPT)
 
     def _stop_receiving(self) -> None:
         # Whoever closes reads no more (devstreams.transport.wslink): read on, so that the

@@ -121,12 +121,10 @@ class Gateway:
         """The protocol of one stream WebSocket (what websockets' ``serve`` would build)."""
         s = self.settings
         assert self._server is not None, "start() first"
-        connection = RelayConnection(ServerProtocol(max_size=s.max_message_bytes), self._server,
-                                     ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness
-                                     close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
-                                     max_queue=s.max_queue, write_limit=s.write_limit)
-        connection.read_buffer = self._read_buffer
-        return connection
+        return RelayConnection(ServerProtocol(max_size=s.max_message_bytes), self._server,
+                               ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
+                               close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
+                               max_queue=s.max_queue, write_limit=s.write_limit, read_buffer=self._read_buffer)
 
     async def stop(self) -> None:
         if self._server is None:
