@@ -89,13 +89,13 @@ FD_HEADROOM = 100           # files the hub needs besides MQTT connections (regi
 class GateTLSProtocol(SlottedSSLProtocol):
     """asyncio's TLS protocol in slots (devstreams.transport.tls) with a 4 KiB first read buffer (issue 10).
 
-    ``max_size`` is the gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer
+    Its read size is the gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer
     allocates (and frees) asyncio's 256 KiB first read buffer: ``set_tls_read_buffer``
     swaps in the shared one.
     """
 
     __slots__ = ()
-    max_size = TLS_READ_BUFFER
+    first_read_size = TLS_READ_BUFFER
 
 
 def slim_stream_deques(writer: asyncio.StreamWriter) -> None:

@@ -52,10 +52,10 @@ class StreamTLSProtocol(SlottedSSLProtocol):
     is a stream it reads into the gateway's shared 256 KiB buffer (``RelayConnection``).
     """
 
-    __slots__ = ("max_size",)   # (a stream's connection reads 256 KiB at a time: no instance dict for it)
+    __slots__ = ()
+    first_read_size = 4 * 1024
 
     def __init__(self, *args, **kwargs) -> None:
-        self.max_size = 4 * 1024
         super().__init__(*args, **kwargs)
         # asyncio appends to, clears, indexes [0] and deletes [0] of its write backlog, which
         # holds at most the chunk being encrypted (writes go straight on into the outgoing

@@ -177,8 +177,10 @@ class SlottedSSLProtocol(sslproto.SSLProtocol):
     assigns (asyncio/sslproto.py 3.11: every ``self._x = ...`` of the class) live in slots; those
     it has class-level defaults for (``_handshake_timeout_handle`` ...) start with that default,
     since a slot hides it; any other attribute a later Python adds still lands in the instance
-    dict, so nothing breaks, it only costs what it did before.  Subclasses set ``max_size``
-    (the first read buffer's size) and swap in a shared buffer (``set_tls_read_buffer``).
+    dict, so nothing breaks, it only costs what it did before.  ``max_size`` (the read size)
+    is a slot too, starting at the class's ``first_read_size``: subclasses set that, and swap
+    in a shared buffer later (``set_tls_read_buffer``), which changes ``max_size`` without
+    giving the connection an instance dict.
 
     Why asyncio's protocol and not the event loop's: the hub runs on uvloop when it is
     installed (devstreams.cli), and uvloop's own TLS protocol gives every connection a
@@ -196,12 +198,15 @@ class SlottedSSLProtocol(sslproto.SSLProtocol):
         "_outgoing_low_water", "_server_hostname", "_server_side", "_shutdown_timeout_handle", "_ssl_buffer",
         "_ssl_buffer_view", "_ssl_handshake_timeout", "_ssl_reading_paused", "_ssl_shutdown_timeout",
         "_ssl_writing_paused", "_sslcontext", "_sslobj", "_state", "_transport", "_waiter", "_write_backlog",
-        "_write_buffer_size")
+        "_write_buffer_size", "max_size")
     # names SSLProtocol gives a class-level default (None): a slot hides it, so each instance starts with it
     _DEFAULTS = tuple((name, getattr(sslproto.SSLProtocol, name)) for name in __slots__
                       if hasattr(sslproto.SSLProtocol, name) and not callable(getattr(sslproto.SSLProtocol, name)))
 
+    first_read_size = sslproto.SSLProtocol.max_size   # asyncio's 256 KiB unless a subclass says otherwise
+
     def __init__(self, *args, **kwargs) -> None:
         for name, default in self._DEFAULTS:
             setattr(self, name, default)
+        self.max_size = self.first_read_size   # SSLProtocol.__init__ allocates its first buffer with it
         super().__init__(*args, **kwargs)
