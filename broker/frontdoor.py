@@ -20,12 +20,11 @@ from collections.abc import Callable
 
 from devstreams.wire.frontdoor import ALPN_PROTOCOLS, Refusal, Route, Sniffer
 
-from .gate import GateTLSProtocol, set_tls_read_buffer
+from .gate import GateTLSProtocol
 
 log = logging.getLogger(__name__)
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
-STREAM_TLS_READ_BUFFER = 256 * 1024   # asyncio's own default (sslproto.SSLProtocol.max_size)
 
 
 def front_door_context(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -74,8 +73,6 @@ class FrontDoor(asyncio.Protocol):
             return
         transport, buffered = self._transport, self._sniffer.buffered
         self._transport = self._sniffer = None
-        if route is Route.STREAMS:  # a stream moves bulk data: asyncio's usual read buffer, not the gate's 4 KiB
-            set_tls_read_buffer(transport, STREAM_TLS_READ_BUFFER)
         protocol = factory()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -110,7 +107,8 @@ async def serve_front_door(host: str, port: int, context: ssl.SSLContext, routes
 
     TLS is the gate's (``GateTLSProtocol``: asyncio's TLS protocol, small per connection, on
     any event loop), since most connections on this port are idle devices; a stream's
-    connection gets a bulk-sized read buffer when it is handed to the gateway.
+    connection reads into the gateway's shared bulk-sized buffer once it is handed over
+    (streamgw/server.py).
     ``decide_timeout`` bounds the TLS handshake and, separately, the wait for the first bytes.
     """
     loop = asyncio.get_running_loop()

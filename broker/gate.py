@@ -52,7 +52,6 @@ import logging
 import resource
 import ssl
 import time
-from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,7 +61,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.publish import PublishPacket
 
-from devstreams.transport.tls import release_bio_buffers
+from devstreams.transport.tls import SlottedSSLProtocol, release_bio_buffers, set_tls_read_buffer
 from devstreams.wire import sas
 from devstreams.wire.errors import TokenError
 from devstreams.wire.events import EventSink, LoginRefused
@@ -87,69 +86,16 @@ PING_WRITE_BACKLOG = 64 * 1024  # bytes queued towards a client before the gate 
 FD_HEADROOM = 100           # files the hub needs besides MQTT connections (registry, gateway, logs)
 
 
-def set_tls_read_buffer(transport, size: int = TLS_READ_BUFFER, shared: memoryview | None = None) -> None:
-    """Give a TLS connection (asyncio's protocol) a read buffer of ``size`` bytes, or none of its own.
+class GateTLSProtocol(SlottedSSLProtocol):
+    """asyncio's TLS protocol in slots (devstreams.transport.tls) with a 4 KiB first read buffer (issue 10).
 
-    The gate gives its idle-most-of-the-time MQTT connections 4 KiB instead of 256 KiB;
-    the single port (broker/frontdoor.py) gives a stream's connection asyncio's 256 KiB back.
-
-    CPython's asyncio keeps a ``SSLProtocol.max_size`` (256 KiB) bytearray per TLS
-    connection: with thousands of idle devices that is most of the hub's memory.
-    With ``shared`` (a buffer of ``TLS_READ_BUFFER`` bytes owned by the gate, one per
-    event loop) the connection has no buffer of its own at all (issue 10: 4.1 KiB per
-    idle device).  That is safe on a selector event loop only: its transport calls
-    ``get_buffer()``, ``recv_into()`` and ``buffer_updated()`` in one go, and
-    ``SSLProtocol.buffer_updated`` copies the bytes into the connection's incoming
-    ``MemoryBIO`` before returning, so no two connections ever hold the buffer at once.
-    A proactor loop (Windows) keeps the buffer across an overlapped read: there each
-    connection keeps its own.  On uvloop the gate's connections use asyncio's TLS protocol too
-    (``Gate.start``), and uvloop's TCP transport fills buffers the same way (``_selector_transport``).
-    This reaches into asyncio internals, so it does nothing if they look different.
-    """
-    proto = getattr(transport, "_ssl_protocol", None)
-    if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
-        return
-    if proto.max_size != size:
-        proto.max_size = size
-    if shared is not None and len(shared) == size and _selector_transport(proto):
-        proto._ssl_buffer = shared.obj
-        proto._ssl_buffer_view = shared
-        return
-    proto._ssl_buffer = bytearray(size)
-    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
-
-
-class GateTLSProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol with its attributes in slots and a 4 KiB first read buffer (issue 10).
-
-    ``SSLProtocol`` sets about 37 attributes on each instance, too many for CPython's shared-key
-    instance dicts: each connection had a 1.6 KiB dict of its own.  Here the ones its code
-    assigns (asyncio/sslproto.py 3.11: every ``self._x = ...`` of the class) live in slots; those
-    it has class-level defaults for (``_handshake_timeout_handle`` ...) start with that default,
-    since a slot hides it; any other attribute a later Python adds still lands in the instance
-    dict, so nothing breaks, it only costs what it did before.  ``max_size`` is the
-    gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer allocates (and frees)
-    asyncio's 256 KiB first read buffer: ``set_tls_read_buffer`` swaps in the shared one.
+    Its read size is the gate's ``TLS_READ_BUFFER`` from the start, so a handshake no longer
+    allocates (and frees) asyncio's 256 KiB first read buffer: ``set_tls_read_buffer``
+    swaps in the shared one.
     """
 
-    __slots__ = (
-        "_app_protocol", "_app_protocol_buffer_updated", "_app_protocol_get_buffer", "_app_protocol_is_buffer",
-        "_app_reading_paused", "_app_state", "_app_transport", "_app_transport_created", "_app_writing_paused",
-        "_conn_lost", "_eof_received", "_extra", "_handshake_start_time", "_handshake_timeout_handle", "_incoming",
-        "_incoming_high_water", "_incoming_low_water", "_loop", "_outgoing", "_outgoing_high_water",
-        "_outgoing_low_water", "_server_hostname", "_server_side", "_shutdown_timeout_handle", "_ssl_buffer",
-        "_ssl_buffer_view", "_ssl_handshake_timeout", "_ssl_reading_paused", "_ssl_shutdown_timeout",
-        "_ssl_writing_paused", "_sslcontext", "_sslobj", "_state", "_transport", "_waiter", "_write_backlog",
-        "_write_buffer_size")
-    # names SSLProtocol gives a class-level default (None): a slot hides it, so each instance starts with it
-    _DEFAULTS = tuple((name, getattr(sslproto.SSLProtocol, name)) for name in __slots__
-                      if hasattr(sslproto.SSLProtocol, name) and not callable(getattr(sslproto.SSLProtocol, name)))
-    max_size = TLS_READ_BUFFER
-
-    def __init__(self, *args, **kwargs) -> None:
-        for name, default in self._DEFAULTS:
-            setattr(self, name, default)
-        super().__init__(*args, **kwargs)
+    __slots__ = ()
+    first_read_size = TLS_READ_BUFFER
 
 
 def slim_stream_deques(writer: asyncio.StreamWriter) -> None:
@@ -181,19 +127,6 @@ def release_tls_buffers(writer: asyncio.StreamWriter) -> int:
     if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
         return 0
     return release_bio_buffers(incoming, outgoing)
-
-
-def _selector_transport(proto) -> bool:
-    """Does this connection's socket transport fill and hand over its read buffer in one go?
-
-    asyncio's selector transports do (``get_buffer``, ``recv_into``, ``buffer_updated``), and
-    so do uvloop's (libuv's alloc callback, ``read()``, the read callback, one stream at a time:
-    uvloop/handles/stream.pyx ``__uv_stream_buffered_alloc`` / ``__uv_stream_buffered_on_read``).
-    """
-    from asyncio import selector_events
-    transport = getattr(proto, "_transport", None)
-    return (isinstance(transport, selector_events._SelectorTransport)
-            or type(transport).__module__ == "uvloop.loop" and type(transport).__name__ == "TCPTransport")
 
 
 class _GuardedReader(StreamReaderAdapter):
@@ -536,7 +469,7 @@ class Gate:
                             self._max_unauthenticated, self._max_connections)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        set_tls_read_buffer(writer.transport, shared=self._tls_buffer)
+        set_tls_read_buffer(writer.transport, TLS_READ_BUFFER, shared=self._tls_buffer)
         slim_stream_deques(writer)
         peer = writer.get_extra_info("peername")
         task = asyncio.current_task()

@@ -28,16 +28,40 @@ so the other side's local proxy resets its TCP connection.
 from __future__ import annotations
 
 import asyncio
+import collections
+import ssl
 import time
 from dataclasses import dataclass
 
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
+from devstreams.transport.tls import SlottedSSLProtocol, bio_capacity, release_bio_buffers, set_tls_read_buffer
 from devstreams.transport.wslink import LiveServerConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
 
 NORMAL_CLOSES = {1000, 1001}
+BIO_KEPT = 16 * 1024   # a memory BIO grown beyond this is given back once the connection is quiet
+STREAM_READ_BUFFER = 256 * 1024   # bytes a stream connection reads at a time (asyncio's SSLProtocol.max_size)
+
+
+class StreamTLSProtocol(SlottedSSLProtocol):
+    """The TLS of the gateway's own listener: asyncio's, small per connection (issue 14).
+
+    Its first read buffer is small: the handshake's records fit, and once the connection
+    is a stream it reads into the gateway's shared 256 KiB buffer (``RelayConnection``).
+    """
+
+    __slots__ = ()
+    first_read_size = 4 * 1024
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # asyncio appends to, clears, indexes [0] and deletes [0] of its write backlog, which
+        # holds at most the chunk being encrypted (writes go straight on into the outgoing
+        # MemoryBIO): an empty list takes 56 bytes, an empty deque about 760 (as the gate does).
+        if isinstance(self._write_backlog, collections.deque) and not self._write_backlog:
+            self._write_backlog = []
 
 
 @dataclass
@@ -57,18 +81,74 @@ class RelayConnection(LiveServerConnection):
 
     Until ``link`` it is an ordinary websockets connection (the handshake, and a
     first side waiting for its peer, queue frames as usual).
+
+    Its own attributes live in slots: websockets' connection already sets about 28
+    instance attributes, and CPython shares an instance dict's keys among the instances
+    of a class only up to 30 keys; beyond them each connection had a dict of its own
+    (about 1.6 KiB; issue 14).
     """
 
-    peer: RelayConnection | None = None
-    record: StreamRecord | None = None
-    to_service = False       # this side is the device: its frames travel to the service
-    held = False             # reading paused because the peer's transport is full
-    _binary = True           # the message under way is binary (its continuation frames count as bytes)
+    __slots__ = ("peer", "record", "to_service", "held", "_binary", "read_buffer")
+
+    def __init__(self, *args, read_buffer: memoryview | None = None, **kwargs) -> None:
+        self.peer: RelayConnection | None = None
+        self.record: StreamRecord | None = None
+        self.to_service = False       # this side is the device: its frames travel to the service
+        self.held = False             # reading paused because the peer's transport is full
+        self._binary = True           # the message under way is binary (its continuation frames count as bytes)
+        self.read_buffer = read_buffer   # the gateway's shared TLS read buffer
+        super().__init__(*args, **kwargs)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # No read buffer of its own (2 x 256 KiB per stream before; devstreams.transport.tls).
+        if self.read_buffer is not None:
+            set_tls_read_buffer(transport, len(self.read_buffer), shared=self.read_buffer)
+        # websockets appends to, removes from and iterates its drain waiters, nothing else: an
+        # empty list takes 56 bytes, an empty deque about 760 (issue 14).
+        if isinstance(self.drain_waiters, collections.deque) and not self.drain_waiters:
+            self.drain_waiters = []
+
+    def handshake_done(self) -> None:
+        """Forget the upgrade's headers and response: about 3 KiB per connection (issue 14).
+
+        Nothing reads them once the connection is open (the token was checked in
+        ``process_request``).  The request object itself stays: websockets' parser
+        generator holds it in a local variable for the connection's life, so its
+        headers are emptied instead (``Headers.clear``).
+        """
+        if self.request is not None:
+            self.request.headers.clear()
+        self.response = None
+        self.release_tls_buffers()
+
+    def release_tls_buffers(self, above: int = 0) -> int:
+        """Free what OpenSSL's two memory BIOs grew to, if nothing waits in them (issue 14).
+
+        A memory BIO keeps its largest size for good (devstreams.transport.tls
+        ``release_bio_buffers``): after the handshake that is the server's first flight
+        (certificate chain included); after a burst of data, a whole read or write of
+        up to a few hundred KiB.  Called once the WebSocket is open, and by the liveness
+        timer for buffers larger than ``above`` bytes; returns how many were freed.
+        """
+        proto = getattr(self.transport, "_ssl_protocol", None)
+        incoming, outgoing = getattr(proto, "_incoming", None), getattr(proto, "_outgoing", None)
+        if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
+            return 0
+        if above:
+            bios = [b for b in (incoming, outgoing) if (bio_capacity(b) or 0) > above]
+            return release_bio_buffers(*bios) if bios else 0
+        return release_bio_buffers(incoming, outgoing)
 
     def link(self, peer: RelayConnection, record: StreamRecord, to_service: bool) -> None:
         """From now on, relay this side's data frames to ``peer`` (frames queued so far first)."""
         self.peer, self.record, self.to_service = peer, record, to_service
         take_over_receiving(self, self._forward)
+        # From here on nothing is queued for ``recv`` (frames go to the peer, or are dropped after
+        # a close): the receive queue's empty deque (about 760 bytes) becomes an empty list.
+        frames = getattr(self.recv_messages, "frames", None)
+        if isinstance(getattr(frames, "queue", None), collections.deque) and not frames.queue:
+            frames.queue = []
         peer.flush()
         if peer.paused:
             self.hold()
@@ -154,6 +234,14 @@ class RelayConnection(LiveServerConnection):
             self.transport.resume_reading()
         if self.liveness is not None:
             self.liveness.resume(self.loop.time())
+
+    def _check_liveness(self) -> None:
+        super()._check_liveness()
+        # Each liveness check (every few seconds) also gives back what a burst of data grew
+        # OpenSSL's memory BIOs to (up to a whole read or write each): a stream that moved
+        # bulk data and then went quiet keeps no such buffers.  Only empty BIOs are touched.
+        if self.protocol.state is State.OPEN:
+            self.release_tls_buffers(above=BIO_KEPT)
 
     def _stop_receiving(self) -> None:
         # Whoever closes reads no more (devstreams.transport.wslink): read on, so that the

@@ -28,20 +28,32 @@ from devstreams.observe.http import HttpServer, RoutingProtocol
 from devstreams.observe.metrics import gateway_refusal_label
 
 from .pairing import Pairing, Refusal, StreamEntry
-from .relay import RelayConnection, StreamRecord, close_within, relay
+from .relay import STREAM_READ_BUFFER, RelayConnection, StreamRecord, StreamTLSProtocol, close_within, relay
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
 
 class _Meeting:
-    """Per stream: the sockets, the moment both are there, and the end of the relay."""
+    """Per stream: the sockets, the moment both are there, and the end of the relay.
+
+    ``paired`` and ``done`` are futures (set once), not ``asyncio.Event``s: an Event keeps an
+    empty deque of about 760 bytes for its waiters (issue 14).
+    """
+
+    __slots__ = ("sockets", "paired", "done", "service_host")
 
     def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
         self.sockets: dict[Side, RelayConnection] = {}
-        self.paired = asyncio.Event()
-        self.done = asyncio.Event()
+        self.paired: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
         self.service_host = ""   # the service side's address (for the audit log), taken when it arrives
+
+    @staticmethod
+    def set(future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_result(None)
 
 
 class Gateway:
@@ -56,6 +68,9 @@ class Gateway:
         self._pairing = Pairing(settings.max_streams)
         self._meetings: dict[str, _Meeting] = {}
         self._server: Server | None = None
+        # The TLS read buffer every stream connection of this gateway reads into (one event loop:
+        # one read at a time; devstreams.transport.tls set_tls_read_buffer): 256 KiB, for bulk.
+        self._read_buffer = memoryview(bytearray(STREAM_READ_BUFFER))
         self.port = 0
         self.public_url = settings.public_url or ""
         # Plain HTTP on this gateway's own listener (/metrics; the hub's dashboard): set before start().
@@ -76,14 +91,24 @@ class Gateway:
         self._server = Server(self._handler, process_request=self._check, server_header="devstreams-gateway",
                               open_timeout=s.open_timeout)
         if listener is None:
-            tls = {"ssl": self._ssl, "ssl_handshake_timeout": s.open_timeout} if self._ssl else {}
-            listener = await asyncio.get_running_loop().create_server(self._routing_protocol, s.host, s.port,
-                                                                      backlog=s.listen_backlog, **tls)
+            loop = asyncio.get_running_loop()
+            factory = self._routing_protocol if self._ssl is None else self._tls_protocol
+            listener = await loop.create_server(factory, s.host, s.port, backlog=s.listen_backlog)
         self._server.wrap(listener)
         self.port = listener.sockets[0].getsockname()[1]
         scheme = "wss" if self._ssl else "ws"
         self.public_url = (s.public_url or f"{scheme}://localhost:{{port}}").format(port=self.port).rstrip("/")
         log.info("gateway listening on %s:%s as %s", s.host, self.port, self.public_url)
+
+    def _tls_protocol(self) -> StreamTLSProtocol:
+        """TLS on our own listener: asyncio's protocol in slots, on any event loop (issue 14).
+
+        What ``create_server(ssl=...)`` would build, but never uvloop's TLS protocol, which
+        keeps a private 256 KiB read buffer per connection (two per stream) and BIOs that
+        cannot be released (devstreams.transport.tls ``SlottedSSLProtocol``).
+        """
+        return StreamTLSProtocol(asyncio.get_running_loop(), self._routing_protocol(), self._ssl, None,
+                                 server_side=True, ssl_handshake_timeout=self.settings.open_timeout)
 
     def _routing_protocol(self) -> RoutingProtocol:
         """A connection on our own listener: a stream upgrade, or HTTP (devstreams.observe.http)."""
@@ -99,7 +124,7 @@ class Gateway:
         return RelayConnection(ServerProtocol(max_size=s.max_message_bytes), self._server,
                                ping_interval=None, ping_timeout=None,  # devstreams.transport.wslink's liveness instead
                                close_timeout=None,  # see devstreams.transport.wslink; relay bounds abnormal closes
-                               max_queue=s.max_queue, write_limit=s.write_limit)
+                               max_queue=s.max_queue, write_limit=s.write_limit, read_buffer=self._read_buffer)
 
     async def stop(self) -> None:
         if self._server is None:
@@ -158,6 +183,7 @@ class Gateway:
             await close_within(ws, CLOSE_PEER_TIMEOUT, "stream reservation expired", self.settings.close_timeout)
             return
         entry, side = found
+        ws.handshake_done()
         ws.start_liveness(self.settings.ping_interval, self.settings.ping_timeout)
         self._pairing.attach(entry, side)
         meeting = self._meetings.setdefault(entry.stream_id, _Meeting())
@@ -168,7 +194,7 @@ class Gateway:
             self.events.emit(StreamOpened(entry.stream_id))
             await self._wait_for_peer(entry, side, ws, meeting)
         else:
-            meeting.paired.set()
+            meeting.set(meeting.paired)
             await self._run(entry, meeting)
 
     async def _wait_for_peer(self, entry: StreamEntry, side: Side, ws: RelayConnection,
@@ -181,7 +207,7 @@ class Gateway:
         """
         timeout = self.settings.peer_timeout
         try:
-            await asyncio.wait_for(meeting.paired.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(meeting.paired), timeout)
         except asyncio.TimeoutError:
             peer = side.peer.value
             reason = f"the {peer} did not connect within {timeout:g} s"
@@ -190,7 +216,7 @@ class Gateway:
             self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
                                           started=time.time(), close_reason=reason))
             return
-        await meeting.done.wait()  # the peer's handler relays; keep this socket open till then
+        await meeting.done  # the peer's handler relays; keep this socket open till then
 
     async def _run(self, entry: StreamEntry, meeting: _Meeting) -> None:
         record = StreamRecord(entry.stream_id, entry.device_id, entry.stream_name, started=time.time())
@@ -200,7 +226,7 @@ class Gateway:
             await relay(meeting.sockets[Side.DEVICE], meeting.sockets[Side.SERVICE], record,
                         self.settings.max_lifetime, self.settings.close_timeout)
         finally:
-            meeting.done.set()
+            meeting.set(meeting.done)
             self._end(entry, record)
 
     def _end(self, entry: StreamEntry, record: StreamRecord) -> None:
@@ -246,11 +272,11 @@ class Gateway:
             task = asyncio.ensure_future(close_within(ws, CLOSE_REVOKED, reason, self.settings.close_timeout))
             _closing.add(task)
             task.add_done_callback(_closing.discard)
-        if meeting is None or not meeting.paired.is_set():
+        if meeting is None or not meeting.paired.done():
             # No relay runs: end it here (a waiting side's handler returns once ``done`` is set).
             if meeting is not None:
-                meeting.paired.set()
-                meeting.done.set()
+                meeting.set(meeting.paired)
+                meeting.set(meeting.done)
             self._end(entry, StreamRecord(entry.stream_id, entry.device_id, entry.stream_name,
                                           started=entry.created, close_reason=reason))
         return True

@@ -10,6 +10,7 @@ import ctypes.util
 import functools
 import os
 import ssl
+from asyncio import sslproto
 
 from devstreams.wire.errors import ConfigError
 
@@ -122,3 +123,90 @@ def bio_capacity(bio: ssl.MemoryBIO) -> int | None:
         return None
     # BUF_MEM (openssl/buffer.h): size_t length; char *data; size_t max; unsigned long flags
     return ctypes.c_size_t.from_address(buf.value + ctypes.sizeof(ctypes.c_size_t) + ctypes.sizeof(ctypes.c_void_p)).value
+
+
+# -- server side: asyncio's TLS protocol, small per connection (issues 10 and 14) ----------------------
+
+def set_tls_read_buffer(transport, size: int, shared: memoryview | None = None) -> None:
+    """Give a TLS connection (asyncio's protocol) a read buffer of ``size`` bytes, or none of its own.
+
+    CPython's asyncio keeps a ``SSLProtocol.max_size`` (256 KiB) bytearray per TLS
+    connection, zero-filled, so all of it is resident: with thousands of idle devices or
+    open streams that is most of the hub's memory.  With ``shared`` (a buffer of ``size``
+    bytes owned by its server, one per event loop: the gate's 4 KiB for MQTT, the
+    gateway's 256 KiB for streams) the connection has no buffer of its own at all.  That
+    is safe on a selector event loop only: its transport calls ``get_buffer()``,
+    ``recv_into()`` and ``buffer_updated()`` in one go, and ``SSLProtocol.buffer_updated``
+    copies the bytes into the connection's incoming ``MemoryBIO`` before returning, so no
+    two connections ever hold the buffer at once.  A proactor loop (Windows) keeps the
+    buffer across an overlapped read: there each connection keeps its own.  uvloop's TCP
+    transport fills buffers the same way (``_selector_transport``).  This reaches into
+    asyncio internals, so it does nothing if they look different.
+    """
+    proto = getattr(transport, "_ssl_protocol", None)
+    if proto is None or not hasattr(proto, "_ssl_buffer") or not hasattr(proto, "max_size"):
+        return
+    if proto.max_size != size:
+        proto.max_size = size
+    if shared is not None and len(shared) == size and _selector_transport(proto):
+        proto._ssl_buffer = shared.obj
+        proto._ssl_buffer_view = shared
+        return
+    proto._ssl_buffer = bytearray(size)
+    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+
+
+def _selector_transport(proto) -> bool:
+    """Does this connection's socket transport fill and hand over its read buffer in one go?
+
+    asyncio's selector transports do (``get_buffer``, ``recv_into``, ``buffer_updated``), and
+    so do uvloop's (libuv's alloc callback, ``read()``, the read callback, one stream at a time:
+    uvloop/handles/stream.pyx ``__uv_stream_buffered_alloc`` / ``__uv_stream_buffered_on_read``).
+    """
+    from asyncio import selector_events
+    transport = getattr(proto, "_transport", None)
+    return (isinstance(transport, selector_events._SelectorTransport)
+            or type(transport).__module__ == "uvloop.loop" and type(transport).__name__ == "TCPTransport")
+
+
+class SlottedSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with its attributes in slots (issue 10; the gate's and the gateway's).
+
+    ``SSLProtocol`` sets about 37 attributes on each instance, too many for CPython's shared-key
+    instance dicts: each connection had a 1.6 KiB dict of its own.  Here the ones its code
+    assigns (asyncio/sslproto.py 3.11: every ``self._x = ...`` of the class) live in slots; those
+    it has class-level defaults for (``_handshake_timeout_handle`` ...) start with that default,
+    since a slot hides it; any other attribute a later Python adds still lands in the instance
+    dict, so nothing breaks, it only costs what it did before.  ``max_size`` (the read size)
+    is a slot too, starting at the class's ``first_read_size``: subclasses set that, and swap
+    in a shared buffer later (``set_tls_read_buffer``), which changes ``max_size`` without
+    giving the connection an instance dict.
+
+    Why asyncio's protocol and not the event loop's: the hub runs on uvloop when it is
+    installed (devstreams.cli), and uvloop's own TLS protocol gives every connection a
+    256 KiB read buffer of its own (uvloop/sslproto.pyx ``SSLProtocol.__cinit__``,
+    ``SSL_READ_MAX_SIZE``) that Python cannot reach or share, and its memory BIOs cannot
+    be released.  asyncio's protocol runs on uvloop's TCP transport as on its own (a
+    buffered protocol; uvloop's transports have what it calls, ``_force_close`` included).
+    """
+
+    __slots__ = (
+        "_app_protocol", "_app_protocol_buffer_updated", "_app_protocol_get_buffer", "_app_protocol_is_buffer",
+        "_app_reading_paused", "_app_state", "_app_transport", "_app_transport_created", "_app_writing_paused",
+        "_conn_lost", "_eof_received", "_extra", "_handshake_start_time", "_handshake_timeout_handle", "_incoming",
+        "_incoming_high_water", "_incoming_low_water", "_loop", "_outgoing", "_outgoing_high_water",
+        "_outgoing_low_water", "_server_hostname", "_server_side", "_shutdown_timeout_handle", "_ssl_buffer",
+        "_ssl_buffer_view", "_ssl_handshake_timeout", "_ssl_reading_paused", "_ssl_shutdown_timeout",
+        "_ssl_writing_paused", "_sslcontext", "_sslobj", "_state", "_transport", "_waiter", "_write_backlog",
+        "_write_buffer_size", "max_size")
+    # names SSLProtocol gives a class-level default (None): a slot hides it, so each instance starts with it
+    _DEFAULTS = tuple((name, getattr(sslproto.SSLProtocol, name)) for name in __slots__
+                      if hasattr(sslproto.SSLProtocol, name) and not callable(getattr(sslproto.SSLProtocol, name)))
+
+    first_read_size = sslproto.SSLProtocol.max_size   # asyncio's 256 KiB unless a subclass says otherwise
+
+    def __init__(self, *args, **kwargs) -> None:
+        for name, default in self._DEFAULTS:
+            setattr(self, name, default)
+        self.max_size = self.first_read_size   # SSLProtocol.__init__ allocates its first buffer with it
+        super().__init__(*args, **kwargs)

@@ -94,7 +94,7 @@ class _LivenessMixin:
     """Adds ``start_liveness(interval, timeout)`` to a websockets asyncio connection."""
 
     liveness: Liveness | None = None
-    _liveness_task: asyncio.Task | None = None
+    _liveness_timer: asyncio.TimerHandle | None = None   # the next liveness check (a timer, not a task)
     pump = None    # a devstreams.transport.pump.Pump that takes this connection's data frames itself
 
     def connection_made(self, transport) -> None:
@@ -164,16 +164,15 @@ class _LivenessMixin:
         # lives long enough to reach the cyclic GC's oldest generation, which a hub with many
         # devices collects rarely; each connection left to it holds its TLS buffers and OpenSSL
         # state (~0.7 MiB per bulk stream: +290 MiB of RSS after 200 bulk streams, issue 10).
-        # So break the three cycles through this object once it is closed:
-        # - the liveness task (a cancelled task keeps its CancelledError, whose traceback holds
-        #   the watcher's frame and so this connection),
+        # So break the cycles through this object once it is closed:
+        # - the liveness timer (its callback is a method of this connection),
         # - our pause/resume wrappers on the receive queue (closures over self),
         # - websockets' own logger adapter, whose ``extra`` names this connection
         #   (websockets/asyncio/connection.py, ``Connection.__init__``, "Inject reference to
         #   this instance in the protocol's logger").
-        task, self._liveness_task = self._liveness_task, None
-        if task is not None:
-            task.cancel()
+        timer, self._liveness_timer = self._liveness_timer, None
+        if timer is not None:
+            timer.cancel()
         self.pump = None   # (the pump learns of the end through connection_lost_waiter)
         self.recv_messages.pause = self.recv_messages.resume = _no_flow_control
         adapter = self.logger
@@ -182,31 +181,39 @@ class _LivenessMixin:
 
     def start_liveness(self, interval: float | None, timeout: float | None) -> None:
         """Heartbeats every ``interval``; the peer is lost after ``interval + timeout`` of silence."""
-        if not interval or not timeout or self._liveness_task is not None:
+        if not interval or not timeout or self.liveness is not None:
             return
         now = self.loop.time()
         self.liveness = Liveness(interval, timeout, now)
         if self.recv_messages.paused:
             self.liveness.pause(now)
         enable_tcp_keepalive(self.transport.get_extra_info("socket"), idle=interval, interval=timeout / 2)
-        self._liveness_task = self.loop.create_task(self._watch_liveness())
+        self._liveness_timer = self.loop.call_soon(self._check_liveness)
 
-    async def _watch_liveness(self) -> None:
+    def _check_liveness(self) -> None:
+        """One liveness check; the next one is a timer (``loop.call_at``).
+
+        A timer, not a task with a sleep loop: a task, its coroutine and the future of each
+        sleep took about 1.5 KiB per connection, two per stream in the gateway (issue 14).
+        """
+        self._liveness_timer = None
         lv = self.liveness
         # Also while CLOSING: the closing handshake of a stream waits behind all the data still
         # in flight (no close timeout), so a slow peer gets everything and a dead one is cut here.
-        while self.protocol.state in (State.OPEN, State.CLOSING):
-            now = self.loop.time()
-            if lv.lost(now):
-                if unread_bytes(self.transport.get_extra_info("socket")) > 0:
-                    lv.heard(now)  # it spoke; our loop was just late to read it
-                else:
-                    self._peer_lost(lv.limit)
-                    return
-            if lv.heartbeat_due(now):
-                lv.sent(now)
-                self._send_heartbeat()
-            await asyncio.sleep(lv.next_check(self.loop.time()) - self.loop.time())
+        if self.protocol.state not in (State.OPEN, State.CLOSING):
+            return
+        now = self.loop.time()
+        if lv.lost(now):
+            if unread_bytes(self.transport.get_extra_info("socket")) > 0:
+                lv.heard(now)  # it spoke; our loop was just late to read it
+            else:
+                self._peer_lost(lv.limit)
+                return
+        if lv.heartbeat_due(now):
+            lv.sent(now)
+            self._send_heartbeat()
+        if self.protocol.state in (State.OPEN, State.CLOSING):
+            self._liveness_timer = self.loop.call_at(lv.next_check(self.loop.time()), self._check_liveness)
 
     def _send_heartbeat(self) -> None:
         """Queue a ping without waiting for the peer's window (a slow peer must not stall us).
