@@ -5,7 +5,8 @@ The TLS handshake happens here (offering the ALPN protocols of
 and the first bytes where the connection goes, and the TLS transport is handed
 to that endpoint's own protocol (``transport.set_protocol``), which is told the
 connection was made and gets the bytes read so far.  From then on the front door
-is out of the way: no copy, no extra task per connection.
+is out of the way: no copy, no extra task per connection.  The routing protocol is the
+one a gateway's own port uses too (``devstreams.observe.http.RoutingProtocol``).
 
 A connection that sends nothing decidable within ``decide_timeout`` is closed;
 an HTTP request for an unknown path gets a status line with the reason.
@@ -14,17 +15,13 @@ an HTTP request for an unknown path gets a status line with the reason.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
-from collections.abc import Callable
 
-from devstreams.wire.frontdoor import ALPN_PROTOCOLS, Refusal, Route, Sniffer
+from devstreams.observe.http import ProtocolFactory, RoutingProtocol
+from devstreams.wire.frontdoor import ALPN_PROTOCOLS, Refusal, Route
 
 from .gate import GateTLSProtocol
 
-log = logging.getLogger(__name__)
-
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 def front_door_context(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -33,72 +30,8 @@ def front_door_context(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-class FrontDoor(asyncio.Protocol):
-    """One connection on the single port, until it is handed over."""
-
-    def __init__(self, routes: dict[Route, ProtocolFactory], decide_timeout: float):
-        self._routes = routes
-        self._timeout = decide_timeout
-        self._transport: asyncio.Transport | None = None
-        self._sniffer: Sniffer | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport) -> None:
-        self._transport = transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        self._sniffer = Sniffer(alpn=ssl_object.selected_alpn_protocol() if ssl_object is not None else None)
-        route = self._sniffer.first()
-        if route is not None:
-            self._hand_over(route)
-        else:
-            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._too_slow)
-
-    def data_received(self, data: bytes) -> None:
-        decision = self._sniffer.feed(data)
-        if decision is None:
-            return
-        if isinstance(decision, Refusal):
-            self._refuse(decision)
-        else:
-            self._hand_over(decision)
-
-    def connection_lost(self, exc) -> None:
-        self._cancel_timer()
-
-    def _hand_over(self, route: Route) -> None:
-        self._cancel_timer()
-        factory = self._routes.get(route)
-        if factory is None:
-            self._refuse(Refusal(501, f"this hub does not serve {route.value} on this port", http=route != Route.MQTT))
-            return
-        transport, buffered = self._transport, self._sniffer.buffered
-        self._transport = self._sniffer = None
-        protocol = factory()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if buffered and not transport.is_closing():
-            protocol.data_received(buffered)
-
-    def _refuse(self, refusal: Refusal) -> None:
-        self._cancel_timer()
-        transport = self._transport
-        peer = transport.get_extra_info("peername")
-        log.info("refused a connection from %s on the single port: %s", peer, refusal.reason)
-        if refusal.http:
-            transport.write(refusal.http_answer())
-            transport.close()
-        else:
-            transport.abort()
-
-    def _too_slow(self) -> None:
-        self._timer = None
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+def _unserved(route: Route) -> Refusal:
+    return Refusal(501, f"this hub does not serve {route.value} on this port", http=route != Route.MQTT)
 
 
 async def serve_front_door(host: str, port: int, context: ssl.SSLContext, routes: dict[Route, ProtocolFactory], *,
@@ -115,6 +48,7 @@ async def serve_front_door(host: str, port: int, context: ssl.SSLContext, routes
     context = front_door_context(context)
 
     def tls_protocol() -> GateTLSProtocol:
-        return GateTLSProtocol(loop, FrontDoor(routes, decide_timeout), context, None, server_side=True,
+        return GateTLSProtocol(loop, RoutingProtocol(routes, decide_timeout, where="the single port",
+                                                     unserved=_unserved), context, None, server_side=True,
                                ssl_handshake_timeout=decide_timeout)
     return await loop.create_server(tls_protocol, host, port, backlog=backlog, start_serving=False)

@@ -7,7 +7,8 @@ the dashboard's actions are POSTs (a close button, with a CSRF token) and its pa
 So a listener that serves streams *and* HTTP decides per connection from the request line
 (``devstreams.wire.frontdoor.route_for_request_line``): stream upgrades go to the gateway's
 websockets protocol, everything else to ``HttpServer``.  On the hub's single port the front
-door (broker/frontdoor.py) makes that decision; on a gateway's own port ``RoutingProtocol``.
+door (broker/frontdoor.py) makes that decision, on a gateway's own port the gateway, both with
+``RoutingProtocol``.
 
 Everything is bounded: request line + headers (``max_header_bytes``), body
 (``max_body_bytes``), connections at once, and a connection silent for ``request_timeout``
@@ -170,51 +171,66 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 class RoutingProtocol(asyncio.Protocol):
-    """One connection on a gateway's own listener until its request line says where it goes.
+    """One connection on a shared listener until its ALPN or first bytes say where it goes.
 
-    The same decision as the hub's front door (``devstreams.wire.frontdoor.Sniffer``); then the
-    transport is handed to the chosen protocol (``transport.set_protocol``) with the bytes read
-    so far, and this object is out of the way.
+    The decision is ``devstreams.wire.frontdoor.Sniffer``'s; then the transport is handed
+    to the chosen protocol (``transport.set_protocol``) with the bytes read so far, and this
+    object is out of the way.  Used on a gateway's own port (streams or HTTP) and on the hub's
+    single port (broker/frontdoor.py: MQTT, MQTT over WebSocket, streams, HTTP).  A route
+    the listener has no handler for is refused with ``unserved(route)``; a connection that
+    says nothing within ``decide_timeout`` is closed.
     """
 
-    def __init__(self, routes: dict[Route, ProtocolFactory], decide_timeout: float):
+    def __init__(self, routes: dict[Route, ProtocolFactory], decide_timeout: float, *,
+                 where: str = "a gateway's port", unserved: Callable[[Route], Refusal] | None = None):
         self._routes = routes
         self._timeout = decide_timeout
-        self._transport = None
-        self._sniffer = Sniffer()
+        self._where = where
+        self._unserved = unserved or (lambda route: Refusal(404, "not an endpoint of this gateway",
+                                                             http=route is not Route.MQTT))
+        self._transport: asyncio.Transport | None = None
+        self._sniffer: Sniffer | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._too_slow)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._sniffer = Sniffer(alpn=ssl_object.selected_alpn_protocol() if ssl_object is not None else None)
+        route = self._sniffer.first()
+        if route is not None:
+            self._decided(route)
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
             return
         decision = self._sniffer.feed(data)
-        if decision is None:
-            return
+        if decision is not None:
+            self._decided(decision)
+
+    def connection_lost(self, exc) -> None:
+        self._cancel()
+
+    def _decided(self, decision: Route | Refusal) -> None:
         factory = None if isinstance(decision, Refusal) else self._routes.get(decision)
         if factory is None:
-            refusal = decision if isinstance(decision, Refusal) else Refusal(
-                404, "not an endpoint of this gateway", http=decision is not Route.MQTT)
-            self._refuse(refusal)
+            self._refuse(decision if isinstance(decision, Refusal) else self._unserved(decision))
             return
         self._cancel()
         transport, buffered = self._transport, self._sniffer.buffered
-        self._transport = None
+        self._transport = self._sniffer = None
         protocol = factory()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if buffered and not transport.is_closing():
             protocol.data_received(buffered)
 
-    def connection_lost(self, exc) -> None:
-        self._cancel()
-
     def _refuse(self, refusal: Refusal) -> None:
         self._cancel()
         transport, self._transport = self._transport, None
+        log.info("refused a connection from %s on %s: %s", transport.get_extra_info("peername"), self._where,
+                 refusal.reason)
         if refusal.http:
             transport.write(refusal.http_answer())
             transport.close()
