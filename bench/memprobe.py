@@ -102,36 +102,46 @@ def main() -> None:
             cpu = (sum(me.cpu_times()[:2]) - cpu0) / args.n * 1000
             print(f"devices {n}: RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/device, "
                   f"tasks {(tasks1 - tasks0) / n:.2f}/device, hub CPU {cpu:.2f} ms/device (connect + idle)", flush=True)
-            from broker.memory import release_free_memory
-            release_free_memory()
-            rss2, heap2 = me.memory_info().rss, heap_in_use()
-            print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/device", flush=True)
-            if heap0 and heap2:  # C heap in use: OpenSSL, and Python objects too big for pymalloc
-                print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/device, "
-                      f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/device", flush=True)
+            report_trimmed(me, rss0, heap0, n, "device")
             if args.trace:
-                snap1 = tracemalloc.take_snapshot()
-                stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else
-                                        "filename" if args.by_file else "lineno")
-                total = sum(s.size_diff for s in stats)
-                print(f"tracemalloc: {total / n / 1024:.1f} KiB/device (Python allocations)")
-                for s in stats[:args.top]:
-                    if s.size_diff / n < 64:
-                        break
-                    where = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
-                                       for f in s.traceback[:args.frames])
-                    print(f"  {s.size_diff / n:8.0f} B {s.count_diff / n:6.2f} blk  {where}")
-                types1 = types()
-                print("objects per device by type:")
-                diff = {k: (types1[k] - types0.get(k, 0)) / n for k in types1}
-                for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:args.top]:
-                    if v < 0.5:
-                        break
-                    print(f"  {v:6.2f}  {k}")
+                report_trace(snap0, types0, types(), n, "device", args, min_bytes=64, min_objects=0.5)
         finally:
             sim.stdin.close()
             sim.wait(30)
             hub.stop()
+
+
+def report_trimmed(me: psutil.Process, rss0: int, heap0, n: int, unit: str):
+    """After ``malloc_trim``: the RSS and glibc heap deltas per ``unit``; returns (rss, heap) then."""
+    from broker.memory import release_free_memory
+    release_free_memory()
+    rss2, heap2 = me.memory_info().rss, heap_in_use()
+    print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/{unit}", flush=True)
+    if heap0 and heap2:  # C heap in use: OpenSSL, and Python objects too big for pymalloc
+        print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/{unit}, "
+              f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/{unit}", flush=True)
+    return rss2, heap2
+
+
+def report_trace(snap0, types0: collections.Counter, types1: collections.Counter, n: int, unit: str, args, *,
+                 min_bytes: float, min_objects: float) -> None:
+    """The tracemalloc diff since ``snap0`` and the object counts by type, per ``unit``, largest first."""
+    snap1 = tracemalloc.take_snapshot()
+    stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else "filename" if args.by_file else "lineno")
+    total = sum(s.size_diff for s in stats)
+    print(f"tracemalloc: {total / n / 1024:.1f} KiB/{unit} (Python allocations)")
+    for s in stats[:args.top]:
+        if s.size_diff / n < min_bytes:
+            break
+        where = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+                           for f in s.traceback[:args.frames])
+        print(f"  {s.size_diff / n:8.0f} B {s.count_diff / n:6.2f} blk  {where}")
+    print(f"objects per {unit} by type:")
+    diff = {k: (types1[k] - types0.get(k, 0)) / n for k in types1}
+    for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:args.top]:
+        if v < min_objects:
+            break
+        print(f"  {v:6.2f}  {k}")
 
 
 if __name__ == "__main__":

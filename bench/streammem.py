@@ -37,6 +37,8 @@ import psutil
 
 from devstreams.transport.glibc import heap_in_use
 
+from .memprobe import report_trace, report_trimmed
+
 DEVICE_PROCS = 2
 
 
@@ -132,12 +134,7 @@ def main() -> None:
             print(f"streams {n} (open in the gateway: {open_now}, opened in {open_s:.1f} s): "
                   f"RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/stream, tasks {(tasks1 - tasks0) / n:.2f}/stream, "
                   f"hub CPU {cpu:.1f} ms/stream (open)", flush=True)
-            release_free_memory()
-            rss2, heap2 = me.memory_info().rss, heap_in_use()
-            print(f"  after malloc_trim(0): RSS delta {(rss2 - rss0) / n / 1024:.1f} KiB/stream", flush=True)
-            if heap0 and heap2:
-                print(f"  glibc heap in use (mallinfo2): {(heap2[0] - heap0[0]) / n / 1024:.1f} KiB/stream, "
-                      f"free but kept {(heap2[1] - heap0[1]) / n / 1024:.1f} KiB/stream", flush=True)
+            rss2, heap2 = report_trimmed(me, rss0, heap0, n, "stream")
             result = {"streams": n, "loop": type(hub._loop).__module__, "rss_kib": (rss1 - rss0) / n / 1024,
                       "rss_trimmed_kib": (rss2 - rss0) / n / 1024, "tasks": (tasks1 - tasks0) / n,
                       "heap_kib": (heap2[0] - heap0[0]) / n / 1024 if heap0 and heap2 else None}
@@ -146,24 +143,7 @@ def main() -> None:
             if args.referrers:
                 _referrers(args.referrers)
             if args.trace:
-                snap1 = tracemalloc.take_snapshot()
-                stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else
-                                        "filename" if args.by_file else "lineno")
-                total = sum(s.size_diff for s in stats)
-                print(f"tracemalloc: {total / n / 1024:.1f} KiB/stream (Python allocations)")
-                for s in stats[:args.top]:
-                    if s.size_diff / n < 32:
-                        break
-                    where = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
-                                       for f in s.traceback[:args.frames])
-                    print(f"  {s.size_diff / n:8.0f} B {s.count_diff / n:6.2f} blk  {where}")
-                types1 = types()
-                print("objects per stream by type:")
-                diff = {k: (types1[k] - types0.get(k, 0)) / n for k in types1}
-                for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:args.top]:
-                    if v < 0.25:
-                        break
-                    print(f"  {v:6.2f}  {k}")
+                report_trace(snap0, types0, types(), n, "stream", args, min_bytes=32, min_objects=0.25)
         finally:
             for w in workers:
                 try:

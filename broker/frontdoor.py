@@ -23,7 +23,6 @@ from devstreams.wire.frontdoor import ALPN_PROTOCOLS, Refusal, Route
 from .gate import GateTLSProtocol
 
 
-
 def front_door_context(context: ssl.SSLContext) -> ssl.SSLContext:
     """The hub's server TLS context, offering the single port's ALPN protocols."""
     context.set_alpn_protocols(ALPN_PROTOCOLS)
