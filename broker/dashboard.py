@@ -235,21 +235,21 @@ class HubWeb:
 
     def _page(self, request, session, arg, now) -> Response:
         s = self.hub.settings
-        devices = self._devices_page(request.query, session, now)
+        devices = self._scoped_devices(session, now)
         return self._html(200, webview.page_html(csrf=session.csrf, refresh_s=s.dashboard_refresh,
-                                                 summary=self._summary(session, now), devices=devices,
+                                                 summary=self._summary(session, now, devices=devices),
+                                                 devices=self._devices_page(request.query, devices),
                                                  view=session.scope, read_only=session.read_only))
 
     def _state(self, request, session, arg, now) -> Response:
-        rows = self.hub.open_streams()
-        if session.read_only:       # an operator sees its own streams, and not the hub's totals
-            rows = [r for r in rows if r.get("operator") == session.scope]
-        chart = self.history.series() if not session.read_only else []
-        return self._json({"summary": self._summary(session, now), "streams": webview.stream_rows(rows, now),
-                           "chart": chart, "time": now, "read_only": session.read_only})
+        rows = self._visible_streams(session)
+        chart = self.history.series() if not session.read_only else []   # no hub-wide totals for an operator
+        return self._json({"summary": self._summary(session, now, streams=rows),
+                           "streams": webview.stream_rows(rows, now), "chart": chart, "time": now,
+                           "read_only": session.read_only})
 
     def _devices(self, request, session, arg, now) -> Response:
-        page = self._devices_page(request.query, session, now)
+        page = self._devices_page(request.query, self._scoped_devices(session, now))
         return self._json(page | {"html": webview.device_rows_html(page)})
 
     def _activity(self, request, session, arg, now) -> Response:
@@ -270,16 +270,22 @@ class HubWeb:
         self.hub.controller.close_stream(stream_id, "stream closed by an operator (dashboard)")
         return self._json({"closed": stream_id})
 
-    def _summary(self, session, now: float) -> dict:
+    def _summary(self, session, now: float, *, devices: list | None = None, streams: list | None = None) -> dict:
+        """Devices, online and open streams the session may see (``devices``/``streams``: already read)."""
+        controller = self.hub.controller
+        online = controller.online_devices if controller is not None else set()
         if session.read_only:
-            devices = self._scoped_devices(session, now)
-            online = self.hub.controller.online_devices if self.hub.controller is not None else set()
-            mine = [r for r in self.hub.open_streams() if r.get("operator") == session.scope]
+            devices = self._scoped_devices(session, now) if devices is None else devices
+            streams = self._visible_streams(session) if streams is None else streams
             return {"devices": len(devices), "online": sum(d.id in online for d in devices),
-                    "open_streams": len(mine)}
-        state = self.state()
-        return {"devices": state.get("devices", 0), "online": state.get("devices_online", 0),
-                "open_streams": state.get("open_streams", 0)}
+                    "open_streams": len(streams)}
+        return {"devices": self.hub.registry.count(), "online": len(online),
+                "open_streams": controller.open_streams if controller is not None else 0}
+
+    def _visible_streams(self, session) -> list[dict]:
+        """The open streams a session may see: all for admin, its own for an operator."""
+        rows = self.hub.open_streams()
+        return [r for r in rows if r.get("operator") == session.scope] if session.read_only else rows
 
     def _operator(self, session, now: float):
         """The session's operator while it may still log in (None: removed, disabled, expired)."""
@@ -296,9 +302,9 @@ class HubWeb:
             return []
         return [d for d in devices if access.device_in_scope(operator.devices, d.id, d.tags)]
 
-    def _devices_page(self, query: dict, session, now: float) -> dict:
+    def _devices_page(self, query: dict, devices: list) -> dict:
         online = self.hub.controller.online_devices if self.hub.controller is not None else set()
-        return webview.device_page(self._scoped_devices(session, now), online, query.get("q", ""),
+        return webview.device_page(devices, online, query.get("q", ""),
                                    webview.page_number(query.get("page")), self.hub.settings.dashboard_page_size)
 
     def _static_file(self, name: str) -> Response:
