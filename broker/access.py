@@ -61,10 +61,14 @@ def stream_in_scope(streams: tuple[str, ...], name: str) -> bool:
     return not streams or name in streams
 
 
-def standing(operator: OperatorLike | None, name: str, wall: float) -> tuple[Outcome, str] | None:
-    """Why this operator may do nothing at all now (removed, disabled, expired), or None."""
+def standing(operator: OperatorLike | None, name: str, wall: float, *,
+             admitted: bool = False) -> tuple[Outcome, str] | None:
+    """Why this operator may do nothing at all now (removed, disabled, expired), or None.
+
+    ``admitted``: it already holds a session or a stream, so a missing operator "was removed".
+    """
     if operator is None:
-        return Outcome.UNAUTHORIZED, f"operator {name} does not exist on this hub"
+        return Outcome.UNAUTHORIZED, f"operator {name} {'was removed' if admitted else 'does not exist on this hub'}"
     if not operator.enabled:
         return Outcome.UNAUTHORIZED, f"operator {name} is disabled"
     if operator.expired(wall):
@@ -86,6 +90,11 @@ def out_of_scope(operator: OperatorLike, device_id: str, tags: Mapping[str, str]
     return None
 
 
+def key_rotated(name: str) -> str:
+    """Why a session or stream admitted under an operator's old key ends."""
+    return f"operator {name}'s key was rotated"
+
+
 def refusal(operator: OperatorLike | None, name: str, device_id: str, tags: Mapping[str, str] | None,
             stream: str, wall: float) -> tuple[Outcome, str] | None:
     """The first rule a new request breaks: the operator's standing, then its scope."""
@@ -103,12 +112,11 @@ def revocation_of(operator: OperatorLike | None, name: str, admitted_key: bytes,
 
     ``admitted_key``: :func:`key_digest` of the operator's key when the stream was admitted.
     """
-    why = standing(operator, name, wall)
+    why = standing(operator, name, wall, admitted=True)
     if why is not None:
-        outcome, reason = why
-        return outcome, reason.replace(" does not exist on this hub", " was removed")
+        return why
     assert operator is not None
     if key_digest(operator.key) != admitted_key:
-        return Outcome.UNAUTHORIZED, f"operator {name}'s key was rotated"
+        return Outcome.UNAUTHORIZED, key_rotated(name)
     reason = out_of_scope(operator, device_id, tags, stream)
     return (Outcome.FORBIDDEN, reason.replace("may not open", "may no longer open")) if reason else None

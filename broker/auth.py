@@ -122,14 +122,14 @@ def revoked(registry: Registry, identity: Identity, password: str) -> str | None
         except TokenError:
             return "SAS token unreadable"
         operator = registry.operator(name)
-        why = access.standing(operator, name, time.time())
+        why = access.standing(operator, name, time.time(), admitted=True)
         if why is not None:
-            return why[1].replace(" does not exist on this hub", " was removed")
+            return why[1]
         assert operator is not None
         try:
             sas.verify_token(operator.key, password, sas.service_resource(name), now=0)
         except TokenError:
-            return f"operator {operator.name}'s key was rotated"
+            return access.key_rotated(operator.name)
     return None
 
 
