@@ -711,9 +711,6 @@ class Registry:
             op = self.operator(name)
         return op.key if op is not None and op.active(time.time()) else None
 
-    def rotate_policy_key(self, name: str = ADMIN_OPERATOR) -> bytes:
-        return self.rotate_operator_key(name).key
-
     # -- activity log --------------------------------------------------------------------------
 
     def log_request(self, *, device: str, name: str, stream_id: str | None, outcome: str,

@@ -90,7 +90,7 @@ def test_registry_operators_and_admin(tmp_path):
     registry.set_operator_enabled("alice", True)
     rotated = registry.rotate_operator_key("alice")
     assert rotated.key != alice.key and registry.policy_key("alice") == rotated.key
-    old_admin = registry.rotate_policy_key()
+    old_admin = registry.rotate_operator_key("admin").key
     assert old_admin != admin.key and registry.ensure_admin().key == old_admin
     expiring = registry.add_operator("temp", expires=time.time() + 0.3)
     assert registry.policy_key("temp") == expiring.key
