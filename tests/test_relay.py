@@ -9,12 +9,14 @@ import asyncio
 import gc
 import hashlib
 import os
+import random
 import uuid
 import weakref
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from broker.pki import ensure_tls, server_context
 from devstreams.transport.tls import client_context
@@ -191,3 +193,74 @@ def test_relayed_connections_are_freed_without_the_cyclic_gc(tmp_path):
         assert not alive, f"{len(alive)} of {len(refs)} relayed connections are kept alive by reference cycles"
     finally:
         gc.enable()
+
+
+def _raw_frames(rnd: random.Random) -> tuple[bytes, list, list]:
+    """A client's frame mix as raw masked bytes, the messages the other side must receive, the pings."""
+    raw, messages, pings = b"", [], []
+    for _ in range(60):
+        pick = rnd.random()
+        if pick < 0.6:
+            data = rnd.randbytes(rnd.choice((0, 1, 64, 300, 70_000)))
+            raw += Frame(Opcode.BINARY, data).serialize(mask=True)
+            messages.append(data)
+        elif pick < 0.7:
+            pings.append(b"p%d" % len(raw))
+            raw += Frame(Opcode.PING, pings[-1]).serialize(mask=True)
+        elif pick < 0.8:
+            raw += Frame(Opcode.TEXT, b"eof").serialize(mask=True)
+            messages.append("eof")
+        else:
+            parts = [rnd.randbytes(rnd.randint(0, 3000)) for _ in range(rnd.randint(2, 4))]
+            raw += b"".join(Frame(Opcode.BINARY if i == 0 else Opcode.CONT, p, fin=i == len(parts) - 1)
+                            .serialize(mask=True) for i, p in enumerate(parts))
+            messages.append(b"".join(parts))
+    return raw, messages, pings
+
+
+def test_whole_binary_frames_pass_the_relay_itself_whatever_the_reads_and_the_rest_stays_websockets(tmp_path):
+    """streamgw.passthrough in the relay: once both sides are linked, whole binary frames are passed
+    without websockets' parser (``passing``); frames written in odd cuts (a header split from its
+    payload, several frames in one read), pings, text and fragmented messages between them arrive
+    exactly as sent, pings are answered, bytes are counted; then a frame over max_size still gets
+    websockets' 1009 and the stream ends for the other side."""
+    rig = Rig(tmp_path)
+    rnd = random.Random(10)
+
+    async def main():
+        await rig.gateway.start()
+        try:
+            sid = uuid.uuid4().hex
+            device = await rig.side(sid, Side.DEVICE)
+            service = await rig.side(sid, Side.SERVICE)
+            await service.send(b"hello")
+            assert await device.recv() == b"hello"
+            device_ws, service_ws = rig.sockets(sid)
+            assert service_ws.passing, "whole binary frames still go through websockets' parser"
+            raw, messages, pings = _raw_frames(rnd)
+            pongs = []
+            service.process_event = lambda event, seen=service.process_event: (
+                pongs.append(event.data) if event.opcode is Opcode.PONG else seen(event))
+            pos = 0
+            while pos < len(raw):   # the TLS connection carries the bytes in cuts of any size
+                cut = rnd.choice((1, 2, 3, 7, 100, 5000, 80_000))
+                service.transport.write(raw[pos:pos + cut])
+                pos += cut
+                await asyncio.sleep(0)
+            got = [await asyncio.wait_for(device.recv(), 10) for _ in messages]
+            assert got == messages
+            assert service_ws.passing
+            await wait_for(lambda: pongs == pings, what="a pong for every ping")
+            binary = sum(len(m) for m in messages if isinstance(m, bytes))
+            assert service_ws.record.bytes_to_device == 5 + binary
+            # a frame header over max_size: websockets' own answer, and the stream ends for the device
+            service.transport.write(bytes((0x82, 0xFF)) + (rig.gateway.settings.max_message_bytes + 1)
+                                    .to_bytes(8, "big") + b"mask")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(device.recv(), 10)
+            await asyncio.wait_for(service.wait_closed(), 10)
+            assert service.close_code == 1009
+            assert device.close_code != CLOSE_PEER_CLOSED
+        finally:
+            await rig.gateway.stop()
+    run(main())

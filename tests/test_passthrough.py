@@ -1,0 +1,157 @@
+"""streamgw/passthrough.py: which bytes the relay passes itself and which websockets parses.
+
+Frames are built with websockets' own serializer (client side: masked), so every
+case is what a real client sends, plus hostile headers no client would.
+"""
+
+import os
+import random
+
+import pytest
+from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from streamgw.passthrough import HAND, PASS, WAIT, scan, server_header
+
+MAX = 256 * 1024
+
+
+def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=True)
+
+
+def test_a_whole_binary_frame_passes_with_its_payload_bounds_for_each_length_encoding():
+    for size in (0, 1, 125, 126, 65535, 65536, 200_000):
+        data = os.urandom(size)
+        raw = b"junk" + frame(Opcode.BINARY, data)
+        kind, start, end = scan(raw, 4, MAX)
+        assert (kind, end) == (PASS, len(raw))
+        mask = raw[start - 4:start]
+        assert bytes(b ^ mask[i % 4] for i, b in enumerate(raw[start:end])) == data
+
+
+@pytest.mark.parametrize("raw", [
+    frame(Opcode.TEXT, b"eof"),
+    frame(Opcode.BINARY, b"first", fin=False),
+    frame(Opcode.CONT, b"more"),
+    frame(Opcode.PING, b"hb"),
+    frame(Opcode.PONG, b"hb"),
+    frame(Opcode.CLOSE, b"\x03\xe8bye"),
+], ids=["text", "fragment", "continuation", "ping", "pong", "close"])
+def test_every_other_whole_frame_is_handed_to_websockets_exactly(raw):
+    assert scan(raw + b"\x82", 0, MAX) == (HAND, 0, len(raw))
+
+
+def test_inside_a_fragmented_message_even_a_binary_frame_is_websockets_to_judge():
+    raw = frame(Opcode.BINARY, b"x")
+    assert scan(raw, 0, MAX, fragmented=True) == (HAND, 0, len(raw))
+
+
+def test_a_frame_cut_anywhere_waits_for_the_rest():
+    for raw in (frame(Opcode.BINARY, os.urandom(70_000)), frame(Opcode.BINARY, os.urandom(300)),
+                frame(Opcode.PING, b"hb")):
+        for cut in range(min(20, len(raw))):
+            assert scan(raw[:cut], 0, MAX).kind == WAIT
+        assert scan(raw[:-1], 0, MAX).kind == WAIT
+        assert scan(raw, 0, MAX).kind != WAIT
+
+
+@pytest.mark.parametrize("head", [
+    bytes((0x82, 0x05)) + b"hello",                    # unmasked: a client must mask
+    bytes((0xC2, 0x85)) + b"mask" + b"hello",          # RSV1 (compression was not negotiated)
+    bytes((0x82, 0xFF)) + (2**63).to_bytes(8, "big"),  # a 2**63-byte frame: refused on its header
+    bytes((0x82, 0xFE)) + (MAX + 1).to_bytes(2, "big")[-2:] if MAX + 1 < 65536 else
+    bytes((0x82, 0xFF)) + (MAX + 1).to_bytes(8, "big"),  # one byte over max_size
+], ids=["unmasked", "reserved-bit", "huge", "over-max-size"])
+def test_a_header_websockets_refuses_is_handed_over_at_once_with_all_that_follows(head):
+    data = head + b"rest of the read"
+    assert scan(data, 0, MAX) == (HAND, 0, len(data))   # nothing waits for a payload that will never count
+
+
+def test_max_size_none_means_no_limit():
+    raw = frame(Opcode.BINARY, os.urandom(MAX + 10))
+    assert scan(raw, 0, None).kind == PASS
+
+
+def test_server_header_is_what_websockets_writes_for_a_final_binary_frame():
+    for size in (0, 125, 126, 65535, 65536, 300_000):
+        data = os.urandom(size)
+        assert server_header(size) + data == Frame(Opcode.BINARY, data).serialize(mask=False)
+
+
+def test_random_frame_mixes_cut_at_random_points_come_out_exactly_as_websockets_parses_them():
+    """The relay's loop, played here on a sans-I/O websockets server: what it passes plus what
+    websockets parses from the handed bytes is, in order, the very frames the client sent."""
+    rnd = random.Random(14)
+    for _ in range(200):
+        sent, raw = [], b""
+        for _ in range(rnd.randint(1, 12)):
+            pick = rnd.random()
+            if pick < 0.6:
+                f = Frame(Opcode.BINARY, rnd.randbytes(rnd.choice((0, 1, 64, 200, 70_000))))
+                sent.append(f)
+            elif pick < 0.7:
+                f = Frame(Opcode.PING, rnd.randbytes(4))
+            elif pick < 0.8:
+                f = Frame(Opcode.TEXT, b"eof")
+                sent.append(f)
+            else:   # a fragmented binary message
+                parts = [rnd.randbytes(rnd.randint(0, 500)) for _ in range(rnd.randint(2, 4))]
+                fs = [Frame(Opcode.BINARY if i == 0 else Opcode.CONT, p, fin=i == len(parts) - 1)
+                      for i, p in enumerate(parts)]
+                sent.extend(fs)
+                raw += b"".join(x.serialize(mask=True) for x in fs)
+                continue
+            raw += f.serialize(mask=True)
+        got = relay_like(raw, [rnd.randint(1, 9000) for _ in range(40)])
+        assert [(f.opcode, f.data, f.fin) for f in got] == [(f.opcode, f.data, f.fin) for f in sent]
+
+
+def relay_like(raw: bytes, cuts: list[int]) -> list[Frame]:
+    """Feed ``raw`` in reads of the sizes ``cuts`` (then the rest) as RelayConnection._pass_frames does."""
+    ws = ServerProtocol(max_size=MAX)
+    ws.state = State.OPEN
+    ws.parser = ws.parse()
+    next(ws.parser)
+    out: list[Frame] = []
+    partial, reads = b"", []
+    pos = 0
+    for n in cuts:
+        reads.append(raw[pos:pos + n])
+        pos += n
+    reads.append(raw[pos:])
+    for data in reads:
+        data, partial = partial + data, b""
+        at = 0
+        while at < len(data):
+            kind, start, end = scan(data, at, ws.max_size, ws.cur_size is not None)
+            if kind == PASS:
+                mask = data[start - 4:start]
+                out.append(Frame(Opcode.BINARY, bytes(b ^ mask[i % 4] for i, b in enumerate(data[start:end]))))
+                at = end
+            elif kind == HAND:
+                ws.receive_data(data[at:end])
+                out.extend(e for e in ws.events_received() if e.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT))
+                assert not ws.reader.buffer   # websockets stands between frames again
+                at = end
+            else:
+                partial = data[at:]
+                break
+    assert not partial
+    return out
+
+
+def test_websockets_still_refuses_what_is_handed_to_it():
+    """The errors stay websockets': a frame over max_size (1009) and an unmasked frame (1002)."""
+    for head, error in ((bytes((0x82, 0xFF)) + (MAX + 1).to_bytes(8, "big"), PayloadTooBig),
+                        (bytes((0x82, 0x05)) + b"hello", ProtocolError)):
+        ws = ServerProtocol(max_size=MAX)
+        ws.state = State.OPEN
+        ws.parser = ws.parse()
+        next(ws.parser)
+        kind, _, end = scan(head, 0, MAX)
+        assert kind == HAND
+        ws.receive_data(head[:end])
+        assert isinstance(ws.parser_exc, error)
