@@ -33,15 +33,13 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from websockets.frames import DATA_OPCODES, Frame, Opcode, apply_mask
+from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
-from websockets.streams import StreamReader
 
+from devstreams.transport.passthrough import server_header
 from devstreams.transport.tls import SlottedSSLProtocol, bio_capacity, release_bio_buffers, set_tls_read_buffer
 from devstreams.transport.wslink import LiveServerConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
-
-from .passthrough import HAND, PASS, scan, server_header
 
 NORMAL_CLOSES = {1000, 1001}
 BIO_KEPT = 16 * 1024   # a memory BIO grown beyond this is given back once the connection is quiet
@@ -100,8 +98,8 @@ class RelayConnection(LiveServerConnection):
         self.held = False             # reading paused because the peer's transport is full
         self._binary = True           # the message under way is binary (its continuation frames count as bytes)
         self.read_buffer = read_buffer   # the gateway's shared TLS read buffer
-        self.passing = False          # linked, and whole binary frames are passed on here (streamgw.passthrough)
-        self._partial = b""           # while passing: the start of a frame not complete yet
+        self.passing = False          # linked, and whole binary frames skip websockets (devstreams.transport.wslink)
+        self._partial = b""
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport) -> None:
@@ -184,71 +182,27 @@ class RelayConnection(LiveServerConnection):
         # fragment, sizes within max_size); the frame goes on as it came.
         peer.protocol.send_frame(frame)
 
-    def data_received(self, data: bytes) -> None:
+    # the taker of this side's data frames is the peer (devstreams.transport.wslink)
+
+    def takes_data(self) -> bool:
+        return self.peer is not None
+
+    def take_data(self, payload) -> None:
+        """A whole binary frame from this side: to the peer, unchanged, behind a server header."""
         peer = self.peer
-        if peer is not None and (self.passing or self._start_passing()):
-            if self.liveness is not None:
-                self.liveness.heard(self.loop.time())
-            self._pass_frames(data)
+        if peer.protocol.state is not State.OPEN:
+            return   # the other side is closing or gone: dropped, as TCP drops data for a closed socket
+        length = len(payload)
+        if self.to_service:
+            self.record.bytes_to_service += length
         else:
-            super().data_received(data)  # parses, answers pings and closes, forwards via process_event
+            self.record.bytes_to_device += length
+        peer.protocol.writes.append(server_header(length) + payload)
+
+    def read_done(self) -> None:
+        peer = self.peer
         if peer is not None and peer.protocol.writes:
             peer.flush()
-
-    # -- whole binary frames pass without websockets' parser (streamgw.passthrough) -------------
-
-    def _start_passing(self) -> bool:
-        """Pass frames here from now on, if websockets' parser stands between two frames.
-
-        Only then do the next bytes start a frame.  websockets has no public word for
-        it: its parser (``ServerProtocol.parse``, then ``Protocol.parse``) waits in
-        ``StreamReader.at_eof`` between frames and in ``Frame.parse`` inside one, and its
-        reader keeps the bytes not parsed yet.  If that ever looks different, frames keep going through websockets,
-        as before (``tests/test_relay.py`` checks that passing happens).
-        """
-        protocol = self.protocol
-        if protocol.state is not State.OPEN or protocol.extensions or protocol.reader.buffer:
-            return False
-        waiting_in = protocol.parser   # the innermost generator it waits in
-        while getattr(waiting_in, "gi_yieldfrom", None) is not None:
-            waiting_in = waiting_in.gi_yieldfrom
-        if getattr(waiting_in, "gi_code", None) is not StreamReader.at_eof.__code__:
-            return False
-        self.passing = True
-        return True
-
-    def _pass_frames(self, data: bytes) -> None:
-        """Relay the whole binary frames of ``data`` to the peer; everything else to websockets."""
-        if self._partial:
-            data, self._partial = self._partial + data, b""
-        view, pos, size = memoryview(data), 0, len(data)
-        protocol, peer = self.protocol, self.peer
-        while pos < size:
-            kind, start, end = scan(view, pos, protocol.max_size, protocol.cur_size is not None)
-            if kind is PASS:
-                pos = end
-                if peer.protocol.state is not State.OPEN:
-                    continue   # the other side is closing or gone: dropped, as TCP drops data for a closed socket
-                length = end - start
-                if self.to_service:
-                    self.record.bytes_to_service += length
-                else:
-                    self.record.bytes_to_device += length
-                peer.protocol.writes.append(server_header(length) + apply_mask(view[start:end], view[start - 4:start]))
-            elif kind is HAND:
-                # websockets' parser stands at this frame's start: it parses exactly this frame (or fails
-                # the connection for a header it refuses), answers pings and closes, and hands data
-                # frames back through process_event.
-                super().data_received(bytes(view[pos:end]))
-                pos = end
-                if protocol.state is not State.OPEN:   # closing or failed: websockets reads the rest
-                    self.passing = False
-                    if pos < size:
-                        super().data_received(bytes(view[pos:]))
-                    return
-            else:  # WAIT: at most one frame (max_size plus its header) is kept
-                self._partial = bytes(view[pos:])
-                return
 
     # -- frames out ---------------------------------------------------------------------------
 

@@ -10,10 +10,9 @@ import random
 import pytest
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State
-from websockets.server import ServerProtocol
+from websockets.protocol import CLIENT, SERVER, Protocol, State
 
-from streamgw.passthrough import HAND, PASS, WAIT, scan, server_header
+from devstreams.transport.passthrough import HAND, PASS, WAIT, scan, server_header
 
 MAX = 256 * 1024
 
@@ -81,9 +80,11 @@ def test_server_header_is_what_websockets_writes_for_a_final_binary_frame():
         assert server_header(size) + data == Frame(Opcode.BINARY, data).serialize(mask=False)
 
 
-def test_random_frame_mixes_cut_at_random_points_come_out_exactly_as_websockets_parses_them():
-    """The relay's loop, played here on a sans-I/O websockets server: what it passes plus what
-    websockets parses from the handed bytes is, in order, the very frames the client sent."""
+@pytest.mark.parametrize("masked", [True, False], ids=["client-frames", "server-frames"])
+def test_random_frame_mixes_cut_at_random_points_come_out_exactly_as_websockets_parses_them(masked):
+    """The loop of devstreams.transport.wslink, played on a sans-I/O websockets protocol (the
+    gateway's side reads masked frames, the agent's and the proxy's unmasked ones): what it passes
+    plus what websockets parses from the handed bytes is, in order, the very frames sent."""
     rnd = random.Random(14)
     for _ in range(200):
         sent, raw = [], b""
@@ -102,19 +103,22 @@ def test_random_frame_mixes_cut_at_random_points_come_out_exactly_as_websockets_
                 fs = [Frame(Opcode.BINARY if i == 0 else Opcode.CONT, p, fin=i == len(parts) - 1)
                       for i, p in enumerate(parts)]
                 sent.extend(fs)
-                raw += b"".join(x.serialize(mask=True) for x in fs)
+                raw += b"".join(x.serialize(mask=masked) for x in fs)
                 continue
-            raw += f.serialize(mask=True)
-        got = relay_like(raw, [rnd.randint(1, 9000) for _ in range(40)])
+            raw += f.serialize(mask=masked)
+        got = relay_like(raw, [rnd.randint(1, 9000) for _ in range(40)], masked)
         assert [(f.opcode, f.data, f.fin) for f in got] == [(f.opcode, f.data, f.fin) for f in sent]
 
 
-def relay_like(raw: bytes, cuts: list[int]) -> list[Frame]:
-    """Feed ``raw`` in reads of the sizes ``cuts`` (then the rest) as RelayConnection._pass_frames does."""
-    ws = ServerProtocol(max_size=MAX)
-    ws.state = State.OPEN
-    ws.parser = ws.parse()
-    next(ws.parser)
+def open_protocol(side) -> Protocol:
+    ws = Protocol(side, state=State.OPEN, max_size=MAX)
+    assert not ws.reader.buffer
+    return ws
+
+
+def relay_like(raw: bytes, cuts: list[int], masked: bool = True) -> list[Frame]:
+    """Feed ``raw`` in reads of the sizes ``cuts`` (then the rest) as ``_LivenessMixin._pass_frames`` does."""
+    ws = open_protocol(SERVER if masked else CLIENT)
     out: list[Frame] = []
     partial, reads = b"", []
     pos = 0
@@ -126,9 +130,9 @@ def relay_like(raw: bytes, cuts: list[int]) -> list[Frame]:
         data, partial = partial + data, b""
         at = 0
         while at < len(data):
-            kind, start, end = scan(data, at, ws.max_size, ws.cur_size is not None)
+            kind, start, end = scan(data, at, ws.max_size, ws.cur_size is not None, masked)
             if kind == PASS:
-                mask = data[start - 4:start]
+                mask = data[start - 4:start] if masked else b"\0\0\0\0"
                 out.append(Frame(Opcode.BINARY, bytes(b ^ mask[i % 4] for i, b in enumerate(data[start:end]))))
                 at = end
             elif kind == HAND:
@@ -147,11 +151,17 @@ def test_websockets_still_refuses_what_is_handed_to_it():
     """The errors stay websockets': a frame over max_size (1009) and an unmasked frame (1002)."""
     for head, error in ((bytes((0x82, 0xFF)) + (MAX + 1).to_bytes(8, "big"), PayloadTooBig),
                         (bytes((0x82, 0x05)) + b"hello", ProtocolError)):
-        ws = ServerProtocol(max_size=MAX)
-        ws.state = State.OPEN
-        ws.parser = ws.parse()
-        next(ws.parser)
+        ws = open_protocol(SERVER)
         kind, _, end = scan(head, 0, MAX)
         assert kind == HAND
         ws.receive_data(head[:end])
         assert isinstance(ws.parser_exc, error)
+
+
+def test_a_client_reads_unmasked_frames_and_hands_a_masked_one_to_websockets():
+    data = os.urandom(300)
+    raw = Frame(Opcode.BINARY, data).serialize(mask=False)
+    kind, start, end = scan(raw, 0, MAX, masked=False)
+    assert (kind, raw[start:end]) == (PASS, data)
+    masked = Frame(Opcode.BINARY, data).serialize(mask=True)
+    assert scan(masked, 0, MAX, masked=False) == (HAND, 0, len(masked))   # websockets: "incorrect masking"

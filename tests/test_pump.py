@@ -53,6 +53,7 @@ def test_a_stalled_tcp_reader_holds_bounded_memory_and_then_gets_every_byte(hub)
             ws = stream._ws
             await wait_for(lambda: ws.pump is not None and ws.pump._ws_held, timeout=20,
                            what="the pump to stop reading the stream")
+            assert ws.passing, "whole binary frames still go through websockets' parser"
             await asyncio.sleep(1.0)
             held_at = sent["bytes"]
             buffered = writer.transport.get_write_buffer_size()

@@ -9,8 +9,9 @@ run inside the transports' callbacks, as the gateway's relay does
 - TCP -> stream: ``data_received`` of the TCP connection's protocol (``_TcpSide``,
   swapped in with ``transport.set_protocol``) frames the bytes as binary messages
   of at most ``CHUNK_BYTES`` and writes them to the WebSocket's transport at once;
-- stream -> TCP: each data frame websockets' parser yields is written to the TCP
-  transport; all frames of one read leave in one ``writelines``.
+- stream -> TCP: each data frame of a read is written to the TCP transport, all
+  frames of one read in one ``writelines``; whole binary frames skip websockets'
+  parser and leave as they lie in the read (devstreams.transport.passthrough).
 
 Backpressure, as TCP would have it: when the WebSocket's transport buffers more than
 its write limit, the TCP side stops reading (``pause_reading``) until it drains;
@@ -190,6 +191,15 @@ class Pump:
             self.tcp.pause_reading()
 
     # -- stream -> TCP --------------------------------------------------------------------------
+
+    def from_ws_data(self, payload) -> None:
+        """A whole binary message that skipped websockets' parser (``_LivenessMixin._pass_frames``)."""
+        self._binary = True
+        self._text.clear()
+        if self.ended.done() or self.down_done:
+            return                 # after the end of data: dropped, as TCP drops data for a closed socket
+        self.stream.bytes_received += len(payload)
+        self._down.append(payload)
 
     def from_ws(self, frame: Frame) -> None:
         opcode = frame.opcode

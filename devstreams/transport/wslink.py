@@ -30,9 +30,11 @@ import termios
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import DATA_OPCODES, CloseCode
-from websockets.protocol import State
+from websockets.frames import DATA_OPCODES, CloseCode, apply_mask
+from websockets.protocol import SERVER, State
+from websockets.streams import StreamReader
 
+from devstreams.transport.passthrough import HAND, PASS, scan
 from devstreams.wire.liveness import Liveness
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class _LivenessMixin:
     liveness: Liveness | None = None
     _liveness_timer: asyncio.TimerHandle | None = None   # the next liveness check (a timer, not a task)
     pump = None    # a devstreams.transport.pump.Pump that takes this connection's data frames itself
+    passing = False   # whole binary frames skip websockets' parser (devstreams.transport.passthrough)
+    _partial = b""    # while passing: the start of a frame not complete yet
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -132,9 +136,76 @@ class _LivenessMixin:
     def data_received(self, data: bytes) -> None:
         if self.liveness is not None:
             self.liveness.heard(self.loop.time())
-        super().data_received(data)
+        if self.passing or (self.takes_data() and self._start_passing()):
+            self._pass_frames(data)
+        else:
+            super().data_received(data)
+        self.read_done()
+
+    # -- who takes the data frames: a pump here; the gateway's relay overrides these three -------
+
+    def takes_data(self) -> bool:
+        """Someone takes this connection's data frames as they arrive (nothing is queued for recv)."""
+        return self.pump is not None
+
+    def take_data(self, payload) -> None:
+        """A whole binary message's payload (bytes or a memoryview into the read) for the taker."""
+        self.pump.from_ws_data(payload)
+
+    def read_done(self) -> None:
+        """Every frame of one read was taken."""
         if self.pump is not None:
             self.pump.flush_down()   # the data frames of this read leave together
+
+    # -- whole binary frames skip websockets' parser (devstreams.transport.passthrough) ----------
+
+    def _start_passing(self) -> bool:
+        """Take whole binary frames here from now on, if websockets' parser stands between two frames.
+
+        Only then do the next bytes start a frame.  websockets has no public word for
+        it: its parser (a server's or client's ``parse``, then ``Protocol.parse``) waits
+        in ``StreamReader.at_eof`` between frames and in ``Frame.parse`` inside one, and
+        its reader keeps the bytes not parsed yet.  If that ever looks different, frames
+        keep going through websockets, as before (``tests/test_relay.py`` and
+        ``tests/test_pump.py`` check that passing happens).
+        """
+        protocol = self.protocol
+        if protocol.state is not State.OPEN or protocol.extensions or protocol.reader.buffer:
+            return False
+        waiting_in = protocol.parser   # the innermost generator it waits in
+        while getattr(waiting_in, "gi_yieldfrom", None) is not None:
+            waiting_in = waiting_in.gi_yieldfrom
+        if getattr(waiting_in, "gi_code", None) is not StreamReader.at_eof.__code__:
+            return False
+        self.passing = True
+        return True
+
+    def _pass_frames(self, data: bytes) -> None:
+        """Whole binary frames of ``data`` to ``take_data``; every other frame to websockets."""
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        view, pos, size = memoryview(data), 0, len(data)
+        protocol = self.protocol
+        masked = protocol.side is SERVER
+        while pos < size:
+            kind, start, end = scan(view, pos, protocol.max_size, protocol.cur_size is not None, masked)
+            if kind is PASS:
+                pos = end
+                self.take_data(apply_mask(view[start:end], view[start - 4:start]) if masked else view[start:end])
+            elif kind is HAND:
+                # websockets' parser stands at this frame's start: it parses exactly this frame (or fails
+                # the connection for a header it refuses), answers pings and closes, and hands data
+                # frames on through process_event.
+                super().data_received(bytes(view[pos:end]))
+                pos = end
+                if protocol.state is not State.OPEN:   # closing or failed: websockets reads the rest
+                    self.passing = False
+                    if pos < size:
+                        super().data_received(bytes(view[pos:]))
+                    return
+            else:  # WAIT: at most one frame (max_size plus its header) is kept
+                self._partial = bytes(view[pos:])
+                return
 
     def process_event(self, event) -> None:
         if self.pump is not None and event.opcode in DATA_OPCODES:

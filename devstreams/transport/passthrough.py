@@ -1,22 +1,25 @@
-"""Which bytes of a client's WebSocket stream are whole binary frames the relay can pass on itself.
+"""Which bytes of a stream's WebSocket are whole binary frames that can skip websockets' parser.
 
 Almost every frame a stream carries is one complete binary message of up to
-``CHUNK_BYTES`` (``wire/streamproto.py``): a header, a 4-byte mask, the payload.
-websockets' parser takes each through a generator chain, an ``Opcode`` enum
-call, a ``Frame`` object and its checks, and the relay serializes a second
-``Frame`` for the peer: about 20 us per 64-byte message, a fifth of the
-gateway's CPU per relayed message (issue 10's 5,000 streams, issue 14's
-ping-pong).  The relay instead reads such a frame's header here, unmasks the
-payload (websockets' C ``apply_mask``) and writes it to the peer behind a
-server header of its own: the frame passes unchanged (same opcode, same
-payload, FIN), one copy.
+``CHUNK_BYTES`` (``wire/streamproto.py``): a header, a 4-byte mask from a client,
+the payload.  websockets' parser takes each through a generator chain, an
+``Opcode`` enum call, a ``Frame`` object and its checks: about 20 us per 64-byte
+message, and the gateway's relay then serialized a second ``Frame`` for the peer.
+That was a fifth of the gateway's CPU per relayed message (issue 10's 5,000
+streams) and a hop's worth of issue 14's ping-pong.  Instead, such a frame's
+header is read here and its payload goes on directly: the gateway's relay
+unmasks it (websockets' C ``apply_mask``) and writes it to the peer behind a
+server header of its own (the frame passes unchanged: same opcode, payload,
+FIN); the agent's and the proxy's pumps write the payload to TCP as it lies in
+the read (devstreams.transport.wslink ``_LivenessMixin``).
 
 Everything else stays websockets' job, so the protocol's rules are enforced
 in one place: control frames (ping, pong, close), text (``eof``, UTF-8 checked),
 fragments and their continuations, and any header websockets must refuse
-(an unmasked client frame, reserved bits or opcodes, a payload over
-``max_size``).  The relay hands websockets exactly those bytes, frame by frame,
-so its parser is always at a frame boundary when the relay reads the next header.
+(a client frame without a mask or a server frame with one, reserved bits or
+opcodes, a payload over ``max_size``).  websockets is handed exactly those bytes,
+frame by frame, so its parser is always at a frame boundary when the next
+header is read here.
 
 ``scan`` is pure (bytes in, a decision out) and safe on hostile input: it reads
 only the header it needs and never trusts a length beyond ``max_size``.
@@ -37,23 +40,26 @@ MAX_HEADER = 14            # 2 + 8 (64-bit length) + 4 (mask)
 
 class Scan(NamedTuple):
     kind: str
-    start: int    # PASS: where the payload starts (its 4-byte mask just before)
+    start: int    # PASS: where the payload starts (a mask's 4 bytes just before, if masked)
     end: int      # PASS / HAND: where the bytes end (HAND of a refused header: the end of ``data``)
 
 
-def scan(data: bytes | memoryview, pos: int, max_size: int | None, fragmented: bool = False) -> Scan:
-    """The frame that starts at ``data[pos]``, as far as the relay is concerned.
+def scan(data: bytes | memoryview, pos: int, max_size: int | None, fragmented: bool = False,
+         masked: bool = True) -> Scan:
+    """The frame that starts at ``data[pos]``: pass it, hand it to websockets, or wait for more.
 
-    ``max_size``: websockets' (None: no limit).  ``fragmented``: websockets' parser is inside a fragmented message (its ``cur_size``
-    is set): then every frame is websockets' (a binary frame there is its error to report).
+    ``max_size``: websockets' (None: no limit).  ``fragmented``: websockets' parser is inside a
+    fragmented message (its ``cur_size`` is set): then every frame is websockets' (a binary frame
+    there is its error to report).  ``masked``: frames must carry a mask (read by a server) or
+    must not (read by a client).
     """
     avail = len(data) - pos
     if avail < 2:
         return Scan(WAIT, 0, 0)
     head1, head2 = data[pos], data[pos + 1]
     length = head2 & 0x7F
-    if not head2 & MASK_BIT or head1 & 0x70:
-        return Scan(HAND, pos, len(data))     # unmasked or reserved bits: websockets fails the connection
+    if bool(head2 & MASK_BIT) != masked or head1 & 0x70:
+        return Scan(HAND, pos, len(data))     # wrong masking or reserved bits: websockets fails the connection
     extended = 2 if length == 126 else 8 if length == 127 else 0
     if extended:
         if avail < 2 + extended:
@@ -61,7 +67,7 @@ def scan(data: bytes | memoryview, pos: int, max_size: int | None, fragmented: b
         length = int.from_bytes(data[pos + 2:pos + 2 + extended], "big")
     if max_size is not None and length > max_size:
         return Scan(HAND, pos, len(data))     # websockets answers 1009 (message too big) on the length
-    end = pos + 2 + extended + 4 + length     # the 4-byte mask, then the payload
+    end = pos + 2 + extended + (4 if masked else 0) + length     # the mask, then the payload
     if end > len(data):
         return Scan(WAIT, 0, 0)
     if head1 == FIN_BINARY and not fragmented:
