@@ -152,7 +152,6 @@ class RelayConnection(LiveServerConnection):
         frames = getattr(self.recv_messages, "frames", None)
         if isinstance(getattr(frames, "queue", None), collections.deque) and not frames.queue:
             frames.queue = []
-        self._start_passing()
         peer.flush()
         if peer.paused:
             self.hold()

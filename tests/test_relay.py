@@ -264,3 +264,33 @@ def test_whole_binary_frames_pass_the_relay_itself_whatever_the_reads_and_the_re
         finally:
             await rig.gateway.stop()
     run(main())
+
+
+def test_passing_starts_in_the_middle_of_a_frame_when_the_peer_comes(tmp_path):
+    """The device's first frame is half written when the service arrives (websockets' parser is
+    inside it when the relay takes over): websockets gets exactly the rest of that frame, passing
+    starts right there, and every message arrives whole and in order."""
+    rig = Rig(tmp_path)
+    rnd = random.Random(3)
+
+    async def main():
+        await rig.gateway.start()
+        try:
+            sid = uuid.uuid4().hex
+            device = await rig.side(sid, Side.DEVICE)
+            messages = [rnd.randbytes(n) for n in (70_000, 10, 5000, 0, 300)]
+            raw = b"".join(Frame(Opcode.BINARY, m).serialize(mask=True) for m in messages)
+            device.transport.write(raw[:30_000])          # inside the first frame's payload
+            await asyncio.sleep(0.3)
+            service = await rig.side(sid, Side.SERVICE)
+            await wait_for(lambda: sid in rig.gateway._meetings and rig.sockets(sid)[0].peer is not None,
+                           what="the two sides linked")
+            device_ws, _ = rig.sockets(sid)
+            assert not device_ws.passing and device_ws.protocol.reader.buffer, "the parser should be inside a frame"
+            device.transport.write(raw[30_000:])
+            got = [await asyncio.wait_for(service.recv(), 10) for _ in messages]
+            assert got == messages
+            assert device_ws.passing, "passing did not start after the frame websockets was inside"
+        finally:
+            await rig.gateway.stop()
+    run(main())

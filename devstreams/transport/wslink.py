@@ -40,6 +40,9 @@ from devstreams.wire.liveness import Liveness
 log = logging.getLogger(__name__)
 
 HEARTBEAT = b"devstreams"
+# where websockets' parser waits between frames, and inside one (_LivenessMixin._start_passing)
+_AT_EOF = StreamReader.at_eof.__code__
+_READ_EXACT = StreamReader.read_exact.__code__
 KEEPALIVE_PROBES = 3
 
 
@@ -136,8 +139,10 @@ class _LivenessMixin:
     def data_received(self, data: bytes) -> None:
         if self.liveness is not None:
             self.liveness.heard(self.loop.time())
-        if self.passing or (self.takes_data() and self._start_passing()):
+        if self.passing:
             self._pass_frames(data)
+        elif self.takes_data():
+            self._start_passing(data)
         else:
             super().data_received(data)
         self.read_done()
@@ -159,28 +164,43 @@ class _LivenessMixin:
 
     # -- whole binary frames skip websockets' parser (devstreams.transport.passthrough) ----------
 
-    def _start_passing(self) -> bool:
-        """Take whole binary frames here from now on, if websockets' parser stands between two frames.
+    def _start_passing(self, data: bytes) -> None:
+        """Give websockets' parser the bytes that end the frame it is inside, then pass frames here.
 
-        Only then do the next bytes start a frame.  websockets has no public word for
-        it: its parser (a server's or client's ``parse``, then ``Protocol.parse``) waits
-        in ``StreamReader.at_eof`` between frames and in ``Frame.parse`` inside one, and
-        its reader keeps the bytes not parsed yet.  If that ever looks different, frames
-        keep going through websockets, as before (``tests/test_relay.py`` and
-        ``tests/test_pump.py`` check that passing happens).
+        Frames can be read here only from a frame boundary on, and when a pump or the
+        relay takes over, data may already be flowing: websockets' parser may be inside
+        a frame, and a bulk transfer's reads seldom end between two frames.  websockets
+        has no public word for where its parser stands, so it is read from its
+        generators: between frames the innermost one waits in ``StreamReader.at_eof``
+        with nothing buffered; inside a frame, in ``StreamReader.read_exact(n)`` for
+        ``n`` bytes, of which its reader holds some.  It is fed exactly the missing
+        bytes until it stands between frames (a header, a mask, a payload: a few
+        steps).  If its generators ever look different, or the frame does not end in
+        this read, websockets parses the read as before and the next read tries again
+        (``tests/test_relay.py`` and ``tests/test_pump.py`` check that passing starts).
         """
+        view, pos = memoryview(data), 0
         protocol = self.protocol
-        if protocol.state is not State.OPEN or protocol.extensions or protocol.reader.buffer:
-            return False
-        waiting_in = protocol.parser   # the innermost generator it waits in
-        while getattr(waiting_in, "gi_yieldfrom", None) is not None:
-            waiting_in = waiting_in.gi_yieldfrom
-        if getattr(waiting_in, "gi_code", None) is not StreamReader.at_eof.__code__:
-            return False
-        self.passing = True
-        return True
+        while protocol.state is State.OPEN and not protocol.extensions:
+            waiting_in = protocol.parser   # the innermost generator it waits in
+            while getattr(waiting_in, "gi_yieldfrom", None) is not None:
+                waiting_in = waiting_in.gi_yieldfrom
+            code = getattr(waiting_in, "gi_code", None)
+            if code is _AT_EOF and not protocol.reader.buffer:
+                self.passing = True
+                if pos < len(view):
+                    self._pass_frames(view[pos:])
+                return
+            wanted = waiting_in.gi_frame.f_locals.get("n") if code is _READ_EXACT else None
+            missing = wanted - len(protocol.reader.buffer) if isinstance(wanted, int) else 0
+            if not 0 < missing <= len(view) - pos:
+                break
+            super().data_received(bytes(view[pos:pos + missing]))
+            pos += missing
+        if pos < len(view):
+            super().data_received(bytes(view[pos:]))
 
-    def _pass_frames(self, data: bytes) -> None:
+    def _pass_frames(self, data: bytes | memoryview) -> None:
         """Whole binary frames of ``data`` to ``take_data``; every other frame to websockets."""
         if self._partial:
             data, self._partial = self._partial + data, b""
