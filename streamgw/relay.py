@@ -89,7 +89,8 @@ class RelayConnection(LiveServerConnection):
     (about 1.6 KiB; issue 14).
     """
 
-    __slots__ = ("peer", "record", "to_service", "held", "_binary", "read_buffer", "passing", "_partial")
+    __slots__ = ("peer", "record", "to_service", "held", "_binary", "read_buffer", "passing", "_partial",
+                 "_partial_size", "_partial_need")
 
     def __init__(self, *args, read_buffer: memoryview | None = None, **kwargs) -> None:
         self.peer: RelayConnection | None = None
@@ -99,7 +100,7 @@ class RelayConnection(LiveServerConnection):
         self._binary = True           # the message under way is binary (its continuation frames count as bytes)
         self.read_buffer = read_buffer   # the gateway's shared TLS read buffer
         self.passing = False          # linked, and whole binary frames skip websockets (devstreams.transport.wslink)
-        self._partial = b""
+        self._partial, self._partial_size, self._partial_need = None, 0, 0
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport) -> None:

@@ -53,7 +53,7 @@ def test_a_frame_cut_anywhere_waits_for_the_rest():
                 frame(Opcode.PING, b"hb")):
         for cut in range(min(20, len(raw))):
             assert scan(raw[:cut], 0, MAX).kind == WAIT
-        assert scan(raw[:-1], 0, MAX).kind == WAIT
+        assert scan(raw[:-1], 0, MAX) == (WAIT, 0, len(raw))   # the header says where the frame ends
         assert scan(raw, 0, MAX).kind != WAIT
 
 
@@ -120,13 +120,16 @@ def relay_like(raw: bytes, cuts: list[int], masked: bool = True) -> list[Frame]:
     """Feed ``raw`` in reads of the sizes ``cuts`` (then the rest) as ``_LivenessMixin._pass_frames`` does."""
     ws = open_protocol(SERVER if masked else CLIENT)
     out: list[Frame] = []
-    partial, reads = b"", []
+    partial, need, reads = b"", 0, []
     pos = 0
     for n in cuts:
         reads.append(raw[pos:pos + n])
         pos += n
     reads.append(raw[pos:])
     for data in reads:
+        if partial and len(partial) + len(data) < need:
+            partial += data
+            continue
         data, partial = partial + data, b""
         at = 0
         while at < len(data):
@@ -141,7 +144,7 @@ def relay_like(raw: bytes, cuts: list[int], masked: bool = True) -> list[Frame]:
                 assert not ws.reader.buffer   # websockets stands between frames again
                 at = end
             else:
-                partial = data[at:]
+                partial, need = data[at:], (end - at if end else 0)
                 break
     assert not partial
     return out

@@ -41,7 +41,8 @@ MAX_HEADER = 14            # 2 + 8 (64-bit length) + 4 (mask)
 class Scan(NamedTuple):
     kind: str
     start: int    # PASS: where the payload starts (a mask's 4 bytes just before, if masked)
-    end: int      # PASS / HAND: where the bytes end (HAND of a refused header: the end of ``data``)
+    end: int      # PASS / HAND: where the bytes end (HAND of a refused header: the end of ``data``);
+                  # WAIT: where the frame will end once its header is complete (else 0)
 
 
 def scan(data: bytes | memoryview, pos: int, max_size: int | None, fragmented: bool = False,
@@ -69,7 +70,7 @@ def scan(data: bytes | memoryview, pos: int, max_size: int | None, fragmented: b
         return Scan(HAND, pos, len(data))     # websockets answers 1009 (message too big) on the length
     end = pos + 2 + extended + (4 if masked else 0) + length     # the mask, then the payload
     if end > len(data):
-        return Scan(WAIT, 0, 0)
+        return Scan(WAIT, 0, end)
     if head1 == FIN_BINARY and not fragmented:
         return Scan(PASS, end - length, end)
     return Scan(HAND, pos, end)

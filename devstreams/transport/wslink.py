@@ -102,7 +102,9 @@ class _LivenessMixin:
     _liveness_timer: asyncio.TimerHandle | None = None   # the next liveness check (a timer, not a task)
     pump = None    # a devstreams.transport.pump.Pump that takes this connection's data frames itself
     passing = False   # whole binary frames skip websockets' parser (devstreams.transport.passthrough)
-    _partial = b""    # while passing: the start of a frame not complete yet
+    _partial: list | None = None   # while passing: the pieces of a frame not complete yet
+    _partial_size = 0                # their bytes
+    _partial_need = 0                # the bytes that complete that frame (0: its header is not complete)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -203,7 +205,13 @@ class _LivenessMixin:
     def _pass_frames(self, data: bytes | memoryview) -> None:
         """Whole binary frames of ``data`` to ``take_data``; every other frame to websockets."""
         if self._partial:
-            data, self._partial = self._partial + data, b""
+            # A frame's pieces are kept until it is complete and joined once: each byte is copied
+            # at most twice, however small the reads (concatenating each read would be quadratic).
+            self._partial.append(data)
+            self._partial_size += len(data)
+            if self._partial_size < self._partial_need:
+                return
+            data, self._partial, self._partial_size = b"".join(self._partial), None, 0
         view, pos, size = memoryview(data), 0, len(data)
         protocol = self.protocol
         masked = protocol.side is SERVER
@@ -224,7 +232,8 @@ class _LivenessMixin:
                         super().data_received(bytes(view[pos:]))
                     return
             else:  # WAIT: at most one frame (max_size plus its header) is kept
-                self._partial = bytes(view[pos:])
+                self._partial, self._partial_size = [bytes(view[pos:])], size - pos
+                self._partial_need = end - pos if end else 0
                 return
 
     def process_event(self, event) -> None:
