@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
-from devstreams.transport.passthrough import server_header
+from devstreams.transport.passthrough import binary_header
 from devstreams.transport.tls import SlottedSSLProtocol, bio_capacity, release_bio_buffers, set_tls_read_buffer
 from devstreams.transport.wslink import LiveServerConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_ABORTED, CLOSE_LIFETIME, CLOSE_PEER_CLOSED, CLOSE_PEER_LOST, CLOSE_REASONS
@@ -197,7 +197,7 @@ class RelayConnection(LiveServerConnection):
             self.record.bytes_to_service += length
         else:
             self.record.bytes_to_device += length
-        peer.protocol.writes.append(server_header(length) + payload)
+        peer.protocol.writes.append(binary_header(length) + payload)
 
     def read_done(self) -> None:
         peer = self.peer

@@ -12,7 +12,7 @@ from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.protocol import CLIENT, SERVER, Protocol, State
 
-from devstreams.transport.passthrough import HAND, PASS, WAIT, scan, server_header
+from devstreams.transport.passthrough import HAND, PASS, WAIT, binary_header, client_frame, scan
 
 MAX = 256 * 1024
 
@@ -74,10 +74,10 @@ def test_max_size_none_means_no_limit():
     assert scan(raw, 0, None).kind == PASS
 
 
-def test_server_header_is_what_websockets_writes_for_a_final_binary_frame():
+def test_binary_header_is_what_websockets_writes_for_a_final_binary_frame():
     for size in (0, 125, 126, 65535, 65536, 300_000):
         data = os.urandom(size)
-        assert server_header(size) + data == Frame(Opcode.BINARY, data).serialize(mask=False)
+        assert binary_header(size) + data == Frame(Opcode.BINARY, data).serialize(mask=False)
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["client-frames", "server-frames"])
@@ -168,3 +168,15 @@ def test_a_client_reads_unmasked_frames_and_hands_a_masked_one_to_websockets():
     assert (kind, raw[start:end]) == (PASS, data)
     masked = Frame(Opcode.BINARY, data).serialize(mask=True)
     assert scan(masked, 0, MAX, masked=False) == (HAND, 0, len(masked))   # websockets: "incorrect masking"
+
+
+def test_client_frame_is_what_websockets_parses_with_a_fresh_mask_each_time():
+    for size in (0, 1, 125, 126, 65535, 65536, 100_000):
+        data = os.urandom(size)
+        one, two = client_frame(data), client_frame(memoryview(data))
+        server = open_protocol(SERVER)
+        server.receive_data(one + two)
+        frames = server.events_received()
+        assert [(f.opcode, f.data, f.fin) for f in frames] == [(Opcode.BINARY, data, True)] * 2
+        start = len(one) - size
+        assert one[start - 4:start] != two[start - 4:start]   # a new mask per frame (odds of a tie: 2**-32)

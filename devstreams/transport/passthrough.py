@@ -27,7 +27,10 @@ only the header it needs and never trusts a length beyond ``max_size``.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
+
+from websockets.frames import apply_mask   # websockets' C extension when it is built (it is here)
 
 PASS = "pass"    # a whole binary frame (FIN, no reserved bits, masked, within max_size): the relay passes it
 HAND = "hand"    # bytes websockets must parse: a whole other frame, or a header it will refuse
@@ -76,10 +79,22 @@ def scan(data: bytes | memoryview, pos: int, max_size: int | None, fragmented: b
     return Scan(HAND, pos, end)
 
 
-def server_header(length: int) -> bytes:
-    """The header of an unmasked (server -> client), final binary frame of ``length`` bytes."""
+def binary_header(length: int, mask_bit: int = 0) -> bytes:
+    """The header of a final binary frame of ``length`` bytes: a server's, or with ``MASK_BIT`` a client's."""
     if length < 126:
-        return bytes((FIN_BINARY, length))
+        return bytes((FIN_BINARY, mask_bit | length))
     if length < 65536:
-        return bytes((FIN_BINARY, 126)) + length.to_bytes(2, "big")
-    return bytes((FIN_BINARY, 127)) + length.to_bytes(8, "big")
+        return bytes((FIN_BINARY, mask_bit | 126)) + length.to_bytes(2, "big")
+    return bytes((FIN_BINARY, mask_bit | 127)) + length.to_bytes(8, "big")
+
+
+def client_frame(payload: bytes | memoryview) -> bytes:
+    """A whole binary frame from a client, as websockets' ``send_binary`` writes it, in one copy.
+
+    RFC 6455 (5.3) wants each frame's mask fresh and unpredictable: 4 bytes from
+    ``os.urandom``, as websockets takes them (``secrets.token_bytes``).  websockets'
+    serializer builds a ``Frame``, checks it, and writes the masked payload through a
+    ``BytesIO``: one more copy of every byte and a few microseconds per frame.
+    """
+    mask = os.urandom(4)
+    return binary_header(len(payload), MASK_BIT) + mask + apply_mask(payload, mask)

@@ -35,6 +35,7 @@ import logging
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
 
+from devstreams.transport.passthrough import client_frame
 from devstreams.transport.wslink import take_over_receiving
 from devstreams.wire.errors import StreamClosedError
 from devstreams.wire.streamproto import CHUNK_BYTES, CLOSE_NORMAL, CLOSE_PEER_CLOSED, CLOSE_REASONS, EOF
@@ -152,13 +153,15 @@ class Pump:
             # The stream is closing or closed: like writing to a closed socket.
             self.fail(self._closed_error())
             return
-        protocol = ws.protocol
+        # Whole binary frames, as ``protocol.send_binary`` would queue them (the state is OPEN, and
+        # a pump never sends fragments), in one copy (devstreams.transport.passthrough).
+        writes = ws.protocol.writes
         if len(data) <= CHUNK_BYTES:
-            protocol.send_binary(data)
+            writes.append(client_frame(data))
         else:
             view = memoryview(data)
             for offset in range(0, len(view), CHUNK_BYTES):
-                protocol.send_binary(view[offset:offset + CHUNK_BYTES])
+                writes.append(client_frame(view[offset:offset + CHUNK_BYTES]))
         self.stream.bytes_sent += len(data)
         self._write_ws()
 
