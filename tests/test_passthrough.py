@@ -12,7 +12,7 @@ from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.protocol import CLIENT, SERVER, Protocol, State
 
-from devstreams.transport.passthrough import HAND, PASS, WAIT, binary_header, client_frame, scan
+from devstreams.transport.passthrough import HAND, PASS, WAIT, MaskSource, binary_header, client_frame, scan
 
 MAX = 256 * 1024
 
@@ -180,3 +180,18 @@ def test_client_frame_is_what_websockets_parses_with_a_fresh_mask_each_time():
         assert [(f.opcode, f.data, f.fin) for f in frames] == [(Opcode.BINARY, data, True)] * 2
         start = len(one) - size
         assert one[start - 4:start] != two[start - 4:start]   # a new mask per frame (odds of a tie: 2**-32)
+
+
+def test_masks_are_consecutive_os_urandom_bytes_each_used_once(monkeypatch):
+    """Every mask is the next 4 bytes the CSPRNG gave, across batch boundaries, none used twice."""
+    drawn, real = [], os.urandom
+
+    def urandom(n):
+        drawn.append(real(n))
+        return drawn[-1]
+
+    monkeypatch.setattr("devstreams.transport.passthrough.os.urandom", urandom)
+    source = MaskSource()
+    masks = [source.take() for _ in range(2 * MaskSource.BATCH // 4 + 3)]
+    assert len(drawn) == 3 and all(len(d) == MaskSource.BATCH for d in drawn)
+    assert b"".join(masks) == b"".join(drawn)[:4 * len(masks)]
