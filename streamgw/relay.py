@@ -213,18 +213,6 @@ class RelayConnection(LiveServerConnection):
         except (OSError, RuntimeError):
             self.transport.abort()
 
-    def send_data(self) -> None:
-        writes = self.protocol.writes
-        if not writes:   # most reads only bring frames for the peer
-            return
-        if len(writes) > 1 and all(writes):  # several frames, no end-of-stream marker: one write
-            if self.liveness is not None:
-                self.liveness.sent(self.loop.time())
-            self.protocol.writes = []
-            self.transport.writelines(writes)
-        else:
-            super().send_data()
-
     # -- flow control ---------------------------------------------------------------------------
 
     def pause_writing(self) -> None:

@@ -253,10 +253,20 @@ class _LivenessMixin:
             self.pump.ws_writable(True)
 
     def send_data(self) -> None:
+        writes = self.protocol.writes
+        if not writes:
+            return
         # Every frame we write is a sign of life to the peer: no heartbeat is due while data flows.
-        if self.liveness is not None and self.protocol.writes:
+        if self.liveness is not None:
             self.liveness.sent(self.loop.time())
-        super().send_data()
+        if all(writes):   # frames only, no end-of-stream marker: straight to the transport, in one write
+            self.protocol.writes = []
+            if len(writes) == 1:
+                self.transport.write(writes[0])
+            else:
+                self.transport.writelines(writes)
+        else:
+            super().send_data()
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
