@@ -256,6 +256,8 @@ def measure(sizes: StreamSizes, procs: Processes, work: Path, log) -> dict:
                      "sim_cpu_seconds": (dev1 - dev0) + (svc1 - svc0),
                      # the load generator's own cost, by side: it shares the hub's cores
                      "devices_cpu_seconds": dev1 - dev0, "services_cpu_seconds": svc1 - svc0,
+                     # messages the services held back while a stream's transport was above its write limit
+                     "deferred_sends": _sum(s1, "deferred") - _sum(s0, "deferred"),
                      "cpu_us_per_message": 1e6 * cpu / max(1, relayed),
                      "echo": percentiles(lat) if lat else None, "failed_streams": _sum(s1, "failed"),
                      "failures": [f for s in s1 for f in s["failures"]][:3],
