@@ -3,7 +3,8 @@
 The rig: ``devstreams hub up`` on loopback with the embedded broker and the built-in gateway;
 simulated devices (bench/simstreams.py ``devices``: real MQTT over TLS, one stream each,
 answering like the agent's ``--echo``) and service processes (``services``: the real SDK, one
-MQTT connection each).  Phases:
+MQTT connection each, opening every stream; the messages then run at the protocol level, one
+clock per process, so the load generator does not take the cores the hub is measured on).  Phases:
 
 1. open: the services open every stream (paced below the hub's ``max_new_streams_per_second``,
    a bounded number in flight per service connection); time to open all, setup p50/p99 (request
