@@ -17,7 +17,10 @@
     streams of its plan (JSON: ``{"streams": [[index, device], ...], "rate": R, "inflight": W}``)
     and then sends one 64-byte message per second on each, carrying the stream index and a
     sequence number, at a phase of its own within the second.  Every echo is checked: the
-    bytes coming back must be exactly the bytes sent, in order.
+    bytes coming back must be exactly the bytes sent, in order.  The SDK logs in and opens
+    every stream (what the setup numbers measure); the messages then run at the protocol level
+    (``EchoStream``: the connection's frames as they are parsed, one clock per process), as the
+    SDK's own TCP pump runs a stream, so that the load generator leaves the cores to the hub.
 
 Both speak one protocol on stdin/stdout: ``ready`` once started; then one command per
 stdin line, answered by one line ``<word> <json>``.  Commands: devices -- ``go`` (log in;
@@ -45,8 +48,9 @@ from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from devstreams.transport.pump import closed_error, ended_cleanly
 from devstreams.transport.stream import Stream
-from devstreams.transport.wslink import LiveClientConnection
+from devstreams.transport.wslink import LiveClientConnection, take_over_receiving
 from devstreams.wire.streamproto import CLOSE_NORMAL, CLOSE_PEER_CLOSED, EOF, MAX_MESSAGE_BYTES
 from devstreams.transport.tls import client_context
 from devstreams.wire import connstr, topics
@@ -58,6 +62,12 @@ MESSAGE_BYTES = 64
 HEADER = struct.Struct("!IQ")          # stream index, sequence number; the rest is a fixed pattern
 PADDING = bytes(range(MESSAGE_BYTES - HEADER.size))
 OPEN_TIMEOUT = 30.0
+# A service's second in slots: each stream sends in one, its phase.  Each slot is a wake-up
+# (~0.1 ms of CPU on the 2-core VM), and fewer, fuller slots would make the rig cheaper still
+# (25: services 4.6 instead of 7.7 CPU-s at 1,000 streams) but bunch the messages, which can
+# flatter the hub's cost per message; 100 a second per process keeps arrivals nearly independent.
+PHASES = 100
+CONTROL_BYTES = 64                     # bytes of a text message kept (control messages are short)
 
 
 def payload(index: int, seq: int) -> bytes:
@@ -276,81 +286,173 @@ async def devices_main(host: str, port: int, ca_file: str, path: str) -> int:
 # -- services --------------------------------------------------------------------------------------
 
 class EchoStream:
-    """One service-side stream: a message per second out, every echo compared with what was sent."""
+    """One service-side stream: a message per second out, every echo compared with what was sent.
+
+    The stream is opened by the real SDK (``Services._open_one``); its data phase then runs at
+    the protocol level, the way the SDK's own TCP pump drives a stream
+    (devstreams/transport/pump.py): this object is the connection's pump (``ws.pump``, which
+    the connection hands each incoming data frame, ``from_ws``, and each change of its write
+    window, ``ws_writable``), and ``take_over_receiving`` delivers what was queued before.
+    Sending is ``protocol.send_binary`` + ``send_data``, called by the service process's one
+    clock (``Services._tick``).  So a message costs no task, sleep, future, lock or queue:
+    the SDK's per-message path -- two tasks per stream, a sleep per message, ``send()`` and
+    ``recv()`` -- took a core at 5,000 streams, on the cores the hub was being measured on.
+    The end of data keeps the SDK (``send_eof``, ``close``).
+
+    Back pressure: a message that falls due while the connection's transport is above its
+    write limit (``ws.paused``) is not written; it is owed, and written (in order, with the
+    time it fell due) once the transport drains -- what the SDK's ``send()`` did by waiting.
+    """
 
     def __init__(self, index: int, stream: Stream, stream_id: str, owner: "Services"):
         self.index, self.stream, self.stream_id, self.owner = index, stream, stream_id, owner
+        self.ws = stream._ws       # the SDK's WebSocket, taken over as devstreams.transport.pump.Pump does
         self.seq = 0               # messages sent
         self.echoed = 0            # messages echoed intact
         self.expected: deque[tuple[bytes, float]] = deque()   # sent, not echoed yet: (bytes, when sent)
         self.pending = bytearray()  # echoed bytes not yet a whole message
+        self.owed: list[float] = []  # when each message held back by back pressure fell due
+        self.deferred = 0          # messages ever held back so (reported)
         self.failure = ""
-        self.clean_end = False
+        self.clean_end = False     # the device's eof (or a clean close): the end of data
+        self.finishing = False     # ``finish`` under way: no more messages
         self.close_code: int | None = None
-        self.all_echoed = asyncio.Event()
-        self.all_echoed.set()
-        self.tasks = [asyncio.create_task(self._send()), asyncio.create_task(self._receive())]
+        self.data_message = True   # the message under way is binary (its continuation frames are data)
+        self.control = bytearray()  # the text message under way (``eof``)
+        self.ended = asyncio.get_running_loop().create_future()   # end of data from the device, or lost
+        self.waiter: asyncio.Future | None = None   # whoever waits for the last echo (``all_echoed``)
+        self.ws.pump = self
+        take_over_receiving(self.ws, self.from_ws)
+        self.ws.connection_lost_waiter.add_done_callback(self._lost)
 
-    async def _send(self) -> None:
-        loop = asyncio.get_running_loop()
-        tick = loop.time() + random.random()  # a phase of its own: the streams do not all fire at once
-        while True:
-            await asyncio.sleep(max(0.0, tick - loop.time()))
-            tick += 1.0
-            if not self.owner.sending:
-                continue
-            data = payload(self.index, self.seq)
-            self.expected.append((data, time.perf_counter()))
-            self.all_echoed.clear()
-            self.seq += 1
-            try:
-                await self.stream.send(data)
-            except Exception as exc:  # noqa: BLE001 -- the stream broke: reported
-                self._fail(f"send: {exc}")
-                return
+    # -- out -------------------------------------------------------------------------------------
 
-    async def _receive(self) -> None:
+    def send(self, now: float) -> None:
+        """This stream's message of this second (the clock calls it at the stream's phase)."""
+        if self.failure or self.finishing:
+            return
+        if self.ws.protocol.state is not State.OPEN:
+            self._fail(f"send: {closed_error(self.ws.protocol.close_rcvd)}")
+        elif self.ws.paused or self.owed:
+            self.owed.append(now)
+            self.deferred += 1
+        else:
+            self._put(now)
+
+    def _put(self, now: float) -> None:
+        data = payload(self.index, self.seq)
+        self.expected.append((data, now))
+        self.seq += 1
+        ws = self.ws
+        ws.protocol.send_binary(data)
+        self.stream.bytes_sent += MESSAGE_BYTES
         try:
-            while chunk := await self.stream.recv():
-                self.pending += chunk
-                while len(self.pending) >= MESSAGE_BYTES and self.expected:
-                    want, sent = self.expected[0]
-                    if self.pending[:MESSAGE_BYTES] != want:
-                        self._fail(f"echo {self.echoed} differs from what was sent")
-                        return
-                    del self.pending[:MESSAGE_BYTES]
-                    self.expected.popleft()
-                    self.echoed += 1
-                    self.owner.latencies.append((time.perf_counter() - sent) * 1000)
-                if self.pending and not self.expected:
-                    self._fail("more bytes came back than were sent")
-                    return
-                if not self.expected:
-                    self.all_echoed.set()
-            self.clean_end = True   # the device's eof: the end of data
-        except Exception as exc:  # noqa: BLE001 -- reported
-            self._fail(f"recv: {exc}")
-        finally:
-            self.all_echoed.set()
+            ws.send_data()
+        except OSError as exc:
+            ws.transport.abort()
+            self._fail(f"send: {exc}")
+
+    def ws_writable(self, writable: bool) -> None:
+        """The transport went above (False) or back below (True) its write limit."""
+        if writable and self.owed:
+            asyncio.get_running_loop().call_soon(self._pay_owed)
+
+    def _pay_owed(self) -> None:
+        while self.owed and not self.ws.paused and not self.failure and not self.finishing:
+            if self.ws.protocol.state is not State.OPEN:
+                self._fail(f"send: {closed_error(self.ws.protocol.close_rcvd)}")
+                return
+            self._put(self.owed.pop(0))
+
+    # -- in --------------------------------------------------------------------------------------
+
+    def from_ws(self, frame: Frame) -> None:
+        """One data frame as websockets' parser yields it (binary data, or the text ``eof``)."""
+        opcode = frame.opcode
+        if opcode is not Opcode.CONT:
+            self.data_message = opcode is Opcode.BINARY
+            self.control.clear()
+        if self.data_message:
+            self._echo(frame.data)
+            return
+        if len(self.control) < CONTROL_BYTES:
+            self.control += frame.data[:CONTROL_BYTES]
+        if frame.fin and self.control == EOF.encode():
+            self._end_of_data()
+
+    def _echo(self, data: bytes) -> None:
+        if self.failure:
+            return
+        if self.clean_end:
+            self._fail("data after the device's eof")
+            return
+        self.stream.bytes_received += len(data)
+        now = time.perf_counter()
+        pending, expected, latencies = self.pending, self.expected, self.owner.latencies
+        pending += data
+        while len(pending) >= MESSAGE_BYTES and expected:
+            want, sent = expected[0]
+            if pending[:MESSAGE_BYTES] != want:
+                self._fail(f"echo {self.echoed} differs from what was sent")
+                return
+            del pending[:MESSAGE_BYTES]
+            expected.popleft()
+            self.echoed += 1
+            latencies.append((now - sent) * 1000)
+        if pending and not expected:
+            self._fail("more bytes came back than were sent")
+        elif not expected:
+            self._wake()
+
+    def flush_down(self) -> None:
+        """After each read of the connection: every frame was checked as it came (``from_ws``)."""
+
+    def _end_of_data(self) -> None:
+        self.clean_end = True
+        if not self.ended.done():
+            self.ended.set_result(None)
+        self._wake()
+
+    def _lost(self, _) -> None:
+        """The connection is closed: a clean close is the end of data, anything else a failure."""
+        if not self.clean_end:
+            if ended_cleanly(self.ws.protocol.close_rcvd):
+                self._end_of_data()
+            else:
+                self._fail(f"recv: {closed_error(self.ws.protocol.close_rcvd)}")
+        if not self.ended.done():
+            self.ended.set_result(None)
+        self._wake()
+
+    # -- waiting and the end ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def _fail(self, why: str) -> None:
         if not self.failure:
             self.failure = why[:200]
-        self.all_echoed.set()
+        self._wake()
+
+    async def all_echoed(self) -> None:
+        """Until every message sent came back (or the stream failed or its data ended)."""
+        while self.expected and not self.failure and not self.ended.done():
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
 
     async def finish(self, timeout: float) -> dict:
         """Wait for every echo, send eof, read to the device's eof, close cleanly."""
-        self.tasks[0].cancel()
+        self.finishing = True
+        self.owed.clear()           # never sent, so not expected either
         try:
-            await asyncio.wait_for(self.all_echoed.wait(), timeout)
+            await asyncio.wait_for(self.all_echoed(), timeout)
             if not self.failure:
                 await self.stream.send_eof()
-                await asyncio.wait_for(asyncio.shield(self.tasks[1]), timeout)
+                await asyncio.wait_for(asyncio.shield(self.ended), timeout)
             await self.stream.close()
         except Exception as exc:  # noqa: BLE001 -- reported
             self._fail(f"close: {exc!r}")
-        for task in self.tasks:
-            task.cancel()
         self.close_code = self.stream.close_code
         intact = (not self.failure and self.clean_end and self.echoed == self.seq and not self.pending)
         return {"index": self.index, "stream_id": self.stream_id, "sent": self.seq, "echoed": self.echoed,
@@ -366,6 +468,33 @@ class Services:
         self.streams: list[EchoStream] = []
         self.latencies: list[float] = []
         self.sending = False   # quiet while opening (``resume`` starts the messages)
+        # The one clock of this process: ``PHASES`` slots a second, each holding the streams whose
+        # message falls due in it (a phase picked at random when the stream opened), walked in turn
+        # by one ``loop.call_at`` chain -- no task or sleep per stream.
+        self.phases: list[list[EchoStream]] = [[] for _ in range(PHASES)]
+        self.ticks = 0                 # slots walked since the clock started
+        self.clock_start = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def _start_clock(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.clock_start = loop.time()
+        self.timer = loop.call_at(self.clock_start, self._tick)
+
+    def _tick(self) -> None:
+        """Walk every slot that is due: each of its streams sends its message of this second.
+
+        A late callback walks the slots it missed at once (each stream still sends one message
+        a second on average), as the per-stream sleep loop this replaced did.
+        """
+        loop = asyncio.get_running_loop()
+        now, sent_at, slot = loop.time(), time.perf_counter(), 1.0 / PHASES
+        while self.clock_start + self.ticks * slot <= now:
+            if self.sending:
+                for stream in self.phases[self.ticks % PHASES]:
+                    stream.send(sent_at)
+            self.ticks += 1
+        self.timer = loop.call_at(self.clock_start + self.ticks * slot, self._tick)
 
     async def _open_one(self, index: int, device: str, setup: list, errors: list, retries: list) -> None:
         from service_client import LimitExceededError
@@ -385,7 +514,9 @@ class Services:
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 return
             setup.append((time.perf_counter() - started) * 1000)
-            self.streams.append(EchoStream(index, stream, info.stream_id, self))
+            echo = EchoStream(index, stream, info.stream_id, self)
+            self.streams.append(echo)
+            self.phases[random.randrange(PHASES)].append(echo)   # a phase of its own within the second
             if len(self.streams) % 250 == 0:
                 say("progress", {"opened": len(self.streams)})
             return
@@ -394,6 +525,8 @@ class Services:
     async def open(self, _) -> None:
         """Open every stream of the plan at ``rate`` per second, at most ``inflight`` at once."""
         await self.svc.connect()
+        if self.timer is None:
+            self._start_clock()
         setup, errors, retries = [], [], []
         gate = asyncio.Semaphore(self.plan["inflight"])
         interval, started = 1.0 / self.plan["rate"], time.perf_counter()
@@ -418,12 +551,13 @@ class Services:
                       "echoed": sum(s.echoed for s in self.streams),
                       "failed": sum(1 for s in self.streams if s.failure),
                       "failures": [s.failure for s in self.streams if s.failure][:3],
+                      "deferred": sum(s.deferred for s in self.streams),
                       "latency_ms": [round(x, 3) for x in lat]})
 
     async def pause(self, _) -> None:
         """Stop sending; answer once every echo under way came back (or after 180 s)."""
         self.sending = False
-        waits = await asyncio.gather(*(asyncio.wait_for(s.all_echoed.wait(), 180) for s in self.streams),
+        waits = await asyncio.gather(*(asyncio.wait_for(s.all_echoed(), 180) for s in self.streams),
                                      return_exceptions=True)
         say("paused", {"drained": not any(isinstance(w, BaseException) for w in waits)})
 
@@ -463,9 +597,8 @@ class Services:
         say("closed", {"streams": list(results)})
 
     async def done(self) -> None:
-        for s in self.streams:
-            for task in s.tasks:
-                task.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         with contextlib.suppress(Exception):
             await self.svc.close()
 

@@ -108,6 +108,9 @@ def test_streams_stage_quick_echoes_every_message_and_refuses_beyond_capacity(tm
     steady = r["steady"]
     assert steady["streams"] == n and steady["failed_streams"] == 0
     assert steady["to_device"] >= n and steady["to_service"] >= n and steady["hub_cpu_seconds"] >= 0
+    # the load generator's CPU, by side (it shares the hub's cores)
+    assert steady["devices_cpu_seconds"] >= 0 and steady["services_cpu_seconds"] >= 0 and steady["deferred_sends"] >= 0
+    assert steady["sim_cpu_seconds"] == pytest.approx(steady["devices_cpu_seconds"] + steady["services_cpu_seconds"])
     close = r["close"]
     assert close["streams"] == close["intact"] == close["device_ended_clean"] == n, close
     assert close["device_ended_abnormal"] == 0 and close["hub_log_mismatches"] == 0
@@ -120,6 +123,7 @@ def test_streams_stage_quick_echoes_every_message_and_refuses_beyond_capacity(tm
     # judged at 5,000 only; whether 20 echoes kept pace depends on the machine's load, not asserted
     assert "| 5,000 concurrent streams open and echoing, all intact | 20 / 20 intact, echoes " in markdown
     assert "| beyond capacity: refused before reaching a device | 10 / 10 refused, 0 reached | met |" in markdown
+    assert "in the steady window (simulated devices " in markdown
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not leftovers, f"the benchmark left processes behind: {leftovers}"
 
