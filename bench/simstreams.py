@@ -291,8 +291,9 @@ class EchoStream:
     The stream is opened by the real SDK (``Services._open_one``); its data phase then runs at
     the protocol level, the way the SDK's own TCP pump drives a stream
     (devstreams/transport/pump.py): this object is the connection's pump (``ws.pump``, which
-    the connection hands each incoming data frame, ``from_ws``, and each change of its write
-    window, ``ws_writable``), and ``take_over_receiving`` delivers what was queued before.
+    the connection hands each whole binary message, ``from_ws_data``, each other data frame,
+    ``from_ws``, and each change of its write window, ``ws_writable``), and
+    ``take_over_receiving`` delivers what was queued before.
     Sending is ``protocol.send_binary`` + ``send_data``, called by the service process's one
     clock (``Services._tick``).  So a message costs no task, sleep, future, lock or queue:
     the SDK's per-message path -- two tasks per stream, a sleep per message, ``send()`` and
@@ -365,6 +366,12 @@ class EchoStream:
             self._put(self.owed.pop(0))
 
     # -- in --------------------------------------------------------------------------------------
+
+    def from_ws_data(self, payload) -> None:
+        """A whole binary message that skipped websockets' parser (devstreams.transport.wslink)."""
+        self.data_message = True
+        self.control.clear()
+        self._echo(payload)
 
     def from_ws(self, frame: Frame) -> None:
         """One data frame as websockets' parser yields it (binary data, or the text ``eof``)."""
