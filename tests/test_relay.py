@@ -219,7 +219,7 @@ def _raw_frames(rnd: random.Random) -> tuple[bytes, list, list]:
 
 
 def test_whole_binary_frames_pass_the_relay_itself_whatever_the_reads_and_the_rest_stays_websockets(tmp_path):
-    """streamgw.passthrough in the relay: once both sides are linked, whole binary frames are passed
+    """devstreams.transport.passthrough in the relay: once both sides are linked, whole binary frames are passed
     without websockets' parser (``passing``); frames written in odd cuts (a header split from its
     payload, several frames in one read), pings, text and fragmented messages between them arrive
     exactly as sent, pings are answered, bytes are counted; then a frame over max_size still gets

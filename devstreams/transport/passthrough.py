@@ -32,13 +32,12 @@ from typing import NamedTuple
 
 from websockets.frames import apply_mask   # websockets' C extension when it is built (it is here)
 
-PASS = "pass"    # a whole binary frame (FIN, no reserved bits, masked, within max_size): the relay passes it
+PASS = "pass"    # a whole binary frame (FIN, no reserved bits, masked as the side expects, within max_size)
 HAND = "hand"    # bytes websockets must parse: a whole other frame, or a header it will refuse
 WAIT = "wait"    # the frame at ``pos`` is not complete yet: keep the bytes until more arrive
 
 FIN_BINARY = 0x82          # FIN set, no reserved bits, opcode 2 (binary)
 MASK_BIT = 0x80
-MAX_HEADER = 14            # 2 + 8 (64-bit length) + 4 (mask)
 
 
 class Scan(NamedTuple):
