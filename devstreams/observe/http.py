@@ -80,7 +80,14 @@ class HttpServer:
 
     def protocol_factory(self) -> asyncio.StreamReaderProtocol:
         """The protocol of one HTTP connection once TLS is up (what a router hands over)."""
-        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=2 ** 16), self._accept)
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=2 ** 16), self._connected)
+
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Each connection's task is known from its creation, so ``stop`` also ends one that has
+        not started yet (a coroutine left unstarted at shutdown was never awaited)."""
+        task = asyncio.get_running_loop().create_task(self._accept(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -88,11 +95,9 @@ class HttpServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) >= self.max_connections:
+        if len(self._tasks) > self.max_connections:   # this connection's own task is one of them
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        self._tasks.add(task)
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError, h11.LocalProtocolError):
@@ -100,7 +105,6 @@ class HttpServer:
         except Exception:  # a bug ends this connection, never the listener
             log.exception("HTTP connection failed")
         finally:
-            self._tasks.discard(task)
             writer.close()
 
     async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader, head: bool = False):
