@@ -121,7 +121,10 @@ def test_dashboard_in_chromium_login_live_stream_close_and_refusal(tmp_path, bro
             assert browser.execute_script("return window.notReloaded === true;")
             # the activity list shows the closed stream, filterable by device
             wait.until(lambda d: "closed by an operator" in d.find_element(By.ID, "activity").text)
-            # a used login link does not log a second browser in
+            # a used login link does not log a second browser in. Leave the page first: its
+            # polling, logged out by the deleted cookie, reloads itself (to the login page), and
+            # that reload could replace the navigation to the used link.
+            browser.get("about:blank")
             browser.delete_all_cookies()
             browser.get(url)
             assert "not valid" in browser.find_element(By.TAG_NAME, "body").text
