@@ -187,8 +187,8 @@ def test_full_disk_keeps_streams_logs_once_and_add_says_disk_full(tmp_path, capl
                     registry = hub.registry()
                     registry._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no reusable WAL space left
                     registry.close()
+                    caplog.clear()   # before the fill: the hub may log its one disk-full error at once
                     fill(disk)
-                    caplog.clear()
                     await echo_streams(hub, "on-full-disk", 10)    # each writes activity rows: all fail
                     added = await asyncio.to_thread(cli, "device", "add", "newcomer", "--data-dir", str(data))
                     assert added.returncode == 1 and added.stderr.count("\n") == 1, added.stderr
