@@ -231,6 +231,22 @@ class HubThread:
         return self.call(self.hub.service_connection_string)
 
 
+@contextlib.contextmanager
+def uvloop_policy():
+    """Event loops made inside are uvloop's (as the CLI's); skips the test when uvloop is missing.
+    Yields the uvloop module.  (``set_event_loop_policy`` is deprecated in newer Pythons: quiet.)"""
+    uvloop = pytest.importorskip("uvloop")
+    import warnings
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield uvloop
+    finally:
+        asyncio.set_event_loop_policy(policy)
+
+
 def run(coro, timeout: float = 60):
     """Run a coroutine to completion on a fresh loop, with a hard timeout (stuck tasks are printed)."""
     async def bounded():

@@ -10,6 +10,7 @@ its own process on the CLI's event loop, the streams' other ends in subprocesses
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import sys
 import uuid
 
 import pytest
-from helpers import REPO, run, wait_for
+from helpers import REPO, run, uvloop_policy, wait_for
 from test_relay import Rig
 
 from devstreams.transport.glibc import heap_in_use
@@ -53,18 +54,7 @@ def test_an_open_idle_stream_keeps_no_tls_read_buffer_and_two_tasks(mode):
 
 def _stream_rig(tmp_path, body, uvloop: bool = False, **settings):
     rig = Rig(tmp_path, **settings)
-    if uvloop:
-        mod = pytest.importorskip("uvloop")
-        import warnings
-        policy = asyncio.get_event_loop_policy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            asyncio.set_event_loop_policy(mod.EventLoopPolicy())
-        try:
-            run(body(rig), timeout=60)
-        finally:
-            asyncio.set_event_loop_policy(policy)
-    else:
+    with uvloop_policy() if uvloop else contextlib.nullcontext():
         run(body(rig), timeout=60)
 
 

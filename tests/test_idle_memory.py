@@ -518,19 +518,11 @@ def test_on_uvloop_the_gate_serves_tls_with_a_shared_read_buffer(tmp_path):
     """The hub runs on uvloop when installed (devstreams.cli); uvloop's own TLS protocol would
     give each connection a private 256 KiB read buffer.  The gate serves TLS with asyncio's
     SSLProtocol on uvloop's transport, so the shared buffer and the BIO release hold there too."""
-    uvloop = pytest.importorskip("uvloop")
-    import warnings
     from asyncio import sslproto
 
-    from helpers import HubThread
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
+    from helpers import HubThread, uvloop_policy
+    with uvloop_policy() as uvloop:
         hub = HubThread(tmp_path / "hub").start()   # its loop is made with the policy in force
-    finally:
-        asyncio.set_event_loop_policy(policy)
     fleet = None
     try:
         fleet = IdleFleet(hub, tmp_path, 10)
