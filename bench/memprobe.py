@@ -59,23 +59,16 @@ def main() -> None:
         time.sleep(1)
         me = psutil.Process()
 
-        def tasks() -> int:
-            return hub.call(lambda: len(asyncio.all_tasks()))
-
-        def types() -> collections.Counter:
-            gc.unfreeze()  # the hub freezes survivors after bursts (broker/memory.py); count those too
-            return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
-
         if args.trace:
             tracemalloc.start(args.frames)
         gc.collect()
         if not args.trace:
             from broker.memory import release_free_memory
             release_free_memory()  # a trimmed baseline, so "after malloc_trim" compares like with like
-        rss0, tasks0, heap0 = me.memory_info().rss, tasks(), heap_in_use()
+        rss0, tasks0, heap0 = me.memory_info().rss, hub_tasks(hub), heap_in_use()
         cpu0 = sum(me.cpu_times()[:2])
         snap0 = tracemalloc.take_snapshot() if args.trace else None
-        types0 = types() if args.trace else None
+        types0 = object_types() if args.trace else None
         sim = subprocess.Popen([sys.executable, "-m", "bench.simdevices", "localhost", str(hub.hub.mqtt_port),
                                 hub.ca_file, str(path)], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)
@@ -98,17 +91,28 @@ def main() -> None:
             time.sleep(3)
             gc.collect()
             n = args.n
-            rss1, tasks1 = me.memory_info().rss, tasks()
+            rss1, tasks1 = me.memory_info().rss, hub_tasks(hub)
             cpu = (sum(me.cpu_times()[:2]) - cpu0) / args.n * 1000
             print(f"devices {n}: RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/device, "
                   f"tasks {(tasks1 - tasks0) / n:.2f}/device, hub CPU {cpu:.2f} ms/device (connect + idle)", flush=True)
             report_trimmed(me, rss0, heap0, n, "device")
             if args.trace:
-                report_trace(snap0, types0, types(), n, "device", args, min_bytes=64, min_objects=0.5)
+                report_trace(snap0, types0, object_types(), n, "device", args, min_bytes=64, min_objects=0.5)
         finally:
             sim.stdin.close()
             sim.wait(30)
             hub.stop()
+
+
+def hub_tasks(hub) -> int:
+    """The asyncio tasks alive on the hub's loop (a HubThread)."""
+    return hub.call(lambda: len(asyncio.all_tasks()))
+
+
+def object_types() -> collections.Counter:
+    """Live objects in this process by type name."""
+    gc.unfreeze()  # the hub freezes survivors after bursts (broker/memory.py); count those too
+    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
 def report_trimmed(me: psutil.Process, rss0: int, heap0, n: int, unit: str):

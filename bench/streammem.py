@@ -22,8 +22,6 @@ Like bench/memprobe.py (idle devices), on the event loop ``devstreams hub up`` r
 """
 
 import argparse
-import asyncio
-import collections
 import gc
 import json
 import subprocess
@@ -37,7 +35,7 @@ import psutil
 
 from devstreams.transport.glibc import heap_in_use
 
-from .memprobe import report_trace, report_trimmed
+from .memprobe import hub_tasks, object_types, report_trace, report_trimmed
 
 DEVICE_PROCS = 2
 
@@ -105,21 +103,14 @@ def main() -> None:
             time.sleep(2)
             me = psutil.Process()
 
-            def tasks() -> int:
-                return hub.call(lambda: len(asyncio.all_tasks()))
-
-            def types() -> collections.Counter:
-                gc.unfreeze()  # the hub freezes survivors after bursts (broker/memory.py); count those too
-                return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
-
             from broker.memory import release_free_memory
             if args.trace:
                 tracemalloc.start(args.frames)
             gc.collect()
             release_free_memory()  # a trimmed baseline, so "after malloc_trim" compares like with like
-            rss0, tasks0, heap0 = me.memory_info().rss, tasks(), heap_in_use()
+            rss0, tasks0, heap0 = me.memory_info().rss, hub_tasks(hub), heap_in_use()
             snap0 = tracemalloc.take_snapshot() if args.trace else None
-            types0 = types() if args.trace else None
+            types0 = object_types() if args.trace else None
             cpu0 = sum(me.cpu_times()[:2])
             started = time.monotonic()
             opened = service.ask("open", "opened", 120 + n / 5)
@@ -130,7 +121,7 @@ def main() -> None:
             open_now = hub.call(lambda: hub.hub.gateway.active_streams)
             time.sleep(args.settle)
             gc.collect()
-            rss1, tasks1 = me.memory_info().rss, tasks()
+            rss1, tasks1 = me.memory_info().rss, hub_tasks(hub)
             print(f"streams {n} (open in the gateway: {open_now}, opened in {open_s:.1f} s): "
                   f"RSS delta {(rss1 - rss0) / n / 1024:.1f} KiB/stream, tasks {(tasks1 - tasks0) / n:.2f}/stream, "
                   f"hub CPU {cpu:.1f} ms/stream (open)", flush=True)
@@ -143,7 +134,7 @@ def main() -> None:
             if args.referrers:
                 _referrers(args.referrers)
             if args.trace:
-                report_trace(snap0, types0, types(), n, "stream", args, min_bytes=32, min_objects=0.25)
+                report_trace(snap0, types0, object_types(), n, "stream", args, min_bytes=32, min_objects=0.25)
         finally:
             for w in workers:
                 try:
