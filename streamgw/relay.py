@@ -174,10 +174,7 @@ class RelayConnection(LiveServerConnection):
         if frame.opcode is not Opcode.CONT:
             self._binary = frame.opcode is Opcode.BINARY
         if self._binary:
-            if self.to_service:
-                self.record.bytes_to_service += len(frame.data)
-            else:
-                self.record.bytes_to_device += len(frame.data)
+            self._count(len(frame.data))
         # The source's parser has checked the frame sequence (a continuation follows a
         # fragment, sizes within max_size); the frame goes on as it came.
         peer.protocol.send_frame(frame)
@@ -192,12 +189,15 @@ class RelayConnection(LiveServerConnection):
         peer = self.peer
         if peer.protocol.state is not State.OPEN:
             return   # the other side is closing or gone: dropped, as TCP drops data for a closed socket
-        length = len(payload)
+        self._count(len(payload))
+        peer.protocol.writes.append(binary_header(len(payload)) + payload)
+
+    def _count(self, data_bytes: int) -> None:
+        """Stream data from this side, for the record (binary payloads only: ``eof`` is control)."""
         if self.to_service:
-            self.record.bytes_to_service += length
+            self.record.bytes_to_service += data_bytes
         else:
-            self.record.bytes_to_device += length
-        peer.protocol.writes.append(binary_header(length) + payload)
+            self.record.bytes_to_device += data_bytes
 
     def read_done(self) -> None:
         peer = self.peer

@@ -199,10 +199,7 @@ class Pump:
         """A whole binary message that skipped websockets' parser (``_LivenessMixin._pass_frames``)."""
         self._binary = True
         self._text.clear()
-        if self.ended.done() or self.down_done:
-            return                 # after the end of data: dropped, as TCP drops data for a closed socket
-        self.stream.bytes_received += len(payload)
-        self._down.append(payload)
+        self._data(payload)
 
     def from_ws(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -210,10 +207,7 @@ class Pump:
             self._binary = opcode is Opcode.BINARY
             self._text.clear()
         if self._binary:
-            if self.ended.done() or self.down_done:
-                return             # after the end of data: dropped, as TCP drops data for a closed socket
-            self.stream.bytes_received += len(frame.data)
-            self._down.append(frame.data)
+            self._data(frame.data)
             return
         if len(self._text) < MAX_CONTROL_TEXT:
             self._text += frame.data[:MAX_CONTROL_TEXT]
@@ -224,6 +218,13 @@ class Pump:
             else:
                 log.debug("ignoring unknown control message %r", bytes(self._text[:32]))
             self._text.clear()
+
+    def _data(self, data) -> None:
+        """Stream data for TCP, written at the end of this read (``flush_down``)."""
+        if self.ended.done() or self.down_done:
+            return                 # after the end of data: dropped, as TCP drops data for a closed socket
+        self.stream.bytes_received += len(data)
+        self._down.append(data)
 
     def flush_down(self) -> None:
         """Write the data frames of this read to TCP (called after each WebSocket read)."""
