@@ -130,8 +130,5 @@ def ensure_tls(directory: Path, hosts: tuple[str, ...] = ()) -> TlsFiles:
 
 
 def server_context(files: TlsFiles):
-    import ssl
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(files.server_cert, files.server_key)
-    return ctx
+    from devstreams.transport.tls import server_context as tls_server_context
+    return tls_server_context(files.server_cert, files.server_key)

@@ -68,15 +68,14 @@ def _read(path: Path, what: str) -> bytes:
 
 def _server_ssl(args, data: Path):
     import ssl
+
+    from devstreams.transport.tls import server_context
     cert = Path(args.cert_file) if args.cert_file else data / "tls" / "server.pem"
     key = Path(args.key_file) if args.key_file else data / "tls" / "server.key"
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(cert, key)
+        return server_context(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from None
-    return ctx
 
 
 def _local_hub(data: Path) -> tuple[str, int, str] | None:
