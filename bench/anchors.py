@@ -11,10 +11,10 @@ The paths (bench/run.py builds them all in one Rig):
                      service, so B's two services meet over a loopback socket inside B.
 - devstreams         client -> devstreams proxy -> hub (gateway) -> agent -> target
 
-What is measured per path: iperf3 (``--json``, client -> server) with 1 and 8 streams, the median
-of ``repeats`` runs; the bench's own bulk transfer with the CPU time of every relay process of the
-path around it (psutil user + system of each process and its descendants, reaped children
-included), divided by the GB moved.
+What is measured per path: iperf3 (``--json``, client -> server) with 1 and 8 streams, the bench's
+own bulk transfer with the CPU time of every relay process of the path around it (psutil user +
+system of each process and its descendants, reaped children included) divided by the GB moved,
+and the ping-pong; each the median of ``repeats`` rounds, every path measured once per round.
 """
 
 import json
@@ -179,40 +179,53 @@ class StunnelChain:
 
 # ---------------------------------------------------------------- one path
 
-def measure_path(name: str, port: int, iperf_port: int | None, group: CpuGroup | None,
-                 sizes: AnchorSizes, log) -> dict:
-    """Bulk with CPU per GB, ping-pong, iperf3 1 and 8 streams: each the median of ``sizes.repeats``."""
-    bulks, cpus, pings = [], [], []
-    for _ in range(sizes.repeats):
-        before = group.snapshot() if group else None
-        bulks.append(measure.bulk(port, sizes.bulk_bytes))
-        if group:
-            cpus.append(CpuGroup.per_gb(before, group.snapshot(), sizes.bulk_bytes))
-        pings.append(measure.ping_pong(port, sizes.pingpong_rounds))
-    out = {"bulk_MBps": statistics.median(b["MBps"] for b in bulks),
-           "bulk_MBps_runs": [b["MBps"] for b in bulks],
-           "pingpong_p50_ms": statistics.median(p["p50_ms"] for p in pings),
-           "pingpong_p50_ms_runs": [p["p50_ms"] for p in pings]}
-    if cpus:
-        out["cpu_s_per_GB"] = {k: statistics.median(c[k] for c in cpus) for k in cpus[0]}
-        out["cpu_s_per_GB_runs"] = [c["total"] for c in cpus]
-    log(f"[{name}]   bulk {out['bulk_MBps']:.0f} MB/s, ping-pong p50 {out['pingpong_p50_ms']:.3f} ms"
-        + (f", {out['cpu_s_per_GB']['total']:.1f} CPU-s/GB" if cpus else ""))
+def measure_round(name: str, port: int, iperf_port: int | None, group: CpuGroup | None,
+                  sizes: AnchorSizes, log) -> dict:
+    """One run of every measurement through one path: bulk with CPU per GB, ping-pong, iperf3 1 and 8 streams."""
+    before = group.snapshot() if group else None
+    bulk = measure.bulk(port, sizes.bulk_bytes)
+    out = {"bulk_MBps": bulk["MBps"]}
+    if group:
+        out["cpu_s_per_GB"] = CpuGroup.per_gb(before, group.snapshot(), sizes.bulk_bytes)
+    out["pingpong_p50_ms"] = measure.ping_pong(port, sizes.pingpong_rounds)["p50_ms"]
     if iperf_port is not None:
         for streams in (1, 8):
-            runs = [iperf3(iperf_port, sizes.iperf_seconds, streams) for _ in range(sizes.repeats)]
-            out[f"iperf3_{streams}"] = {"MBps": statistics.median(r["MBps"] for r in runs),
-                                        "MBps_runs": [r["MBps"] for r in runs],
-                                        "retries": sum(r["retries"] for r in runs)}
-            retried = out[f"iperf3_{streams}"]["retries"]
-            log(f"[{name}]   iperf3 -P {streams}: {out[f'iperf3_{streams}']['MBps']:.0f} MB/s"
-                + (f" ({retried} attempt(s) refused by iperf3's server and retried)" if retried else ""))
+            out[f"iperf3_{streams}"] = iperf3(iperf_port, sizes.iperf_seconds, streams)
+    log(f"[{name}]   bulk {out['bulk_MBps']:.0f} MB/s, ping-pong p50 {out['pingpong_p50_ms']:.3f} ms"
+        + (f", {out['cpu_s_per_GB']['total']:.1f} CPU-s/GB" if group else "")
+        + "".join(f", iperf3 -P {n} {out[f'iperf3_{n}']['MBps']:.0f} MB/s" for n in (1, 8) if f"iperf3_{n}" in out)
+        + "".join(f" ({out[f'iperf3_{n}']['retries']} iperf3 -P {n} attempt(s) refused by its server and retried)"
+                  for n in (1, 8) if out.get(f"iperf3_{n}", {}).get("retries")))
+    return out
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """A path's medians over its rounds, with every round's value beside them."""
+    out = {"bulk_MBps": statistics.median(r["bulk_MBps"] for r in rounds),
+           "bulk_MBps_runs": [r["bulk_MBps"] for r in rounds],
+           "pingpong_p50_ms": statistics.median(r["pingpong_p50_ms"] for r in rounds),
+           "pingpong_p50_ms_runs": [r["pingpong_p50_ms"] for r in rounds]}
+    if "cpu_s_per_GB" in rounds[0]:
+        cpus = [r["cpu_s_per_GB"] for r in rounds]
+        out["cpu_s_per_GB"] = {k: statistics.median(c[k] for c in cpus) for k in cpus[0]}
+        out["cpu_s_per_GB_runs"] = [c["total"] for c in cpus]
+    for streams in (1, 8):
+        key = f"iperf3_{streams}"
+        if key in rounds[0]:
+            runs = [r[key] for r in rounds]
+            out[key] = {"MBps": statistics.median(r["MBps"] for r in runs),
+                        "MBps_runs": [r["MBps"] for r in runs], "retries": sum(r["retries"] for r in runs)}
     return out
 
 
 def run_paths(rig, sizes: AnchorSizes, log) -> dict:
-    """Every path of a started Rig (bench/run.py), one after another."""
-    result: dict = {"sizes": sizes.__dict__, "paths": {}, "skipped": []}
+    """Every path of a started Rig (bench/run.py), in rounds: each round measures every path once.
+
+    Rounds rather than one path after another: this machine is shared, and its load moves within
+    minutes.  Taking the paths in turn within each round puts the paths being compared under the
+    same load, so their ratio (issue 14's targets) moves less than either path's own numbers.
+    """
+    result: dict = {"sizes": sizes.__dict__, "paths": {}, "skipped": [], "order": "rounds"}
     if not IPERF3:
         log(MISSING_IPERF3)
         result["skipped"].append(MISSING_IPERF3)
@@ -220,13 +233,36 @@ def run_paths(rig, sizes: AnchorSizes, log) -> dict:
         log(MISSING_STUNNEL)
         result["skipped"].append(MISSING_STUNNEL)
     result["negotiated"] = negotiated(rig, log)
-    for name, port in rig.ports.items():
-        log(f"[{name}] anchors: bulk {sizes.bulk_bytes >> 20} MiB x{sizes.repeats}, iperf3 {sizes.iperf_seconds:g} s ...")
-        group = CpuGroup(rig.relays[name]) if rig.relays.get(name) else None
-        result["paths"][name] = measure_path(name, port, rig.iperf_ports.get(name), group, sizes, log)
+    groups = {name: CpuGroup(rig.relays[name]) if rig.relays.get(name) else None for name in rig.ports}
+    rounds: dict[str, list[dict]] = {name: [] for name in rig.ports}
+    for n in range(sizes.repeats):
+        log(f"anchors round {n + 1} of {sizes.repeats}: bulk {sizes.bulk_bytes >> 20} MiB, "
+            f"iperf3 {sizes.iperf_seconds:g} s, through every path ...")
+        for name, port in rig.ports.items():
+            rounds[name].append(measure_round(name, port, rig.iperf_ports.get(name), groups[name], sizes, log))
+    for name, samples in rounds.items():
+        result["paths"][name] = summarize(samples)
+    result["ratios_by_round"] = ratios_by_round(rounds)
     if getattr(rig, "stunnel", None) is not None:
         result["negotiated_stunnel"] = rig.stunnel.suites()
     return result
+
+
+def ratios_by_round(rounds: dict[str, list[dict]]) -> dict:
+    """devstreams / ssh -R within each round, for each target (what one round's load gave both)."""
+    ds, ssh = rounds.get("devstreams"), rounds.get("ssh -R")
+    if not ds or not ssh:
+        return {}
+    out: dict[str, list[float]] = {}
+    for d, s in zip(ds, ssh):
+        for streams in (1, 8):
+            key = f"iperf3_{streams}"
+            if key in d and key in s:
+                out.setdefault(f"bulk_{streams}_vs_ssh", []).append(d[key]["MBps"] / s[key]["MBps"])
+        out.setdefault("pingpong_vs_ssh", []).append(d["pingpong_p50_ms"] / s["pingpong_p50_ms"])
+        if "cpu_s_per_GB" in d and "cpu_s_per_GB" in s:
+            out.setdefault("cpu_per_GB_vs_ssh", []).append(d["cpu_s_per_GB"]["total"] / s["cpu_s_per_GB"]["total"])
+    return out
 
 
 def negotiated(rig, log) -> dict:
@@ -294,8 +330,10 @@ def markdown(a: dict) -> list[str]:
         out.append(f"\n{reason}")
     v = verdicts(a)
     if v:
-        out += ["", "| issue 14 target | measured | met |", "|---|---:|:---:|"]
-        out += [f"| {WORDING[k]} | {ratio:.2f}x | {'yes' if ok else 'NO'} |" for k, (ratio, ok) in v.items()]
+        by_round = a.get("ratios_by_round", {})
+        out += ["", "| issue 14 target | measured (medians) | each round | met |", "|---|---:|---:|:---:|"]
+        out += [f"| {WORDING[k]} | {ratio:.2f}x | {' / '.join(f'{r:.2f}' for r in by_round.get(k, [])) or '-'} | "
+                f"{'yes' if ok else 'NO'} |" for k, (ratio, ok) in v.items()]
     return out
 
 

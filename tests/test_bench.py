@@ -206,6 +206,38 @@ def test_anchor_verdicts_are_ratios_to_ssh():
     assert "not measured" in text and "bulk_8" not in anchors.verdicts(a)
 
 
+def test_anchor_paths_are_measured_in_rounds_and_ratios_kept_per_round(monkeypatch):
+    """Each round measures every path once (so compared paths share the load of the moment); a
+    path's numbers are medians over rounds; the per-round ratios are kept beside them."""
+    from types import SimpleNamespace
+
+    from bench import anchors
+    calls = []
+    values = {"ssh -R": [(300.0, 0.10, 5.0), (100.0, 0.30, 9.0), (310.0, 0.11, 5.2)],
+              "devstreams": [(330.0, 0.19, 5.5), (90.0, 0.70, 9.9), (320.0, 0.20, 6.0)]}
+
+    def fake_round(name, port, iperf_port, group, sizes, log):
+        n = sum(1 for c in calls if c == name)
+        calls.append(name)
+        mbps, p50, cpu = values.get(name, [(1.0, 1.0, 1.0)] * 3)[n]
+        out = {"bulk_MBps": mbps, "pingpong_p50_ms": p50,
+               "iperf3_1": {"MBps": mbps, "retries": 0}, "iperf3_8": {"MBps": mbps, "retries": 0}}
+        if group is not None:
+            out["cpu_s_per_GB"] = {"total": cpu}
+        return out
+    monkeypatch.setattr(anchors, "measure_round", fake_round)
+    monkeypatch.setattr(anchors, "negotiated", lambda rig, log: {})
+    monkeypatch.setattr(anchors, "CpuGroup", lambda pids: object())
+    rig = SimpleNamespace(ports={"direct": 1, "ssh -R": 2, "devstreams": 3}, iperf_ports={},
+                          relays={"ssh -R": {"sshd": [1]}, "devstreams": {"hub": [2]}})
+    a = anchors.run_paths(rig, anchors.AnchorSizes(1.0, 3, 1, 1), log=lambda *_: None)
+    assert calls == ["direct", "ssh -R", "devstreams"] * 3
+    assert a["paths"]["devstreams"]["pingpong_p50_ms"] == 0.20 and a["paths"]["ssh -R"]["bulk_MBps"] == 300.0
+    assert a["ratios_by_round"]["pingpong_vs_ssh"] == pytest.approx([1.9, 0.7 / 0.3, 0.2 / 0.11])
+    assert a["ratios_by_round"]["cpu_per_GB_vs_ssh"] == pytest.approx([1.1, 1.1, 6.0 / 5.2])
+    assert "| 1.90 / 2.33 / 1.82 |" in "\n".join(anchors.markdown(a))
+
+
 def test_cpu_group_counts_a_process_and_its_children():
     """A relay that forks (sshd): a child's CPU time counts while it runs and after it was reaped."""
     from bench.anchors import CpuGroup
