@@ -14,7 +14,9 @@ The paths (bench/run.py builds them all in one Rig):
 What is measured per path: iperf3 (``--json``, client -> server) with 1 and 8 streams, the bench's
 own bulk transfer with the CPU time of every relay process of the path around it (psutil user +
 system of each process and its descendants, reaped children included) divided by the GB moved,
-and the ping-pong; each the median of ``repeats`` rounds, every path measured once per round.
+and the ping-pong with the same processes' CPU time per round trip (where a 64-byte message's
+time goes: each relay process wakes, reads, writes twice per round trip); each the median of
+``repeats`` rounds, every path measured once per round.
 """
 
 import json
@@ -187,7 +189,12 @@ def measure_round(name: str, port: int, iperf_port: int | None, group: CpuGroup 
     out = {"bulk_MBps": bulk["MBps"]}
     if group:
         out["cpu_s_per_GB"] = CpuGroup.per_gb(before, group.snapshot(), sizes.bulk_bytes)
+    before = group.snapshot() if group else None
     out["pingpong_p50_ms"] = measure.ping_pong(port, sizes.pingpong_rounds)["p50_ms"]
+    if group:
+        after = group.snapshot()
+        out["cpu_us_per_round_trip"] = {k: (after[k] - before[k]) / sizes.pingpong_rounds * 1e6 for k in after}
+        out["cpu_us_per_round_trip"]["total"] = sum(after[k] - before[k] for k in after) / sizes.pingpong_rounds * 1e6
     if iperf_port is not None:
         for streams in (1, 8):
             out[f"iperf3_{streams}"] = iperf3(iperf_port, sizes.iperf_seconds, streams)
@@ -209,6 +216,8 @@ def summarize(rounds: list[dict]) -> dict:
         cpus = [r["cpu_s_per_GB"] for r in rounds]
         out["cpu_s_per_GB"] = {k: statistics.median(c[k] for c in cpus) for k in cpus[0]}
         out["cpu_s_per_GB_runs"] = [c["total"] for c in cpus]
+        trips = [r["cpu_us_per_round_trip"] for r in rounds]
+        out["cpu_us_per_round_trip"] = {k: statistics.median(t[k] for t in trips) for k in trips[0]}
     for streams in (1, 8):
         key = f"iperf3_{streams}"
         if key in rounds[0]:
@@ -313,15 +322,19 @@ def markdown(a: dict) -> list[str]:
            f"iperf3 {s['iperf_seconds']:g} s client -> server, {median}; ping-pong: 64 bytes x "
            f"{s['pingpong_rounds']}; CPU seconds per GB: every relay process of the path (user + system, "
            f"children included) over a {s['bulk_bytes'] >> 20} MiB bulk transfer.", "",
-           "| path | 1 stream MB/s | 8 streams MB/s | bulk MB/s | ping-pong p50 | CPU-s per GB (relay processes) |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "| path | 1 stream MB/s | 8 streams MB/s | bulk MB/s | ping-pong p50 | CPU-s per GB (relay processes) "
+           "| CPU us per ping-pong round trip |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for name, p in a["paths"].items():
         cells = [f"{p[k]['MBps']:.0f}" if k in p else "not measured" for k in ("iperf3_1", "iperf3_8")]
         cpu = p.get("cpu_s_per_GB")
         cpu_text = "-" if cpu is None else f"{cpu['total']:.1f}" + (
             " (" + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "total") + ")" if len(cpu) > 2 else "")
+        trip = p.get("cpu_us_per_round_trip")
+        trip_text = "-" if trip is None else f"{trip['total']:.0f}" + (
+            " (" + ", ".join(f"{k} {v:.0f}" for k, v in trip.items() if k != "total") + ")" if len(trip) > 2 else "")
         out.append(f"| {LABELS.get(name, name)} | {cells[0]} | {cells[1]} | {p['bulk_MBps']:.0f} | "
-                   f"{p['pingpong_p50_ms']:.3f} ms | {cpu_text} |")
+                   f"{p['pingpong_p50_ms']:.3f} ms | {cpu_text} | {trip_text} |")
     for hop, c in a.get("negotiated", {}).items():
         out.append(f"\ndevstreams TLS, {hop}: {c['version']} {c['cipher']}.")
     for hop, suites in a.get("negotiated_stunnel", {}).items():

@@ -173,7 +173,10 @@ def test_anchors_quick_measure_every_path_with_iperf3_and_cpu_per_gb(tmp_path):
         # every relay process of the path worked for the bytes it moved (a wrong pid would read 0)
         assert all(cpu[m] > 0 for m in members), (name, cpu)
         assert abs(cpu["total"] - sum(cpu[m] for m in members)) < 1e-6
+        trip = a["paths"][name]["cpu_us_per_round_trip"]   # each relay process works on every round trip
+        assert set(trip) == members | {"total"} and all(trip[m] > 0 for m in members), (name, trip)
     assert "cpu_s_per_GB" not in a["paths"]["direct"]
+    assert a["negotiated"]["gateway (proxy -> hub, agent -> hub)"]["cipher"] == "TLS_AES_128_GCM_SHA256"
     for hop in a["negotiated"].values():  # both devstreams listeners, through devstreams' own client context
         assert hop["version"] in ("TLSv1.3", "TLSv1.2") and hop["cipher"]
     # the stunnel chain really is two TLS hops (each hop's client end logged the suite it negotiated)
@@ -194,7 +197,8 @@ def test_anchor_verdicts_are_ratios_to_ssh():
 
     def path(one, eight, p50, cpu):
         return {"iperf3_1": {"MBps": one}, "iperf3_8": {"MBps": eight}, "bulk_MBps": one,
-                "pingpong_p50_ms": p50, "cpu_s_per_GB": {"x": cpu, "total": cpu}}
+                "pingpong_p50_ms": p50, "cpu_s_per_GB": {"x": cpu, "total": cpu},
+                "cpu_us_per_round_trip": {"x": 100.0, "total": 100.0}}
     a = {"sizes": anchors.ANCHORS_QUICK.__dict__, "skipped": [],
          "paths": {"ssh -R": path(300.0, 260.0, 0.1, 4.0), "devstreams": path(300.0, 250.0, 0.2, 4.9)}}
     v = anchors.verdicts(a)
@@ -224,6 +228,7 @@ def test_anchor_paths_are_measured_in_rounds_and_ratios_kept_per_round(monkeypat
                "iperf3_1": {"MBps": mbps, "retries": 0}, "iperf3_8": {"MBps": mbps, "retries": 0}}
         if group is not None:
             out["cpu_s_per_GB"] = {"total": cpu}
+            out["cpu_us_per_round_trip"] = {"total": 100 * p50}
         return out
     monkeypatch.setattr(anchors, "measure_round", fake_round)
     monkeypatch.setattr(anchors, "negotiated", lambda rig, log: {})
