@@ -190,7 +190,10 @@ class RelayConnection(LiveServerConnection):
         if peer.protocol.state is not State.OPEN:
             return   # the other side is closing or gone: dropped, as TCP drops data for a closed socket
         self._count(len(payload))
-        peer.protocol.writes.append(binary_header(len(payload)) + payload)
+        writes = peer.protocol.writes
+        writes.append(binary_header(len(payload)))
+        if payload:   # (an empty piece would read as websockets' end-of-stream marker in send_data)
+            writes.append(payload)
 
     def _count(self, data_bytes: int) -> None:
         """Stream data from this side, for the record (binary payloads only: ``eof`` is control)."""

@@ -4,15 +4,34 @@ Frames are built with websockets' own serializer (client side: masked), so every
 case is what a real client sends, plus hostile headers no client would.
 """
 
+import asyncio
 import os
 import random
+import ssl
+import tempfile
+from pathlib import Path
 
 import pytest
+from websockets.client import ClientProtocol
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.protocol import CLIENT, SERVER, Protocol, State
+from websockets.uri import parse_uri
 
-from devstreams.transport.passthrough import HAND, PASS, WAIT, MaskSource, binary_header, client_frame, scan
+from broker import pki
+from devstreams.transport.passthrough import (
+    HAND,
+    PASS,
+    WAIT,
+    MaskSource,
+    binary_header,
+    client_frame,
+    client_frame_parts,
+    scan,
+)
+from devstreams.transport.tls import client_context
+from devstreams.transport.wslink import LiveClientConnection
+from devstreams.wire.streamproto import CHUNK_BYTES
 
 MAX = 256 * 1024
 
@@ -195,3 +214,61 @@ def test_masks_are_consecutive_os_urandom_bytes_each_used_once(monkeypatch):
     masks = [source.take() for _ in range(2 * MaskSource.BATCH // 4 + 3)]
     assert len(drawn) == 3 and all(len(d) == MaskSource.BATCH for d in drawn)
     assert b"".join(masks) == b"".join(drawn)[:4 * len(masks)]
+
+
+def test_the_frames_of_one_write_reach_the_tls_transport_as_one_buffer():
+    """A pump's (and the relay's) frames of one read go to the TLS transport in one ``write``: TLS
+    transports encrypt each buffer on its own, so frames given one by one would each end in a
+    record of a few bytes; joined they fill 16 KiB records across their boundaries."""
+    class Transport:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, data):
+            self.calls.append(("write", bytes(data)))
+
+        def writelines(self, pieces):
+            self.calls.append(("writelines", [bytes(p) for p in pieces]))
+
+    async def main():
+        conn = LiveClientConnection(ClientProtocol(parse_uri("wss://localhost/")))
+        conn.transport = Transport()
+        data = [os.urandom(CHUNK_BYTES) for _ in range(3)] + [os.urandom(1000)]
+        for chunk in data:
+            conn.protocol.writes.extend(client_frame_parts(chunk))
+        conn.send_data()
+        return conn.transport.calls, data
+    calls, data = asyncio.run(main())
+    assert [kind for kind, _ in calls] == ["write"]
+    server = open_protocol(SERVER)
+    server.receive_data(calls[0][1])
+    assert [f.data for f in server.events_received()] == data
+    # what that buffer costs in TLS records: as few as its length allows (16 KiB each)
+    files = pki.ensure_tls(Path(tempfile.mkdtemp(prefix="devstreams-test-")))
+    records = tls_records(pki.server_context(files), client_context(files.ca_cert), [calls[0][1]])
+    assert records == -(-len(calls[0][1]) // 16384)
+    one_by_one = [b"".join(client_frame_parts(chunk)) for chunk in data]
+    assert tls_records(pki.server_context(files), client_context(files.ca_cert), one_by_one) > records
+
+
+def tls_records(server_ctx, client_ctx, writes: list[bytes]) -> int:
+    """Application-data records a TLS client sends for ``writes``, one ``SSLObject.write`` each."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    for data in writes:
+        client.write(data)
+    wire, count, pos = c_out.read(), 0, 0
+    while pos < len(wire):
+        kind, length = wire[pos], int.from_bytes(wire[pos + 3:pos + 5], "big")
+        count += kind == 23
+        pos += 5 + length
+    return count

@@ -114,12 +114,18 @@ class MaskSource:
 _masks = MaskSource()
 
 
-def client_frame(payload: bytes | memoryview) -> bytes:
-    """A whole binary frame from a client, as websockets' ``send_binary`` writes it, in one copy.
+def client_frame_parts(payload: bytes | memoryview) -> tuple[bytes, bytes]:
+    """A whole binary frame from a client, as websockets' ``send_binary`` writes it: (header with
+    its mask, masked payload), to be joined with the other frames of the same write.
 
     websockets' serializer builds a ``Frame``, checks it, and writes the masked payload
     through a ``BytesIO``: one more copy of every byte and a few microseconds per frame.
     Each frame gets a fresh mask (``MaskSource``).
     """
     mask = _masks.take()
-    return binary_header(len(payload), MASK_BIT) + mask + apply_mask(payload, mask)
+    return binary_header(len(payload), MASK_BIT) + mask, apply_mask(payload, mask)
+
+
+def client_frame(payload: bytes | memoryview) -> bytes:
+    """``client_frame_parts`` in one piece."""
+    return b"".join(client_frame_parts(payload))

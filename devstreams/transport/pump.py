@@ -35,7 +35,7 @@ import logging
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
 
-from devstreams.transport.passthrough import client_frame
+from devstreams.transport.passthrough import client_frame_parts
 from devstreams.transport.wslink import take_over_receiving
 from devstreams.wire.errors import StreamClosedError
 from devstreams.wire.streamproto import CHUNK_BYTES, CLOSE_NORMAL, CLOSE_PEER_CLOSED, CLOSE_REASONS, EOF
@@ -154,14 +154,16 @@ class Pump:
             self.fail(self._closed_error())
             return
         # Whole binary frames, as ``protocol.send_binary`` would queue them (the state is OPEN, and
-        # a pump never sends fragments), in one copy (devstreams.transport.passthrough).
+        # a pump never sends fragments), header and payload as two pieces that ``send_data`` joins
+        # with the rest of the write (devstreams.transport.passthrough; never an empty piece: a TCP
+        # read has data).
         writes = ws.protocol.writes
         if len(data) <= CHUNK_BYTES:
-            writes.append(client_frame(data))
+            writes.extend(client_frame_parts(data))
         else:
             view = memoryview(data)
             for offset in range(0, len(view), CHUNK_BYTES):
-                writes.append(client_frame(view[offset:offset + CHUNK_BYTES]))
+                writes.extend(client_frame_parts(view[offset:offset + CHUNK_BYTES]))
         self.stream.bytes_sent += len(data)
         self._write_ws()
 

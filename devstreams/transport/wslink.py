@@ -260,11 +260,13 @@ class _LivenessMixin:
         if self.liveness is not None:
             self.liveness.sent(self.loop.time())
         if all(writes):   # frames only, no end-of-stream marker: straight to the transport, in one write
+            # Joined into one buffer: a TLS transport encrypts each buffer it is given on its own
+            # (asyncio's and uvloop's ``writelines`` too), so a 64 KiB frame given alone ends in a
+            # record of a few bytes; given together, the frames of a write fill 16 KiB records
+            # across their boundaries.  The relay and the pumps queue a frame's header and its
+            # (already copied) payload as two pieces, so this join is the only copy either way.
             self.protocol.writes = []
-            if len(writes) == 1:
-                self.transport.write(writes[0])
-            else:
-                self.transport.writelines(writes)
+            self.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
         else:
             super().send_data()
 
