@@ -15,7 +15,7 @@ import time
 import tracemalloc
 
 import pytest
-from helpers import REPO, run
+from helpers import REPO, TlsPair, run
 
 from broker.amqtt_fixes import (
     Delivery,
@@ -456,22 +456,10 @@ def test_the_hub_returns_handshake_memory_after_logins(tmp_path, monkeypatch):
 # -- OpenSSL: the memory BIOs' handshake-sized buffers -------------------------------------------
 
 def _tls_pair(server_ctx, client_ctx):
-    """A finished TLS handshake between two SSLObjects over memory BIOs, as asyncio runs them."""
+    """A finished TLS handshake (``helpers.TlsPair``) and the device's first packet."""
     import ssl
-    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
-
-    def shuttle():
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-    for _ in range(10):
-        for end in (client, server):
-            try:
-                end.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-        shuttle()
+    pair = TlsPair(server_ctx, client_ctx)
+    server, client, shuttle, s_in, s_out = pair.server, pair.client, pair.shuttle, pair.s_in, pair.s_out
     client.write(b"CONNECT")      # the device's first packet; the client reads the server's tickets
     shuttle()
     assert server.read(100) == b"CONNECT"

@@ -7,7 +7,6 @@ case is what a real client sends, plus hostile headers no client would.
 import asyncio
 import os
 import random
-import ssl
 import tempfile
 from pathlib import Path
 
@@ -19,19 +18,12 @@ from websockets.protocol import CLIENT, SERVER, Protocol, State
 from websockets.uri import parse_uri
 
 from broker import pki
-from devstreams.transport.passthrough import (
-    HAND,
-    PASS,
-    WAIT,
-    MaskSource,
-    binary_header,
-    client_frame,
-    client_frame_parts,
-    scan,
-)
+from devstreams.transport.passthrough import (HAND, PASS, WAIT, MaskSource, binary_header, client_frame,
+                                              client_frame_parts, scan)
 from devstreams.transport.tls import client_context
 from devstreams.transport.wslink import LiveClientConnection
 from devstreams.wire.streamproto import CHUNK_BYTES
+from helpers import TlsPair
 
 MAX = 256 * 1024
 
@@ -253,20 +245,10 @@ def test_the_frames_of_one_write_reach_the_tls_transport_as_one_buffer():
 
 def tls_records(server_ctx, client_ctx, writes: list[bytes]) -> int:
     """Application-data records a TLS client sends for ``writes``, one ``SSLObject.write`` each."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for side in (client, server):
-            try:
-                side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
+    pair = TlsPair(server_ctx, client_ctx)
     for data in writes:
-        client.write(data)
-    wire, count, pos = c_out.read(), 0, 0
+        pair.client.write(data)
+    wire, count, pos = pair.c_out.read(), 0, 0
     while pos < len(wire):
         kind, length = wire[pos], int.from_bytes(wire[pos + 3:pos + 5], "big")
         count += kind == 23

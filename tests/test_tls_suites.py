@@ -7,6 +7,7 @@ import pytest
 
 from broker import pki
 from devstreams.transport import tls
+from helpers import TlsPair
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -15,19 +16,9 @@ AES128, AES256, CHACHA = "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TL
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[str, str]:
     """(version, suite) two contexts agree on, over memory BIOs."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for side in (client, server):
-            try:
-                side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-    name, version, _ = client.cipher()
-    assert server.cipher()[0] == name
+    pair = TlsPair(server_ctx, client_ctx)
+    name, version, _ = pair.client.cipher()
+    assert pair.server.cipher()[0] == name
     return version, name
 
 

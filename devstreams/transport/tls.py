@@ -57,21 +57,28 @@ TLS12_CIPHERS = ("@SECLEVEL=2:ECDH+AESGCM+AES128:ECDH+AESGCM:ECDH+CHACHA20:ECDH+
 SSL_OP_PRIORITIZE_CHACHA = 1 << 21   # openssl/ssl.h; Python 3.11 has no name for it
 
 
-@functools.cache
-def _libssl():
-    """The libssl that ``ssl`` uses, with ``SSL_CTX_set_ciphersuites``; None if it cannot be told apart."""
+def _openssl(name: str, signatures: dict[str, tuple[list | None, object]]):
+    """The OpenSSL library ``name`` (``ssl`` or ``crypto``) that Python's ``ssl`` uses, with the
+    calls in ``signatures`` (name: (argtypes, restype)) declared; None if it cannot be told apart."""
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+        lib = ctypes.CDLL(ctypes.util.find_library(name) or f"lib{name}.so.3")
         lib.OpenSSL_version_num.restype = ctypes.c_ulong
         if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
-            return None
-        lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
-        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+            return None  # another OpenSSL than the one ssl was built with
+        for call, (argtypes, restype) in signatures.items():
+            if argtypes is not None:
+                getattr(lib, call).argtypes = argtypes
+            getattr(lib, call).restype = restype
     except (OSError, AttributeError):
         return None
     return lib
+
+
+@functools.cache
+def _libssl():
+    """The libssl that ``ssl`` uses, with the two SSL_CTX calls below; None if it cannot be told apart."""
+    return _openssl("ssl", {"SSL_CTX_set_ciphersuites": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int),
+                            "SSL_CTX_get_options": ([ctypes.c_void_p], ctypes.c_uint64)})
 
 
 def prefer_fast_ciphers(ctx: ssl.SSLContext, server: bool = False, suites: str = TLS13_SUITES) -> bool:
@@ -113,19 +120,12 @@ BIO_TYPE_MEM = 1 | 0x0400   # openssl/bio.h: BIO_TYPE_MEM (source/sink)
 @functools.cache
 def _libcrypto():
     """The libcrypto that ``ssl`` uses, with the four BIO calls below; None if it cannot be told apart."""
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
-        lib.OpenSSL_version_num.restype = ctypes.c_ulong
-        if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
-            return None  # another libcrypto than the one ssl was built with
-        lib.BIO_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        lib.BIO_ctrl.restype = ctypes.c_long
-        lib.BIO_ctrl_pending.argtypes = [ctypes.c_void_p]
-        lib.BIO_ctrl_pending.restype = ctypes.c_size_t
-        lib.BIO_method_type.argtypes = [ctypes.c_void_p]
-        lib.BIO_method_type.restype = ctypes.c_int
-        lib.BUF_MEM_new.restype = ctypes.c_void_p
-    except (OSError, AttributeError):
+    pointer = ctypes.c_void_p
+    lib = _openssl("crypto", {"BIO_ctrl": ([pointer, ctypes.c_int, ctypes.c_long, pointer], ctypes.c_long),
+                              "BIO_ctrl_pending": ([ctypes.c_void_p], ctypes.c_size_t),
+                              "BIO_method_type": ([ctypes.c_void_p], ctypes.c_int),
+                              "BUF_MEM_new": (None, ctypes.c_void_p)})
+    if lib is None:
         return None
     # ssl.MemoryBIO is CPython's PySSLMemoryBIO {PyObject_HEAD; BIO *bio; int eof_written;}
     # (Modules/_ssl.c, the same from 3.5 to 3.13): the BIO pointer right after the object header.
