@@ -4,6 +4,9 @@ The paths (bench/run.py builds them all in one Rig):
 
 - direct             client -> target
 - ssh -R             client -> sshd's forwarded port -> ssh -> target
+- ssh -L + -R        client -> ssh -L -> sshd -> its -R port -> ssh -> target: the bastion as an
+                     operator elsewhere reaches it (``ssh -J`` carries the bytes the same way), two
+                     SSH hops; shown beside the targets, which are ratios to ``ssh -R``
 - stunnel chain      client -> stunnel A (client mode: plain in, TLS out) -> stunnel B (server mode on
                      one service, client mode on a second: TLS in, TLS out) -> stunnel C (server mode:
                      TLS in, plain out) -> target.  Two TLS hops through a relay process, the C
@@ -39,6 +42,8 @@ STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 IPERF3_TRANSIENT = ("busy", "Connection reset by peer", "unable to receive control message", "unable to connect")
 MISSING_IPERF3 = "iperf3 is not installed (apt-get install iperf3): iperf3 rows skipped"
 MISSING_STUNNEL = "stunnel is not installed (apt-get install stunnel4): stunnel chain skipped"
+
+TWO_SSH_HOPS = "ssh -L + -R"
 
 # Issue 14's targets, devstreams as a ratio to ssh -R in the same run.
 TARGETS = {"bulk_1_vs_ssh": 1.0, "bulk_8_vs_ssh": 1.0, "pingpong_vs_ssh": 2.0, "cpu_per_GB_vs_ssh": 1.2}
@@ -242,24 +247,27 @@ def run_paths(rig, sizes: AnchorSizes, log) -> dict:
         log(MISSING_STUNNEL)
         result["skipped"].append(MISSING_STUNNEL)
     result["negotiated"] = negotiated(rig, log)
-    groups = {name: CpuGroup(rig.relays[name]) if rig.relays.get(name) else None for name in rig.ports}
-    rounds: dict[str, list[dict]] = {name: [] for name in rig.ports}
+    ports = getattr(rig, "anchor_ports", rig.ports)
+    groups = {name: CpuGroup(rig.relays[name]) if rig.relays.get(name) else None for name in ports}
+    rounds: dict[str, list[dict]] = {name: [] for name in ports}
     for n in range(sizes.repeats):
         log(f"anchors round {n + 1} of {sizes.repeats}: bulk {sizes.bulk_bytes >> 20} MiB, "
             f"iperf3 {sizes.iperf_seconds:g} s, through every path ...")
-        for name, port in rig.ports.items():
+        for name, port in ports.items():
             rounds[name].append(measure_round(name, port, rig.iperf_ports.get(name), groups[name], sizes, log))
     for name, samples in rounds.items():
         result["paths"][name] = summarize(samples)
     result["ratios_by_round"] = ratios_by_round(rounds)
+    if TWO_SSH_HOPS in rounds:
+        result["ratios_by_round_two_ssh_hops"] = ratios_by_round(rounds, TWO_SSH_HOPS)
     if getattr(rig, "stunnel", None) is not None:
         result["negotiated_stunnel"] = rig.stunnel.suites()
     return result
 
 
-def ratios_by_round(rounds: dict[str, list[dict]]) -> dict:
-    """devstreams / ssh -R within each round, for each target (what one round's load gave both)."""
-    ds, ssh = rounds.get("devstreams"), rounds.get("ssh -R")
+def ratios_by_round(rounds: dict[str, list[dict]], base: str = "ssh -R") -> dict:
+    """devstreams / ``base`` within each round, for each target (what one round's load gave both)."""
+    ds, ssh = rounds.get("devstreams"), rounds.get(base)
     if not ds or not ssh:
         return {}
     out: dict[str, list[float]] = {}
@@ -290,9 +298,9 @@ def negotiated(rig, log) -> dict:
     return out
 
 
-def verdicts(a: dict) -> dict:
-    """devstreams / ssh -R for each of issue 14's targets that was measured: (ratio, met)."""
-    ds, ssh = a["paths"].get("devstreams"), a["paths"].get("ssh -R")
+def verdicts(a: dict, base: str = "ssh -R") -> dict:
+    """devstreams / ``base`` (issue 14's targets: ssh -R) for each target that was measured: (ratio, met)."""
+    ds, ssh = a["paths"].get("devstreams"), a["paths"].get(base)
     if not ds or not ssh:
         return {}
     out = {}
@@ -308,7 +316,8 @@ def verdicts(a: dict) -> dict:
     return out
 
 
-LABELS = {"stunnel": "stunnel chain, 2 TLS hops (C)"}
+LABELS = {"stunnel": "stunnel chain, 2 TLS hops (C)",
+          TWO_SSH_HOPS: "OpenSSH from elsewhere: ssh -L into the -R port, 2 SSH hops"}
 WORDING = {"bulk_1_vs_ssh": "iperf3 1 stream, devstreams / ssh -R (>= 1.0x)",
            "bulk_8_vs_ssh": "iperf3 8 streams, devstreams / ssh -R (>= 1.0x)",
            "pingpong_vs_ssh": "ping-pong p50, devstreams / ssh -R (<= 2x)",
@@ -347,6 +356,14 @@ def markdown(a: dict) -> list[str]:
         out += ["", "| issue 14 target | measured (medians) | each round | met |", "|---|---:|---:|:---:|"]
         out += [f"| {WORDING[k]} | {ratio:.2f}x | {' / '.join(f'{r:.2f}' for r in by_round.get(k, [])) or '-'} | "
                 f"{'yes' if ok else 'NO'} |" for k, (ratio, ok) in v.items()]
+    two = verdicts(a, TWO_SSH_HOPS)
+    if two:
+        by_round = a.get("ratios_by_round_two_ssh_hops", {})
+        out += ["", f"devstreams against the bastion reached from elsewhere ({LABELS[TWO_SSH_HOPS]}; the same "
+                "two hops, not one of the issue's targets):", "",
+                "| devstreams / ssh -L + -R | measured (medians) | each round |", "|---|---:|---:|"]
+        out += [f"| {WORDING[k].split(',')[0]} | {ratio:.2f}x | "
+                f"{' / '.join(f'{r:.2f}' for r in by_round.get(k, [])) or '-'} |" for k, (ratio, _) in two.items()]
     return out
 
 

@@ -1,4 +1,4 @@
-"""A throwaway OpenSSH server on loopback (the bench's bastion, the tests' device) and ``ssh -R``."""
+"""A throwaway OpenSSH server on loopback (the bench's bastion, the tests' device), ``ssh -R`` and ``ssh -L``."""
 
 import os
 import shutil
@@ -69,6 +69,17 @@ class Sshd:
         port = free_port()
         proc = subprocess.Popen([SSH, *self.ssh_options(), "-N", "-o", "ExitOnForwardFailure=yes",
                                  "-R", f"127.0.0.1:{port}:127.0.0.1:{target_port}", "-p", str(self.port),
+                                 f"{user}@127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(port, proc=proc)
+        return proc, port
+
+    def local_forward(self, user: str, bastion_port: int) -> tuple[subprocess.Popen, int]:
+        """``ssh -N -L``: a local port (the operator's laptop) forwards through the bastion to its
+        ``bastion_port`` (a ``-R`` port): how an operator reaches a device behind an ``ssh -R``
+        bastion from elsewhere (``ssh -J`` carries the bytes the same way)."""
+        port = free_port()
+        proc = subprocess.Popen([SSH, *self.ssh_options(), "-N", "-o", "ExitOnForwardFailure=yes",
+                                 "-L", f"127.0.0.1:{port}:127.0.0.1:{bastion_port}", "-p", str(self.port),
                                  f"{user}@127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(port, proc=proc)
         return proc, port

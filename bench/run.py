@@ -58,8 +58,9 @@ class Rig:
     def start(self) -> dict[str, int]:
         """Every path to the target (and to an iperf3 server when iperf3 is installed).
 
-        Sets ``ports`` (path -> where a client connects), ``iperf_ports`` (path -> its forward to
-        the iperf3 server) and ``relays`` (path -> {process name: pids} for CPU accounting).
+        Sets ``ports`` (path -> where a client connects), ``anchor_ports`` (the same, plus the
+        paths only the anchors measure), ``iperf_ports`` (path -> its forward to the iperf3 server)
+        and ``relays`` (path -> {process name: pids} for CPU accounting).
         """
         hub = self.procs.devstreams("hub", "up", "--data-dir", str(self.data), "--bind", "127.0.0.1",
                                     "--mqtt-port", "0", "--gateway-port", "0")
@@ -104,6 +105,17 @@ class Rig:
             self.relays["stunnel"] = {f"stunnel {label.upper()}": [p.pid] for label, p in chain.procs.items()}
         self.ports["devstreams"] = proxies["bench"][1]
         self.iperf_ports["devstreams"] = proxies.get("iperf", (None, None))[1]
+        # The anchors (bench/anchors.py) also measure the bastion as an operator elsewhere reaches it:
+        # ``ssh -L`` into the bastion, to the device's ``-R`` port (two SSH hops, as devstreams has two TLS hops).
+        jumps = {name: self.sshd.local_forward(getpass.getuser(), port) for name, (_, port) in tunnels.items()}
+        for proc, _ in jumps.values():
+            self.procs.add(proc)
+        self.anchor_ports = {**{k: v for k, v in self.ports.items() if k in ("direct", "ssh -R")},
+                             anchors.TWO_SSH_HOPS: jumps["bench"][1],
+                             **{k: v for k, v in self.ports.items() if k not in ("direct", "ssh -R")}}
+        self.iperf_ports[anchors.TWO_SSH_HOPS] = jumps.get("iperf", (None, None))[1]
+        self.relays[anchors.TWO_SSH_HOPS] = {"ssh -L": [p.pid for p, _ in jumps.values()], "sshd": [self.sshd.proc.pid],
+                                             "ssh -R": [t.pid for t, _ in tunnels.values()]}
         return dict(self.ports)
 
     def _echo_device(self, hub_json: dict) -> None:

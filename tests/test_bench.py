@@ -161,12 +161,12 @@ def test_anchors_quick_measure_every_path_with_iperf3_and_cpu_per_gb(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     a = json.loads((tmp_path / "anchors-quick.json").read_text())["anchors"]
-    assert list(a["paths"]) == ["direct", "ssh -R", "stunnel", "devstreams"] and not a["skipped"]
+    assert list(a["paths"]) == ["direct", "ssh -R", "ssh -L + -R", "stunnel", "devstreams"] and not a["skipped"]
     for name, p in a["paths"].items():
         assert p["iperf3_1"]["MBps"] > 0 and p["iperf3_8"]["MBps"] > 0, name
         assert p["bulk_MBps"] > 0 and p["pingpong_p50_ms"] > 0, name
-    expected = {"ssh -R": {"sshd", "ssh"}, "stunnel": {"stunnel A", "stunnel B", "stunnel C"},
-                "devstreams": {"proxy", "hub", "agent"}}
+    expected = {"ssh -R": {"sshd", "ssh"}, "ssh -L + -R": {"ssh -L", "sshd", "ssh -R"},
+                "stunnel": {"stunnel A", "stunnel B", "stunnel C"}, "devstreams": {"proxy", "hub", "agent"}}
     for name, members in expected.items():
         cpu = a["paths"][name]["cpu_s_per_GB"]
         assert set(cpu) == members | {"total"}, cpu
@@ -184,7 +184,8 @@ def test_anchors_quick_measure_every_path_with_iperf3_and_cpu_per_gb(tmp_path):
     assert all(suites and all(x.startswith("TLSv1.") for x in suites) for suites in a["negotiated_stunnel"].values())
     markdown = (tmp_path / "anchors-quick.md").read_text()
     assert "| path | 1 stream MB/s | 8 streams MB/s | bulk MB/s | ping-pong p50 | CPU-s per GB" in markdown
-    for row in ("| direct |", "| ssh -R |", "| stunnel chain, 2 TLS hops (C) |", "| devstreams |",
+    for row in ("| direct |", "| ssh -R |", "| OpenSSH from elsewhere: ssh -L into the -R port, 2 SSH hops |",
+                "| stunnel chain, 2 TLS hops (C) |", "| devstreams |", "| ping-pong p50 |",
                 "| iperf3 1 stream, devstreams / ssh -R (>= 1.0x) |", "| iperf3 8 streams, devstreams / ssh -R (>= 1.0x) |",
                 "| ping-pong p50, devstreams / ssh -R (<= 2x) |", "| CPU-s per GB, devstreams / ssh -R (<= 1.2x) |"):
         assert row in markdown, row
@@ -315,7 +316,7 @@ def test_anchors_without_iperf3_or_stunnel_skip_those_rows_with_one_line(tmp_pat
     assert result.stderr.count("iperf3 is not installed (apt-get install iperf3): iperf3 rows skipped") == 1
     assert result.stderr.count("stunnel is not installed (apt-get install stunnel4)") == 1
     a = json.loads((tmp_path / "anchors-quick.json").read_text())["anchors"]
-    assert list(a["paths"]) == ["direct", "ssh -R", "devstreams"]
+    assert list(a["paths"]) == ["direct", "ssh -R", "ssh -L + -R", "devstreams"]
     assert all("iperf3_1" not in p and p["bulk_MBps"] > 0 for p in a["paths"].values())
     markdown = (tmp_path / "anchors-quick.md").read_text()
     assert "| devstreams | not measured | not measured |" in markdown and "| stunnel chain" not in markdown
