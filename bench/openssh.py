@@ -66,20 +66,20 @@ class Sshd:
 
     def reverse_tunnel(self, user: str, target_port: int) -> tuple[subprocess.Popen, int]:
         """``ssh -N -R``: the bastion's port forwards to target_port (the everyday alternative)."""
-        port = free_port()
-        proc = subprocess.Popen([SSH, *self.ssh_options(), "-N", "-o", "ExitOnForwardFailure=yes",
-                                 "-R", f"127.0.0.1:{port}:127.0.0.1:{target_port}", "-p", str(self.port),
-                                 f"{user}@127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(port, proc=proc)
-        return proc, port
+        return self._forward(user, "-R", target_port)
 
     def local_forward(self, user: str, bastion_port: int) -> tuple[subprocess.Popen, int]:
         """``ssh -N -L``: a local port (the operator's laptop) forwards through the bastion to its
         ``bastion_port`` (a ``-R`` port): how an operator reaches a device behind an ``ssh -R``
         bastion from elsewhere (``ssh -J`` carries the bytes the same way)."""
+        return self._forward(user, "-L", bastion_port)
+
+    def _forward(self, user: str, flag: str, to_port: int) -> tuple[subprocess.Popen, int]:
+        """``ssh -N`` with one forward (``flag``: -R or -L) of a free loopback port to ``to_port``,
+        once that port listens: (the ssh process, the port)."""
         port = free_port()
         proc = subprocess.Popen([SSH, *self.ssh_options(), "-N", "-o", "ExitOnForwardFailure=yes",
-                                 "-L", f"127.0.0.1:{port}:127.0.0.1:{bastion_port}", "-p", str(self.port),
+                                 flag, f"127.0.0.1:{port}:127.0.0.1:{to_port}", "-p", str(self.port),
                                  f"{user}@127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(port, proc=proc)
         return proc, port

@@ -110,11 +110,12 @@ class Rig:
         jumps = {name: self.sshd.local_forward(getpass.getuser(), port) for name, (_, port) in tunnels.items()}
         for proc, _ in jumps.values():
             self.procs.add(proc)
-        self.anchor_ports = {**{k: v for k, v in self.ports.items() if k in ("direct", "ssh -R")},
-                             anchors.TWO_SSH_HOPS: jumps["bench"][1],
-                             **{k: v for k, v in self.ports.items() if k not in ("direct", "ssh -R")}}
+        ports = {**self.ports, anchors.TWO_SSH_HOPS: jumps["bench"][1]}
+        order = ["direct", "ssh -R", anchors.TWO_SSH_HOPS] + [k for k in self.ports if k not in ("direct", "ssh -R")]
+        self.anchor_ports = {name: ports[name] for name in order}
         self.iperf_ports[anchors.TWO_SSH_HOPS] = jumps.get("iperf", (None, None))[1]
-        self.relays[anchors.TWO_SSH_HOPS] = {"ssh -L": [p.pid for p, _ in jumps.values()], "sshd": [self.sshd.proc.pid],
+        self.relays[anchors.TWO_SSH_HOPS] = {"ssh -L": [p.pid for p, _ in jumps.values()],
+                                             "sshd": [self.sshd.proc.pid],
                                              "ssh -R": [t.pid for t, _ in tunnels.values()]}
         return dict(self.ports)
 

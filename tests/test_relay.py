@@ -71,13 +71,19 @@ def test_fragments_and_text_pass_unchanged_and_binary_bytes_are_counted(tmp_path
             assert got == [b"".join(parts), "eof", "abcd", b"tail"]
             await device.send(b"z" * 5000)
             assert await service.recv() == b"z" * 5000
+            # an empty binary message passes as one (the relay queues no empty piece, which
+            # websockets' send_data would take for the end of the stream), and the stream goes on
+            assert rig.sockets(sid)[0].passing
+            await service.send(b"")
+            await service.send(b"after")
+            assert [await device.recv() for _ in range(2)] == [b"", b"after"]
             await service.close()
             with pytest.raises(ConnectionClosed):
                 await device.recv()
             assert device.close_code == CLOSE_PEER_CLOSED
             await wait_for(lambda: rig.closed, what="stream closed event")
             [closed] = rig.closed
-            assert closed.bytes_to_device == 71_003 + 4 and closed.bytes_to_service == 5000
+            assert closed.bytes_to_device == 71_003 + 4 + 5 and closed.bytes_to_service == 5000
             assert closed.reason == "service closed the stream"
         finally:
             await rig.gateway.stop()
