@@ -124,8 +124,3 @@ def client_frame_parts(payload: bytes | memoryview) -> tuple[bytes, bytes]:
     """
     mask = _masks.take()
     return binary_header(len(payload), MASK_BIT) + mask, apply_mask(payload, mask)
-
-
-def client_frame(payload: bytes | memoryview) -> bytes:
-    """``client_frame_parts`` in one piece."""
-    return b"".join(client_frame_parts(payload))
