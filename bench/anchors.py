@@ -94,8 +94,13 @@ class CpuGroup:
 
     @staticmethod
     def per_gb(before: dict[str, float], after: dict[str, float], moved: int) -> dict[str, float]:
-        gb = moved / 1e9
-        out = {name: (after[name] - before[name]) / gb for name in before}
+        """CPU seconds per GB moved, each process's and the total."""
+        return CpuGroup.per_unit(before, after, moved / 1e9)
+
+    @staticmethod
+    def per_unit(before: dict[str, float], after: dict[str, float], units: float) -> dict[str, float]:
+        """CPU seconds between two snapshots divided by ``units``, each process's and the total."""
+        out = {name: (after[name] - before[name]) / units for name in before}
         out["total"] = sum(out.values())
         return out
 
@@ -200,10 +205,8 @@ def measure_round(name: str, port: int, iperf_port: int | None, group: CpuGroup 
         out["cpu_s_per_GB"] = CpuGroup.per_gb(before, group.snapshot(), sizes.bulk_bytes)
     before = group.snapshot() if group else None
     out["pingpong_p50_ms"] = measure.ping_pong(port, sizes.pingpong_rounds)["p50_ms"]
-    if group:
-        after = group.snapshot()
-        out["cpu_us_per_round_trip"] = {k: (after[k] - before[k]) / sizes.pingpong_rounds * 1e6 for k in after}
-        out["cpu_us_per_round_trip"]["total"] = sum(after[k] - before[k] for k in after) / sizes.pingpong_rounds * 1e6
+    if group:   # microseconds per round trip: seconds per millionth of the rounds
+        out["cpu_us_per_round_trip"] = CpuGroup.per_unit(before, group.snapshot(), sizes.pingpong_rounds / 1e6)
     if iperf_port is not None:
         for streams in (1, 8):
             out[f"iperf3_{streams}"] = iperf3(iperf_port, sizes.iperf_seconds, streams)
@@ -251,7 +254,7 @@ def run_paths(rig, sizes: AnchorSizes, log) -> dict:
         log(MISSING_STUNNEL)
         result["skipped"].append(MISSING_STUNNEL)
     result["negotiated"] = negotiated(rig, log)
-    ports = getattr(rig, "anchor_ports", rig.ports)
+    ports = rig.anchor_ports
     groups = {name: CpuGroup(rig.relays[name]) if rig.relays.get(name) else None for name in ports}
     rounds: dict[str, list[dict]] = {name: [] for name in ports}
     for n in range(sizes.repeats):
@@ -328,6 +331,14 @@ WORDING = {"bulk_1_vs_ssh": "iperf3 1 stream, devstreams / ssh -R (>= 1.0x)",
            "cpu_per_GB_vs_ssh": "CPU-s per GB, devstreams / ssh -R (<= 1.2x)"}
 
 
+def _by_process(cpu: dict | None, digits: int) -> str:
+    """A CPU cell: the total, then each process's share when there are several ("-" if not measured)."""
+    if cpu is None:
+        return "-"
+    shares = [f"{k} {v:.{digits}f}" for k, v in cpu.items() if k != "total"]
+    return f"{cpu['total']:.{digits}f}" + (f" ({', '.join(shares)})" if len(shares) > 1 else "")
+
+
 def markdown(a: dict) -> list[str]:
     s = a["sizes"]
     median = f"median of {s['repeats']}" if s["repeats"] > 1 else "one run"
@@ -340,14 +351,9 @@ def markdown(a: dict) -> list[str]:
            "|---|---:|---:|---:|---:|---:|---:|"]
     for name, p in a["paths"].items():
         cells = [f"{p[k]['MBps']:.0f}" if k in p else "not measured" for k in ("iperf3_1", "iperf3_8")]
-        cpu = p.get("cpu_s_per_GB")
-        cpu_text = "-" if cpu is None else f"{cpu['total']:.1f}" + (
-            " (" + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "total") + ")" if len(cpu) > 2 else "")
-        trip = p.get("cpu_us_per_round_trip")
-        trip_text = "-" if trip is None else f"{trip['total']:.0f}" + (
-            " (" + ", ".join(f"{k} {v:.0f}" for k, v in trip.items() if k != "total") + ")" if len(trip) > 2 else "")
+        cpu, trip = _by_process(p.get("cpu_s_per_GB"), 1), _by_process(p.get("cpu_us_per_round_trip"), 0)
         out.append(f"| {LABELS.get(name, name)} | {cells[0]} | {cells[1]} | {p['bulk_MBps']:.0f} | "
-                   f"{p['pingpong_p50_ms']:.3f} ms | {cpu_text} | {trip_text} |")
+                   f"{p['pingpong_p50_ms']:.3f} ms | {cpu} | {trip} |")
     for hop, c in a.get("negotiated", {}).items():
         out.append(f"\ndevstreams TLS, {hop}: {c['version']} {c['cipher']}.")
     for hop, suites in a.get("negotiated_stunnel", {}).items():

@@ -234,7 +234,7 @@ def test_anchor_paths_are_measured_in_rounds_and_ratios_kept_per_round(monkeypat
     monkeypatch.setattr(anchors, "measure_round", fake_round)
     monkeypatch.setattr(anchors, "negotiated", lambda rig, log: {})
     monkeypatch.setattr(anchors, "CpuGroup", lambda pids: object())
-    rig = SimpleNamespace(ports={"direct": 1, "ssh -R": 2, "devstreams": 3}, iperf_ports={},
+    rig = SimpleNamespace(anchor_ports={"direct": 1, "ssh -R": 2, "devstreams": 3}, iperf_ports={},
                           relays={"ssh -R": {"sshd": [1]}, "devstreams": {"hub": [2]}})
     a = anchors.run_paths(rig, anchors.AnchorSizes(1.0, 3, 1, 1), log=lambda *_: None)
     assert calls == ["direct", "ssh -R", "devstreams"] * 3
