@@ -48,6 +48,13 @@ class Rig:
                              additional_headers={"Authorization": f"Bearer {token}"}, compression=None,
                              ping_interval=None, close_timeout=None, **kw)
 
+    async def __aenter__(self) -> "Rig":
+        await self.gateway.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.gateway.stop()
+
     def sockets(self, stream_id: str):
         meeting = self.gateway._meetings[stream_id]
         return meeting.sockets[Side.DEVICE], meeting.sockets[Side.SERVICE]
@@ -57,8 +64,7 @@ def test_fragments_and_text_pass_unchanged_and_binary_bytes_are_counted(tmp_path
     rig = Rig(tmp_path)
 
     async def main():
-        await rig.gateway.start()
-        try:
+        async with rig:
             sid = uuid.uuid4().hex
             device = await rig.side(sid, Side.DEVICE)
             service = await rig.side(sid, Side.SERVICE)
@@ -85,8 +91,6 @@ def test_fragments_and_text_pass_unchanged_and_binary_bytes_are_counted(tmp_path
             [closed] = rig.closed
             assert closed.bytes_to_device == 71_003 + 4 + 5 and closed.bytes_to_service == 5000
             assert closed.reason == "service closed the stream"
-        finally:
-            await rig.gateway.stop()
     run(main())
 
 
@@ -94,8 +98,7 @@ def test_frames_sent_before_the_peer_came_are_relayed_first_and_in_order(tmp_pat
     rig = Rig(tmp_path, max_queue=4)
 
     async def main():
-        await rig.gateway.start()
-        try:
+        async with rig:
             sid = uuid.uuid4().hex
             device = await rig.side(sid, Side.DEVICE)
             sent = [f"{i:04d}".encode() * 2000 for i in range(40)]   # more than max_queue: reading pauses
@@ -109,8 +112,6 @@ def test_frames_sent_before_the_peer_came_are_relayed_first_and_in_order(tmp_pat
             with pytest.raises(ConnectionClosed):
                 await service.recv()
             assert service.close_code == CLOSE_PEER_CLOSED
-        finally:
-            await rig.gateway.stop()
     run(main())
 
 
@@ -127,8 +128,7 @@ def test_a_stopped_reader_holds_the_writer_back_and_the_relay_holds_under_1_mib(
     total = 48 * 2**20
 
     async def main():
-        await rig.gateway.start()
-        try:
+        async with rig:
             sid = uuid.uuid4().hex
             device = await rig.side(sid, Side.DEVICE, write_limit=64 * 1024)
             service = await rig.side(sid, Side.SERVICE, max_queue=2)   # and then it reads nothing
@@ -163,8 +163,6 @@ def test_a_stopped_reader_holds_the_writer_back_and_the_relay_holds_under_1_mib(
             await service.close()
             await device.wait_closed()
             print(f"\nwriter held back {last / 2**20:.1f} MiB ahead of the reader; relay buffered {buffered} B")
-        finally:
-            await rig.gateway.stop()
     run(main(), timeout=55)
 
 
@@ -172,9 +170,8 @@ def test_relayed_connections_are_freed_without_the_cyclic_gc(tmp_path):
     rig = Rig(tmp_path)
 
     async def main():
-        await rig.gateway.start()
         refs = []
-        try:
+        async with rig:
             for closer in ("service", "device"):
                 sid = uuid.uuid4().hex
                 device = await rig.side(sid, Side.DEVICE)
@@ -187,8 +184,6 @@ def test_relayed_connections_are_freed_without_the_cyclic_gc(tmp_path):
                 await service.wait_closed()
             await wait_for(lambda: len(rig.closed) == 2, what="both streams ended")
             await asyncio.sleep(0.2)   # the gateway's handlers return
-        finally:
-            await rig.gateway.stop()
         return refs
 
     gc.collect()
@@ -234,8 +229,7 @@ def test_whole_binary_frames_pass_the_relay_itself_whatever_the_reads_and_the_re
     rnd = random.Random(10)
 
     async def main():
-        await rig.gateway.start()
-        try:
+        async with rig:
             sid = uuid.uuid4().hex
             device = await rig.side(sid, Side.DEVICE)
             service = await rig.side(sid, Side.SERVICE)
@@ -267,8 +261,6 @@ def test_whole_binary_frames_pass_the_relay_itself_whatever_the_reads_and_the_re
             await asyncio.wait_for(service.wait_closed(), 10)
             assert service.close_code == 1009
             assert device.close_code != CLOSE_PEER_CLOSED
-        finally:
-            await rig.gateway.stop()
     run(main())
 
 
@@ -280,8 +272,7 @@ def test_passing_starts_in_the_middle_of_a_frame_when_the_peer_comes(tmp_path):
     rnd = random.Random(3)
 
     async def main():
-        await rig.gateway.start()
-        try:
+        async with rig:
             sid = uuid.uuid4().hex
             device = await rig.side(sid, Side.DEVICE)
             messages = [rnd.randbytes(n) for n in (70_000, 10, 5000, 0, 300)]
@@ -297,6 +288,4 @@ def test_passing_starts_in_the_middle_of_a_frame_when_the_peer_comes(tmp_path):
             got = [await asyncio.wait_for(service.recv(), 10) for _ in messages]
             assert got == messages
             assert device_ws.passing, "passing did not start after the frame websockets was inside"
-        finally:
-            await rig.gateway.stop()
     run(main())
